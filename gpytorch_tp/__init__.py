@@ -1,0 +1,16 @@
+"""Exact infinite-width NNGP and NTK kernels of neural networks, as GPyTorch kernels.
+
+Layout: :mod:`gpytorch_tp.state` (the kernel state) -> :mod:`gpytorch_tp.layers`
+(maps of states) -> :mod:`gpytorch_tp.kernels` (GPyTorch kernels), with
+:mod:`gpytorch_tp.finite` and :mod:`gpytorch_tp.empirical` for the finite-width
+networks the kernels are the limits of.
+"""
+
+from . import layers
+from .evaluation import evaluate
+from .kernels import MLPKernel, TensorProgramKernel
+from .state import KernelState
+
+__version__ = "0.1.0"
+
+__all__ = ["layers", "evaluate", "KernelState", "TensorProgramKernel", "MLPKernel", "__version__"]

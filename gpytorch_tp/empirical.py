@@ -1,0 +1,91 @@
+"""Finite-width networks of an architecture and their empirical kernels.
+
+The kernels of this package are limits; these functions give the finite-width
+quantities they are limits of:
+
+* :func:`build_network` -- the ``torch.nn`` network of an architecture at a
+  given width, with the matching (NTK-parameterised) initialisation;
+* :func:`empirical_nngp` -- the output covariance over random initialisations;
+* :func:`empirical_ntk` -- the parameter-gradient inner product of one network.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor, nn
+
+from .layers import Layer, Sequential
+
+__all__ = ["build_network", "empirical_nngp", "empirical_ntk"]
+
+
+def build_network(
+    architecture: Layer,
+    in_features: int,
+    width: int,
+    out_features: int | None = 1,
+    *,
+    dtype: torch.dtype | None = None,
+    device: torch.device | str | None = None,
+    seed: int | None = None,
+) -> nn.Module:
+    """The finite network of ``architecture`` with hidden width ``width``.
+
+    :param architecture: the infinite-width architecture.
+    :param in_features: input dimension.
+    :param width: width of every hidden layer.
+    :param out_features: outputs of the final layer (it must then be a weight
+        layer); ``None`` keeps the final layer at ``width``.
+    :param seed: seed for the initialisation (``None``: the global generator).
+    """
+    if not isinstance(architecture, Sequential):
+        architecture = Sequential(architecture)
+    if seed is None:
+        network, _ = architecture.finite_module(in_features, width, out_features=out_features)
+    else:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            network, _ = architecture.finite_module(in_features, width, out_features=out_features)
+    return network.to(dtype=dtype or torch.get_default_dtype(), device=device)
+
+
+def empirical_nngp(
+    network_factory: Callable[[int], nn.Module], x1: Tensor, x2: Tensor | None = None, n_networks: int = 16
+) -> Tensor:
+    """Output covariance ``mean f(x1) f(x2)^T`` over ``n_networks`` random networks.
+
+    The outputs of a network are i.i.d. given its hidden features, so the
+    covariance is also averaged over the output units.
+
+    :param network_factory: ``seed -> network``.
+    """
+    x2 = x1 if x2 is None else x2
+    total = None
+    with torch.no_grad():
+        for seed in range(n_networks):
+            network = network_factory(seed)
+            f1, f2 = network(x1), network(x2)
+            cov = f1 @ f2.transpose(-1, -2) / f1.shape[-1]
+            total = cov if total is None else total + cov
+    return total / n_networks
+
+
+def empirical_ntk(network: nn.Module, x1: Tensor, x2: Tensor | None = None) -> Tensor:
+    r"""Empirical NTK :math:`\frac{1}{m}\sum_k \langle \nabla_\theta f_k(x_1), \nabla_\theta f_k(x_2) \rangle`.
+
+    Averaged over the ``m`` output units (cross-unit terms vanish at infinite width).
+    """
+    params = {name: p.detach() for name, p in network.named_parameters()}
+
+    def outputs(p: dict[str, Tensor], x: Tensor) -> Tensor:
+        return torch.func.functional_call(network, p, (x,))
+
+    def jacobian(x: Tensor) -> Tensor:
+        jac = torch.func.jacrev(outputs)(params, x)  # name -> (N, m, *shape)
+        return torch.cat([j.reshape(j.shape[0], j.shape[1], -1) for j in jac.values()], dim=-1)
+
+    j1 = jacobian(x1)
+    j2 = j1 if x2 is None else jacobian(x2)
+    return torch.einsum("imp,jmp->ij", j1, j2) / j1.shape[1]

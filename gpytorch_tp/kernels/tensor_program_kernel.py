@@ -1,0 +1,157 @@
+"""The GPyTorch kernel of any architecture built from :mod:`gpytorch_tp.layers`."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from gpytorch.kernels import Kernel
+from torch import Tensor
+
+from ..evaluation import DEFAULT_TILE_PAIRS, check_inputs, evaluate
+from ..layers.base import Layer
+
+__all__ = ["TensorProgramKernel", "KINDS"]
+
+KINDS = ("nngp", "ntk")
+
+
+def _batched_tensors(module: torch.nn.Module):
+    """(owner, name, tensor) for every hyperparameter tensor whose leading dims are the batch shape."""
+    for owner in module.modules():
+        for name, tensor in list(owner.named_parameters(recurse=False)) + list(owner.named_buffers(recurse=False)):
+            if name.startswith(("raw_", "fixed_")):
+                yield owner, name, tensor
+
+
+class TensorProgramKernel(Kernel):
+    r"""NNGP kernel or NTK of an infinitely wide network, as a GPyTorch kernel.
+
+    The architecture is a :class:`~gpytorch_tp.layers.Layer` (usually a
+    :class:`~gpytorch_tp.layers.Sequential`).  Evaluating the kernel runs the
+    architecture's infinite-width recursion on the pair statistics, starting
+    from the input kernel :math:`\langle x, x' \rangle / d`:
+
+    .. math::
+
+        K_\text{NNGP}(x, x') = \lim_{n \to \infty} \operatorname{Cov}[f(x), f(x')], \qquad
+        K_\text{NTK}(x, x') = \lim_{n \to \infty}
+            \left\langle \nabla_\theta f(x), \nabla_\theta f(x') \right\rangle,
+
+    for the network :math:`f` with i.i.d. standard normal parameters in the NTK
+    parameterisation (see :class:`~gpytorch_tp.layers.Linear`).  The recursion is
+    vectorised over all pairs and runs on the inputs' device and dtype; a full
+    kernel matrix is computed in tiles, and only once per pair of tiles when
+    ``x1`` and ``x2`` are the same points.
+
+    The architecture's hyperparameters (weight and bias variances, ...) are the
+    kernel's hyperparameters; passing one architecture object to two kernels
+    (``kind="nngp"`` and ``kind="ntk"``) makes them share hyperparameters.
+
+    :param architecture: the network, as a layer.
+    :param kind: ``"nngp"`` or ``"ntk"``.
+    :param input_dim: number of input features, checked when given.
+    :param batch_shape: batch shape of the hyperparameters (one kernel per batch entry).
+    :param active_dims: input dimensions the kernel acts on.
+    :param tile_pairs: pairs of inputs per tile of the kernel matrix.
+
+    Example:
+        >>> import torch, gpytorch
+        >>> from gpytorch_tp import TensorProgramKernel
+        >>> from gpytorch_tp.layers import Linear, ReLU, Sequential
+        >>> net = Sequential(Linear(2.0, 0.1), ReLU(), Linear(2.0, 0.1))
+        >>> covar = gpytorch.kernels.ScaleKernel(TensorProgramKernel(net, kind="ntk"))
+        >>> covar(torch.randn(10, 3)).to_dense().shape
+        torch.Size([10, 10])
+    """
+
+    has_lengthscale = False
+
+    def __init__(
+        self,
+        architecture: Layer,
+        kind: str = "nngp",
+        *,
+        input_dim: int | None = None,
+        batch_shape: torch.Size | None = None,
+        active_dims: tuple[int, ...] | None = None,
+        tile_pairs: int = DEFAULT_TILE_PAIRS,
+        **kwargs,
+    ):
+        if not isinstance(architecture, Layer):
+            raise TypeError(
+                f"architecture must be a gpytorch_tp Layer (e.g. layers.Sequential), got {type(architecture).__name__}"
+            )
+        if kind not in KINDS:
+            raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+        if input_dim is not None and int(input_dim) < 1:
+            raise ValueError(f"input_dim must be a positive integer, got {input_dim}")
+        if int(tile_pairs) < 1:
+            raise ValueError(f"tile_pairs must be positive, got {tile_pairs}")
+        batch_shape = torch.Size([]) if batch_shape is None else torch.Size(batch_shape)
+        super().__init__(batch_shape=batch_shape, active_dims=active_dims, **kwargs)
+        self.architecture = architecture
+        self.kind = kind
+        self.input_dim = None if input_dim is None else int(input_dim)
+        self.tile_pairs = int(tile_pairs)
+        if len(batch_shape):
+            for owner, name, tensor in _batched_tensors(self.architecture):
+                if tensor.dim() == 0:
+                    tensor.data = tensor.data.expand(batch_shape).clone()
+                elif tensor.shape != batch_shape:
+                    raise ValueError(
+                        f"hyperparameter {name} of {type(owner).__name__} has shape {tuple(tensor.shape)}, "
+                        f"which is not the kernel batch_shape {tuple(batch_shape)}"
+                    )
+
+    def forward(self, x1: Tensor, x2: Tensor, diag: bool = False, last_dim_is_batch: bool = False, **params) -> Tensor:
+        if last_dim_is_batch:
+            x1 = x1.transpose(-1, -2).unsqueeze(-1)
+            x2 = x2.transpose(-1, -2).unsqueeze(-1)
+        check_inputs(x1, x2, None if last_dim_is_batch else self.input_dim)
+        nngp, ntk = evaluate(
+            self.architecture, x1, x2, diag=diag, ntk=self.kind == "ntk", tile_pairs=self.tile_pairs
+        )
+        return ntk if self.kind == "ntk" else nngp
+
+    def nngp_and_ntk(self, x1: Tensor, x2: Tensor | None = None, diag: bool = False) -> tuple[Tensor, Tensor]:
+        """Both kernels from one pass of the recursion (dense tensors, ``active_dims`` applied)."""
+        if self.active_dims is not None:
+            x1 = x1.index_select(-1, self.active_dims)
+            x2 = None if x2 is None else x2.index_select(-1, self.active_dims)
+        check_inputs(x1, x2, self.input_dim)
+        nngp, ntk = evaluate(self.architecture, x1, x2, diag=diag, ntk=True, tile_pairs=self.tile_pairs)
+        return nngp, ntk
+
+    # GPyTorch only slices and expands a kernel's own parameters and its sub-kernels;
+    # ours live in the architecture's layers.
+    def __getitem__(self, index) -> TensorProgramKernel:
+        if len(self.batch_shape) == 0:
+            return self
+        index = index if isinstance(index, tuple) else (index,)
+        new = copy.deepcopy(self)
+        new_batch_shape = None
+        for _, _, tensor in _batched_tensors(new.architecture):
+            tensor.data = tensor.data[index]
+            new_batch_shape = tensor.shape
+        if new_batch_shape is None:
+            new_batch_shape = torch.empty(self.batch_shape)[index].shape
+        new._batch_shape = torch.Size(new_batch_shape)
+        return new
+
+    def expand_batch(self, *sizes) -> TensorProgramKernel:
+        if len(sizes) == 1 and hasattr(sizes[0], "__iter__"):
+            new_batch_shape = torch.Size(sizes[0])
+        else:
+            new_batch_shape = torch.Size(sizes)
+        if new_batch_shape == self.batch_shape:
+            return self
+        torch.broadcast_shapes(new_batch_shape, self.batch_shape)
+        new = copy.deepcopy(self)
+        new._batch_shape = new_batch_shape
+        for _, _, tensor in _batched_tensors(new.architecture):
+            tensor.data = tensor.data.expand(new_batch_shape)
+        return new
+
+    def extra_repr(self) -> str:
+        return f"kind={self.kind!r}"

@@ -1,0 +1,166 @@
+"""Base class of all layers: a GPyTorch module mapping a kernel state to a kernel state."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator
+
+import torch
+from gpytorch.constraints import GreaterThan, Interval
+from gpytorch.module import Module
+from gpytorch.priors import Prior
+from torch import Tensor, nn
+
+from ..state import KernelState
+
+__all__ = ["Layer", "standard_deviation", "cached_hyperparameters"]
+
+# While a kernel matrix is evaluated tile by tile, each constrained
+# hyperparameter is transformed once and the result shared by all tiles.
+_hyperparameter_cache: dict | None = None
+
+
+@contextlib.contextmanager
+def cached_hyperparameters() -> Iterator[None]:
+    """Within this context each layer's transformed variances are computed once."""
+    global _hyperparameter_cache
+    outer = _hyperparameter_cache
+    if outer is None:
+        _hyperparameter_cache = {}
+    try:
+        yield
+    finally:
+        _hyperparameter_cache = outer
+
+
+class Layer(Module):
+    """A layer of an infinitely wide network.
+
+    Subclasses implement :meth:`forward`, a pure map ``KernelState -> KernelState``
+    written with elementwise operations over the item axes (so it serves both the
+    full and the diagonal pairing), and :meth:`finite_module`, which builds the
+    finite-width ``torch.nn`` layer whose infinite-width limit it is.
+
+    Hyperparameters are registered with :meth:`register_variance`: a raw parameter
+    of shape ``batch_shape`` behind a positivity constraint, an optional prior and
+    a property of the same name.
+    """
+
+    def __call__(self, state: KernelState) -> KernelState:  # type: ignore[override]
+        # gpytorch.Module.__call__ only accepts tensor-like outputs.
+        return self.forward(state)
+
+    def forward(self, state: KernelState) -> KernelState:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def finite_module(self, in_features: int, width: int) -> tuple[nn.Module, int]:
+        """A finite-width torch module with this layer's initialisation.
+
+        :param in_features: width of the incoming features.
+        :param width: width of the layer's output features (where it has any choice).
+        :return: the module and its number of output features.
+        """
+        raise NotImplementedError(f"{type(self).__name__} has no finite-width counterpart yet")
+
+    # -- hyperparameters -------------------------------------------------------------------
+
+    def register_variance(
+        self,
+        name: str,
+        value: float | Tensor,
+        *,
+        batch_shape: torch.Size = torch.Size(),
+        prior: Prior | None = None,
+        constraint: Interval | None = None,
+        learnable: bool | None = None,
+        allow_zero: bool = True,
+    ) -> None:
+        """Register a variance hyperparameter ``name``.
+
+        A learnable variance is stored as ``raw_<name>`` behind ``constraint``
+        (default ``GreaterThan(1e-6)``), like GPyTorch's lengthscales.  A variance
+        of exactly 0 cannot sit behind a positive constraint, so it is stored as a
+        fixed buffer unless ``learnable=True`` is asked for explicitly (an error).
+        """
+        value = torch.as_tensor(value, dtype=torch.get_default_dtype())
+        if not torch.isfinite(value).all():
+            raise ValueError(f"{type(self).__name__}: {name} must be finite, got {value.tolist()}")
+        if (value < 0).any():
+            raise ValueError(f"{type(self).__name__}: {name} must be non-negative, got {value.tolist()}")
+        is_zero = bool((value == 0).any())
+        if is_zero and not allow_zero:
+            raise ValueError(f"{type(self).__name__}: {name} must be positive, got {value.tolist()}")
+        if learnable is None:
+            learnable = not is_zero
+        if learnable and is_zero:
+            raise ValueError(
+                f"{type(self).__name__}: {name}=0 cannot be learned behind a positive constraint; "
+                "give a small positive starting value or learnable=False"
+            )
+        value = value.expand(batch_shape).clone() if value.dim() == 0 else value.clone()
+        self._variance_names = (*getattr(self, "_variance_names", ()), name)
+        if not learnable:
+            if prior is not None:
+                raise ValueError(f"{type(self).__name__}: a prior on the fixed {name} has no effect")
+            self.register_buffer(f"fixed_{name}", value)
+            return
+        if constraint is None:
+            constraint = GreaterThan(1e-6)
+        raw_name = f"raw_{name}"
+        self.register_parameter(raw_name, nn.Parameter(torch.zeros_like(value)))
+        self.register_constraint(raw_name, constraint)
+        if prior is not None:
+            if not isinstance(prior, Prior):
+                raise TypeError(f"{name}_prior must be a gpytorch.priors.Prior, got {type(prior).__name__}")
+            self.register_prior(
+                f"{name}_prior",
+                prior,
+                lambda module, _name=name: getattr(module, _name),
+                lambda module, v, _name=name: module._set_variance(_name, v),
+            )
+        self._set_variance(name, value)
+
+    def get_variance(self, name: str) -> Tensor:
+        raw = getattr(self, f"raw_{name}", None)
+        if raw is None:
+            return getattr(self, f"fixed_{name}")
+        cache = _hyperparameter_cache
+        if cache is None:
+            return getattr(self, f"raw_{name}_constraint").transform(raw)
+        key = (id(self), name)
+        if key not in cache:
+            cache[key] = getattr(self, f"raw_{name}_constraint").transform(raw)
+        return cache[key]
+
+    def _set_variance(self, name: str, value: float | Tensor) -> None:
+        raw = getattr(self, f"raw_{name}", None)
+        reference = raw if raw is not None else getattr(self, f"fixed_{name}")
+        value = torch.as_tensor(value).to(reference)
+        if not torch.isfinite(value).all() or (value < 0).any():
+            raise ValueError(f"{type(self).__name__}: {name} must be finite and non-negative, got {value.tolist()}")
+        if raw is None:
+            getattr(self, f"fixed_{name}").copy_(value.expand_as(reference))
+            return
+        constraint = getattr(self, f"raw_{name}_constraint")
+        if (value <= constraint.lower_bound.to(value)).any():
+            raise ValueError(
+                f"{type(self).__name__}: {name}={value.tolist()} is at or below its constraint's lower "
+                f"bound {constraint.lower_bound.item():g}"
+            )
+        self.initialize(**{f"raw_{name}": constraint.inverse_transform(value.expand_as(reference))})
+
+    def extra_repr(self) -> str:
+        parts = []
+        for name in getattr(self, "_variance_names", ()):
+            value = self.get_variance(name)
+            shown = f"{value.item():.4g}" if value.numel() == 1 else f"shape {tuple(value.shape)}"
+            parts.append(f"{name}={shown}")
+        return ", ".join(parts)
+
+
+def standard_deviation(variance: Tensor) -> float:
+    """Scalar standard deviation of a (possibly batched) variance, for finite networks."""
+    if variance.numel() != 1:
+        raise ValueError("finite-width networks are built for kernels without a batch_shape")
+    return math.sqrt(float(variance))

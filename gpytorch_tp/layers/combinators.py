@@ -1,0 +1,121 @@
+"""Combinators that build architectures from layers."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from torch import nn
+
+from ..finite import ResidualSum
+from ..state import KernelState
+from .base import Layer
+
+__all__ = ["Sequential", "Residual"]
+
+
+class Sequential(Layer):
+    """Layers applied one after the other.
+
+    Example:
+        >>> from gpytorch_tp.layers import Linear, ReLU, Sequential
+        >>> net = Sequential(Linear(2.0, 0.1), ReLU(), Linear(2.0, 0.1))
+    """
+
+    def __init__(self, *layers: Layer):
+        super().__init__()
+        for i, layer in enumerate(layers):
+            if not isinstance(layer, Layer):
+                raise TypeError(
+                    f"Sequential: item {i} is a {type(layer).__name__}, not a gpytorch_tp Layer "
+                    "(torch.nn modules are not layers of an infinite-width architecture)"
+                )
+        self.layers = nn.ModuleList(layers)
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+    def __getitem__(self, index):
+        return self.layers[index]
+
+    def __iter__(self):
+        return iter(self.layers)
+
+    def forward(self, state: KernelState) -> KernelState:
+        for layer in self.layers:
+            state = layer(state)
+        return state
+
+    def finite_module(self, in_features: int, width: int, out_features: int | None = None):
+        """Finite network; the last layer gets ``out_features`` outputs when given (a readout)."""
+        modules = []
+        features = in_features
+        for i, layer in enumerate(self.layers):
+            is_last = i == len(self.layers) - 1
+            layer_width = out_features if (is_last and out_features is not None) else width
+            module, features = layer.finite_module(features, layer_width)
+            modules.append(module)
+        if out_features is not None and features != out_features:
+            raise ValueError(
+                f"the architecture ends with {type(self.layers[-1]).__name__}, which cannot produce "
+                f"{out_features} outputs; end it with a Linear readout"
+            )
+        return nn.Sequential(*modules), features
+
+
+class Residual(Layer):
+    r"""Skip connection: the output is ``skip(z) + block(z)``.
+
+    The block's output must come from weights private to the block (end it
+    with a :class:`Linear`, possibly followed by a normalisation), so that it
+    is uncorrelated with the skip path; then kernels add:
+
+    .. math:: K \leftarrow K_\text{skip} + K_\text{block}, \qquad
+              \Theta \leftarrow \Theta_\text{skip} + \Theta_\text{block}.
+
+    :param layers: the block, as layers applied in sequence.
+    :param skip: the skip path (default: identity).
+    """
+
+    def __init__(self, *layers: Layer, skip: Layer | None = None):
+        super().__init__()
+        if not layers:
+            raise ValueError("Residual needs at least one layer in its block")
+        self.block = layers[0] if len(layers) == 1 else Sequential(*layers)
+        self.skip = skip
+
+    def forward(self, state: KernelState) -> KernelState:
+        # Mark the input as shared, so a block without weights of its own is caught.
+        shared = dataclasses.replace(state, fresh=False)
+        block = self.block(shared)
+        skip = self.skip(shared) if self.skip is not None else shared
+        if not (block.fresh or skip.fresh):
+            raise ValueError(
+                "Residual: neither branch ends in weights of its own (e.g. a Linear layer), so the "
+                "branches are correlated and the kernel is not the sum of the branch kernels"
+            )
+        if block.track_ntk:
+            parts = [s.ntk for s in (block, skip) if s.ntk is not None]
+            ntk = None if not parts else (parts[0] if len(parts) == 1 else parts[0] + parts[1])
+        else:
+            ntk = None
+        return block.replace(
+            cross=block.cross + skip.cross,
+            var1=block.var1 + skip.var1,
+            var2=block.var2 + skip.var2,
+            ntk=ntk,
+            gaussian=block.gaussian and skip.gaussian,
+            fresh=block.fresh and skip.fresh,
+        )
+
+    def finite_module(self, in_features: int, width: int):
+        if isinstance(self.block, Sequential):
+            block, out = self.block.finite_module(in_features, width, out_features=in_features)
+        else:
+            block, out = self.block.finite_module(in_features, in_features)
+        if self.skip is None:
+            skip, skip_out = None, in_features
+        else:
+            skip, skip_out = self.skip.finite_module(in_features, in_features)
+        if out != skip_out:
+            raise ValueError(f"Residual: the block outputs {out} features but the skip path {skip_out}")
+        return ResidualSum(block, skip), out

@@ -1,0 +1,122 @@
+"""Fully connected layer."""
+
+from __future__ import annotations
+
+import torch
+from gpytorch.constraints import Interval
+from gpytorch.priors import Prior
+from torch import Tensor, nn
+
+from ..finite import NTKLinear
+from ..state import KernelState
+from .base import Layer, standard_deviation
+
+__all__ = ["Linear"]
+
+
+class Linear(Layer):
+    r"""A fully connected layer of infinite width, in the NTK parameterisation.
+
+    The finite layer is :math:`h = \sigma_w W z / \sqrt{n} + \sigma_b b` with
+    :math:`W_{ij}, b_i \sim N(0, 1)` and :math:`n` the width of :math:`z`.  With
+    :math:`K_z` and :math:`\Theta_z` the NNGP kernel and NTK of the incoming
+    features,
+
+    .. math::
+
+        K_h = \sigma_w^2 K_z + \sigma_b^2, \qquad
+        \Theta_h = K_h + \sigma_w^2 \Theta_z .
+
+    For the network input, :math:`K_z(x, x') = \langle x, x' \rangle / d`.
+    The NNGP kernel is the same in the standard parameterisation
+    (:math:`W_{ij} \sim N(0, \sigma_w^2 / n)`); the NTK is not, and every NTK
+    in this package is that of the NTK parameterisation.
+
+    :param weight_variance: :math:`\sigma_w^2` (default 1).
+    :param bias_variance: :math:`\sigma_b^2` (default 0.1).  A value of exactly
+        0 is held fixed (a positive constraint cannot reach 0).
+    :param weight_variance_prior: optional prior on :math:`\sigma_w^2`.
+    :param bias_variance_prior: optional prior on :math:`\sigma_b^2`.
+    :param weight_variance_constraint: constraint (default ``GreaterThan(1e-6)``).
+    :param bias_variance_constraint: constraint (default ``GreaterThan(1e-6)``).
+    :param learn_weight_variance: learn :math:`\sigma_w^2` (default: yes unless 0).
+    :param learn_bias_variance: learn :math:`\sigma_b^2` (default: yes unless 0).
+
+    Example:
+        >>> layer = Linear(weight_variance=2.0, bias_variance=0.1)
+        >>> layer.weight_variance
+        tensor(2.0000, grad_fn=<...>)
+    """
+
+    def __init__(
+        self,
+        weight_variance: float | Tensor = 1.0,
+        bias_variance: float | Tensor = 0.1,
+        *,
+        weight_variance_prior: Prior | None = None,
+        bias_variance_prior: Prior | None = None,
+        weight_variance_constraint: Interval | None = None,
+        bias_variance_constraint: Interval | None = None,
+        learn_weight_variance: bool | None = None,
+        learn_bias_variance: bool | None = None,
+        batch_shape: torch.Size = torch.Size(),
+    ):
+        super().__init__()
+        self.register_variance(
+            "weight_variance",
+            weight_variance,
+            batch_shape=batch_shape,
+            prior=weight_variance_prior,
+            constraint=weight_variance_constraint,
+            learnable=learn_weight_variance,
+            allow_zero=False,
+        )
+        self.register_variance(
+            "bias_variance",
+            bias_variance,
+            batch_shape=batch_shape,
+            prior=bias_variance_prior,
+            constraint=bias_variance_constraint,
+            learnable=learn_bias_variance,
+        )
+
+    @property
+    def weight_variance(self) -> Tensor:
+        return self.get_variance("weight_variance")
+
+    @weight_variance.setter
+    def weight_variance(self, value: float | Tensor) -> None:
+        self._set_variance("weight_variance", value)
+
+    @property
+    def bias_variance(self) -> Tensor:
+        return self.get_variance("bias_variance")
+
+    @bias_variance.setter
+    def bias_variance(self, value: float | Tensor) -> None:
+        self._set_variance("bias_variance", value)
+
+    def forward(self, state: KernelState) -> KernelState:
+        weight = state.broadcast_parameter(self.weight_variance)
+        bias = state.broadcast_parameter(self.bias_variance)
+        cross = weight * state.cross + bias
+        ntk = None
+        if state.track_ntk:
+            ntk = cross if state.ntk is None else cross + weight * state.ntk
+        return state.replace(
+            cross=cross,
+            var1=weight * state.var1 + bias,
+            var2=weight * state.var2 + bias,
+            ntk=ntk,
+            gaussian=True,
+            fresh=True,
+        )
+
+    def finite_module(self, in_features: int, width: int) -> tuple[nn.Module, int]:
+        module = NTKLinear(
+            in_features,
+            width,
+            weight_std=standard_deviation(self.weight_variance.detach()),
+            bias_std=standard_deviation(self.bias_variance.detach()),
+        )
+        return module, width
