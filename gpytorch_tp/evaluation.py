@@ -67,10 +67,14 @@ def _run(architecture: Layer, state: KernelState) -> tuple[Tensor, Tensor | None
         raise ValueError(
             f"the architecture ends with {out.pair_ndim} spatial/time axes left; end it with a readout layer"
         )
-    ntk = None
+    cross, ntk = out.cross, None
     if out.track_ntk:
         ntk = out.ntk if out.ntk is not None else torch.zeros_like(out.cross)
-    return out.cross, ntk
+    if state.same_inputs and not state.diagonal:
+        # Round-off differs between (i, j) and (j, i); make K(X, X) exactly symmetric.
+        cross = (cross + cross.transpose(-1, -2)) / 2
+        ntk = None if ntk is None else (ntk + ntk.transpose(-1, -2)) / 2
+    return cross, ntk
 
 
 def _same_inputs(x1: Tensor, x2: Tensor | None) -> bool:
@@ -90,6 +94,7 @@ def evaluate(
     diag: bool = False,
     ntk: bool = False,
     tile_pairs: int = DEFAULT_TILE_PAIRS,
+    input_dim: int | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """NNGP kernel (and NTK when ``ntk``) of ``architecture`` between ``x1`` and ``x2``.
 
@@ -100,8 +105,10 @@ def evaluate(
     :param tile_pairs: the full matrix is computed in tiles of about this many
         pairs; with ``x2`` equal to ``x1`` only tiles on or above the diagonal
         are computed and the others mirrored.
+    :param input_dim: expected number of features, checked when given.
     :return: ``(nngp, ntk)``, each ``(..., N1, N2)`` (or ``(..., N)`` with ``diag``).
     """
+    check_inputs(x1, x2, input_dim)
     with cached_hyperparameters():
         return _evaluate(architecture, x1, x2, diag, ntk, tile_pairs)
 

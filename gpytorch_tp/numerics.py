@@ -80,7 +80,10 @@ class _ArcCosineMoments(torch.autograd.Function):
     def forward(ctx, k11: Tensor, k22: Tensor, k12: Tensor):
         r1, r2 = _rsqrt_or_zero(k11), _rsqrt_or_zero(k22)
         c = k12 * r1
-        c.mul_(r2).clamp_(-1.0, 1.0)  # zero variance -> c = 0
+        # A zero variance gives c = 0.  Correlations within a few ulps of +-1 are
+        # indistinguishable from +-1 (c itself carries that much round-off) but
+        # arccos magnifies the difference to ~sqrt(ulp): snap them to +-1.
+        c.mul_(r2 * (1 + 8 * torch.finfo(c.dtype).eps)).clamp_(-1.0, 1.0)
         theta = torch.acos(c)
         j0 = theta.mul_(-1.0 / _TWO_PI).add_(0.5)
         sin_theta = torch.addcmul(c.new_ones(()), c, c, value=-1.0).clamp_(min=0.0).sqrt_()

@@ -8,7 +8,7 @@ import torch
 from gpytorch.kernels import Kernel
 from torch import Tensor
 
-from ..evaluation import DEFAULT_TILE_PAIRS, check_inputs, evaluate
+from ..evaluation import DEFAULT_TILE_PAIRS, evaluate
 from ..layers.base import Layer
 
 __all__ = ["TensorProgramKernel", "KINDS"]
@@ -108,9 +108,14 @@ class TensorProgramKernel(Kernel):
         if last_dim_is_batch:
             x1 = x1.transpose(-1, -2).unsqueeze(-1)
             x2 = x2.transpose(-1, -2).unsqueeze(-1)
-        check_inputs(x1, x2, None if last_dim_is_batch else self.input_dim)
         nngp, ntk = evaluate(
-            self.architecture, x1, x2, diag=diag, ntk=self.kind == "ntk", tile_pairs=self.tile_pairs
+            self.architecture,
+            x1,
+            x2,
+            diag=diag,
+            ntk=self.kind == "ntk",
+            tile_pairs=self.tile_pairs,
+            input_dim=None if last_dim_is_batch else self.input_dim,
         )
         return ntk if self.kind == "ntk" else nngp
 
@@ -119,8 +124,9 @@ class TensorProgramKernel(Kernel):
         if self.active_dims is not None:
             x1 = x1.index_select(-1, self.active_dims)
             x2 = None if x2 is None else x2.index_select(-1, self.active_dims)
-        check_inputs(x1, x2, self.input_dim)
-        nngp, ntk = evaluate(self.architecture, x1, x2, diag=diag, ntk=True, tile_pairs=self.tile_pairs)
+        nngp, ntk = evaluate(
+            self.architecture, x1, x2, diag=diag, ntk=True, tile_pairs=self.tile_pairs, input_dim=self.input_dim
+        )
         return nngp, ntk
 
     # GPyTorch only slices and expands a kernel's own parameters and its sub-kernels;

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from collections.abc import Iterator
 
@@ -116,8 +117,8 @@ class Layer(Module):
             self.register_prior(
                 f"{name}_prior",
                 prior,
-                lambda module, _name=name: getattr(module, _name),
-                lambda module, v, _name=name: module._set_variance(_name, v),
+                functools.partial(_prior_value, name=name),
+                functools.partial(_prior_setter, name=name),
             )
         self._set_variance(name, value)
 
@@ -157,6 +158,15 @@ class Layer(Module):
             shown = f"{value.item():.4g}" if value.numel() == 1 else f"shape {tuple(value.shape)}"
             parts.append(f"{name}={shown}")
         return ", ".join(parts)
+
+
+def _prior_value(module: Layer, name: str) -> Tensor:
+    # Module-level (not a lambda) so that kernels with priors pickle.
+    return module.get_variance(name)
+
+
+def _prior_setter(module: Layer, value: Tensor, name: str) -> None:
+    module._set_variance(name, value)
 
 
 def standard_deviation(variance: Tensor) -> float:
