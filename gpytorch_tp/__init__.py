@@ -3,14 +3,16 @@
 Layout: :mod:`gpytorch_tp.state` (the kernel state) -> :mod:`gpytorch_tp.layers`
 (maps of states) -> :mod:`gpytorch_tp.kernels` (GPyTorch kernels), with
 :mod:`gpytorch_tp.finite` and :mod:`gpytorch_tp.empirical` for the finite-width
-networks the kernels are the limits of.
+networks the kernels are the limits of, and :mod:`gpytorch_tp.dynamics` for the
+Gaussian process of a wide network during gradient-descent training.
 """
 
 from . import layers
+from .dynamics import TrainedNetworkGP
 from .evaluation import evaluate
 from .kernels import MLPKernel, TensorProgramKernel
 from .state import KernelState
 
 __version__ = "0.1.0"
 
-__all__ = ["layers", "evaluate", "KernelState", "TensorProgramKernel", "MLPKernel", "__version__"]
+__all__ = ["layers", "evaluate", "KernelState", "TensorProgramKernel", "MLPKernel", "TrainedNetworkGP", "__version__"]

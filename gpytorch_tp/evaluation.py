@@ -2,17 +2,30 @@
 
 from __future__ import annotations
 
+import concurrent.futures
+import contextlib
+import os
+import threading
+from collections.abc import Iterator
+
 import torch
 from torch import Tensor
 
-from .layers.base import Layer, cached_hyperparameters
-from .state import KernelState
+from .layers.base import Layer, cached_hyperparameters, hyperparameter_cache
+from .state import KernelState, per_item_cache, shared_per_item_work
 
-__all__ = ["check_inputs", "input_state", "evaluate", "DEFAULT_TILE_PAIRS"]
+__all__ = ["DEFAULT_CUDA_TILE_PAIRS", "DEFAULT_TILE_PAIRS", "check_inputs", "evaluate", "input_state"]
 
-# Pairs per tile.  Small enough that a tile's intermediates stay in the CPU's
-# caches, large enough that per-operation overhead is negligible.
-DEFAULT_TILE_PAIRS = 128 * 128
+# Pairs per tile on a CPU.  A tile costs about 70 operations of a few
+# microseconds' overhead each for a depth-5 MLP, so it must hold enough pairs
+# to make that small; smaller tiles keep the intermediates in faster caches
+# (256 x 256 float64 pairs are 512 KiB per tensor).  128 x 128 was measurably
+# slower, 181 x 181 and 512 x 512 about the same (2-core AMD EPYC, float64).
+DEFAULT_TILE_PAIRS = 256 * 256
+# On a GPU the per-operation launch cost dominates small tiles; a tile of this
+# many pairs holds the whole matrix of a few thousand points, and its dozen
+# float64 intermediates take about 1.3 GiB.
+DEFAULT_CUDA_TILE_PAIRS = 4096 * 4096
 
 
 def check_inputs(x1: Tensor, x2: Tensor | None, input_dim: int | None = None) -> None:
@@ -93,7 +106,7 @@ def evaluate(
     *,
     diag: bool = False,
     ntk: bool = False,
-    tile_pairs: int = DEFAULT_TILE_PAIRS,
+    tile_pairs: int | None = None,
     input_dim: int | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """NNGP kernel (and NTK when ``ntk``) of ``architecture`` between ``x1`` and ``x2``.
@@ -104,12 +117,19 @@ def evaluate(
     :param ntk: also return the NTK (otherwise the second output is ``None``).
     :param tile_pairs: the full matrix is computed in tiles of about this many
         pairs; with ``x2`` equal to ``x1`` only tiles on or above the diagonal
-        are computed and the others mirrored.
+        are computed and the others mirrored.  ``None`` (default) picks by
+        device: :data:`DEFAULT_TILE_PAIRS` on a CPU, :data:`DEFAULT_CUDA_TILE_PAIRS`
+        on a GPU.  On a CPU the tiles are shared out to
+        ``torch.get_num_threads()`` worker threads, each running whole tiles
+        with one intra-op thread (``torch.set_num_threads(1)`` makes the
+        evaluation single-threaded).
     :param input_dim: expected number of features, checked when given.
     :return: ``(nngp, ntk)``, each ``(..., N1, N2)`` (or ``(..., N)`` with ``diag``).
     """
     check_inputs(x1, x2, input_dim)
-    with cached_hyperparameters():
+    if tile_pairs is None:
+        tile_pairs = DEFAULT_CUDA_TILE_PAIRS if x1.device.type == "cuda" else DEFAULT_TILE_PAIRS
+    with cached_hyperparameters(), shared_per_item_work():
         return _evaluate(architecture, x1, x2, diag, ntk, tile_pairs)
 
 
@@ -120,41 +140,188 @@ def _evaluate(architecture: Layer, x1: Tensor, x2: Tensor | None, diag: bool, nt
     if diag:
         if x1.shape[-2] != x2.shape[-2]:
             raise ValueError(f"diag=True needs as many x1 as x2 points, got {x1.shape[-2]} and {x2.shape[-2]}")
-        return _run(architecture, input_state(x1, x2, diagonal=True, same_inputs=same, track_ntk=ntk))
+        with _intra_op_threads(1 if x1.shape[-2] < _SMALL_PAIRS and x1.device.type == "cpu" else None):
+            return _run(architecture, input_state(x1, x2, diagonal=True, same_inputs=same, track_ntk=ntk))
 
     n1, n2 = x1.shape[-2], x2.shape[-2]
     if n1 * n2 <= tile_pairs:
-        return _run(architecture, input_state(x1, x2, diagonal=False, same_inputs=same, track_ntk=ntk))
+        with _intra_op_threads(1 if n1 * n2 < _SMALL_PAIRS and x1.device.type == "cpu" else None):
+            return _run(architecture, input_state(x1, x2, diagonal=False, same_inputs=same, track_ntk=ntk))
+    return _evaluate_tiles(architecture, x1, x2, same, ntk, max(1, int(tile_pairs**0.5)))
 
-    side = max(1, int(tile_pairs**0.5))
-    row_starts = list(range(0, n1, side))
-    col_starts = row_starts if same else list(range(0, n2, side))
-    tiles: dict[tuple[int, int], tuple[Tensor, Tensor | None]] = {}
-    for i, r in enumerate(row_starts):
-        for j, c in enumerate(col_starts):
-            if same and j < i:
-                k, t = tiles[(j, i)]
-                tiles[(i, j)] = (k.transpose(-1, -2), None if t is None else t.transpose(-1, -2))
-                continue
-            state = input_state(
-                x1[..., r : r + side, :],
-                x2[..., c : c + side, :],
-                diagonal=False,
-                same_inputs=same and i == j,
-                track_ntk=ntk,
-            )
-            tiles[(i, j)] = _run(architecture, state)
+
+# Below this many pairs an evaluation in one piece runs with one intra-op
+# thread: splitting each of its small operations over the cores gains little
+# and stalls for milliseconds whenever another process holds a core.
+_SMALL_PAIRS = 2 * 256 * 256
+
+
+def _records_grad(architecture: Layer, *inputs: Tensor) -> bool:
+    if not torch.is_grad_enabled():
+        return False
+    return any(x.requires_grad for x in inputs) or any(p.requires_grad for p in architecture.parameters())
+
+
+def _evaluate_tiles(architecture: Layer, x1: Tensor, x2: Tensor, same: bool, ntk: bool, side: int):
+    """The full matrix in ``side x side`` tiles; with ``same``, tiles below the diagonal are mirrored."""
+    n1, n2 = x1.shape[-2], x2.shape[-2]
+    d = x1.shape[-1]
+    # Work shared by all tiles: the input variances (the same numbers
+    # ``input_state`` computes) and the scaled inputs of the cross products.
+    var1 = x1.pow(2).sum(-1) / d
+    var2 = var1 if same else x2.pow(2).sum(-1) / d
+    x1_scaled = x1 / d
+    row_starts = range(0, n1, side)
+    col_starts = row_starts if same else range(0, n2, side)
+    # One tensor object per row (column) of tiles, so that layers share their
+    # per-item work between the tiles of a row (see ``state.per_item``).
+    row_vars = {r: var1[..., r : r + side].unsqueeze(-1) for r in row_starts}
+    col_vars = {c: var2[..., c : c + side].unsqueeze(-2) for c in col_starts}
+
+    def tile(r: int, c: int) -> tuple[Tensor, Tensor | None]:
+        rows, cols = slice(r, r + side), slice(c, c + side)
+        cross = x1_scaled[..., rows, :] @ x2[..., cols, :].transpose(-1, -2)
+        state = KernelState(
+            cross=cross,
+            var1=row_vars[r],
+            var2=col_vars[c],
+            track_ntk=ntk,
+            same_inputs=same and r == c,
+        )
+        if state.same_inputs:
+            state = state.replace(cross=cross)  # the self pairs get the variances exactly
+        return _run(architecture, state)
+
+    tasks = [(r, c) for r in row_starts for c in col_starts if not (same and c < r)]
+    record = _records_grad(architecture, x1, x2)
+    workers = _tile_workers(len(tasks) - 1, x1.device)
+    # The first tile runs in this thread before the others: it fills the caches
+    # of hyperparameters and per-item work that all tiles share.  Tiles are small
+    # enough that their operations run best on one core each (see _map_tiles).
+    with _intra_op_threads(1 if x1.device.type == "cpu" else None):
+        first = tile(*tasks[0])
+        if record:
+            tiles = {tasks[0]: first}
+
+            def compute(task: tuple[int, int]) -> None:
+                tiles[task] = tile(*task)
+
+            _map_tiles(compute, tasks[1:], workers, grad=True)
+        else:
+            # No autograd: each tile (and its mirror image) goes straight into the output.
+            outputs = [None if value is None else value.new_empty(*value.shape[:-2], n1, n2) for value in first]
+
+            def store(r: int, c: int, values: tuple[Tensor, Tensor | None]) -> None:
+                for out, value in zip(outputs, values):
+                    if out is None:
+                        continue
+                    out[..., r : r + side, c : c + side] = value
+                    if same and c > r:
+                        out[..., c : c + side, r : r + side] = value.transpose(-1, -2)
+
+            store(*tasks[0], first)
+            _map_tiles(lambda task: store(*task, tile(*task)), tasks[1:], workers, grad=False)
+            return outputs[0], outputs[1]
+
+    # Autograd: build the matrix out of the tiles' graphs (mirrored tiles are views).
+    def block(r: int, c: int, which: int) -> Tensor:
+        return tiles[(c, r)][which].transpose(-1, -2) if same and c < r else tiles[(r, c)][which]
 
     def assemble(which: int) -> Tensor:
-        first = tiles[(0, 0)][which]
-        if torch.is_grad_enabled() and first.requires_grad:
-            rows = [torch.cat([tiles[(i, j)][which] for j in range(len(col_starts))], dim=-1) for i in range(len(row_starts))]
-            return torch.cat(rows, dim=-2)
-        # Without autograd, copy tiles straight into place (much faster than nested cat).
-        out = first.new_empty(*first.shape[:-2], n1, n2)
-        for (i, j), tile in tiles.items():
-            r, c = row_starts[i], col_starts[j]
-            out[..., r : r + side, c : c + side] = tile[which]
-        return out
+        return torch.cat([torch.cat([block(r, c, which) for c in col_starts], -1) for r in row_starts], -2)
 
     return assemble(0), (assemble(1) if ntk else None)
+
+
+def _tile_workers(num_tiles: int, device: torch.device) -> int:
+    """Threads that compute tiles: on a CPU, the intra-op thread budget ``torch.get_num_threads()``."""
+    if device.type != "cpu":
+        return 1
+    return max(1, min(torch.get_num_threads(), num_tiles))
+
+
+@contextlib.contextmanager
+def _intra_op_threads(count: int | None) -> Iterator[None]:
+    """Run the block with ``count`` intra-op threads in this thread (``None``: unchanged)."""
+    if count is None:
+        yield
+        return
+    previous = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _map_tiles(work, tasks: list, workers: int, *, grad: bool) -> None:
+    """Run ``work(task)`` for every task on ``workers`` threads (autograd recording if ``grad``).
+
+    PyTorch releases the GIL inside its operations, so a few Python threads,
+    each running whole tiles with one intra-op thread, keep the cores busy with
+    no synchronisation between the cores inside an operation.  (Parallelising
+    each of the hundred or so small operations of a tile instead costs a
+    fork/join per operation and stalls badly whenever another process holds
+    one of the cores.)  The number of workers is the intra-op budget the user
+    gave PyTorch (``torch.get_num_threads()``), spent on tiles instead of on
+    operations; ``torch.set_num_threads(1)`` turns the workers off.
+    """
+    pool = None if workers <= 1 or getattr(_worker_state, "is_worker", False) else _worker_pool(workers)
+    if pool is None:  # sequential, also when called from inside a worker
+        for task in tasks:
+            work(task)
+        return
+    # Autograd modes and the evaluation's caches are thread-local: hand the caller's to the workers.
+    inference = torch.is_inference_mode_enabled()
+    hyperparameters, items = hyperparameter_cache(), per_item_cache()
+
+    def run(task) -> None:
+        with (
+            cached_hyperparameters(hyperparameters),
+            shared_per_item_work(items),
+            torch.inference_mode(inference),
+            torch.set_grad_enabled(grad),
+        ):
+            work(task)
+
+    for _ in pool.map(run, tasks):
+        pass
+
+
+# The worker threads live as long as the process (or until the number of
+# workers changes): the memory their allocator arenas keep between
+# evaluations spares the page faults of fresh memory for every tile.
+_worker_pool_lock = threading.Lock()
+_worker_pools: dict[int, concurrent.futures.ThreadPoolExecutor] = {}
+_worker_state = threading.local()
+
+
+def _start_worker() -> None:
+    _worker_state.is_worker = True
+    # PyTorch's OpenMP setting is per thread; the process-wide default that
+    # this call also records is restored by the caller (``_intra_op_threads``).
+    torch.set_num_threads(1)
+
+
+def _worker_pool(workers: int) -> concurrent.futures.ThreadPoolExecutor:
+    with _worker_pool_lock:
+        pool = _worker_pools.get(workers)
+        if pool is None:
+            for old in _worker_pools.values():
+                old.shutdown(wait=False)
+            _worker_pools.clear()
+            pool = _worker_pools[workers] = concurrent.futures.ThreadPoolExecutor(
+                workers, thread_name_prefix="gpytorch_tp_tiles", initializer=_start_worker
+            )
+        return pool
+
+
+def _forget_worker_pools() -> None:
+    # Threads do not survive fork(); a child process starts its own pool.
+    global _worker_pool_lock
+    _worker_pool_lock = threading.Lock()
+    _worker_pools.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_worker_pools)

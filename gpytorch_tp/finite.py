@@ -13,7 +13,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-__all__ = ["NTKLinear", "Pointwise", "ResidualSum", "CorrelationNorm"]
+__all__ = ["CorrelationNorm", "NTKLinear", "Pointwise", "ResidualSum"]
 
 
 class NTKLinear(nn.Module):

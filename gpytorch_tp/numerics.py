@@ -25,14 +25,21 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from .state import per_item
+
 __all__ = [
     "safe_correlation",
     "arccos_moments",
     "gaussian_pair_moment",
-    "hermite_rule",
+    "gaussian_rule",
 ]
 
 _TWO_PI = 2.0 * math.pi
+
+
+def _records_grad(*tensors: Tensor) -> bool:
+    """Whether autograd will record operations on ``tensors``."""
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
 def safe_correlation(k11: Tensor, k22: Tensor, k12: Tensor) -> Tensor:
@@ -43,15 +50,66 @@ def safe_correlation(k11: Tensor, k22: Tensor, k12: Tensor) -> Tensor:
     """
     prod = k11 * k22
     positive = prod > 0
-    # Double ``where`` keeps the gradient finite where ``prod == 0``.
-    safe_prod = torch.where(positive, prod, torch.ones_like(prod))
-    c = torch.where(positive, k12 / torch.sqrt(safe_prod), torch.zeros_like(prod))
-    return c.clamp(-1.0, 1.0)
+    if _records_grad(k11, k22, k12):
+        # Double ``where`` keeps the gradient finite where ``prod == 0``.
+        safe_prod = torch.where(positive, prod, 1.0)
+        return torch.where(positive, k12 / torch.sqrt(safe_prod), 0.0).clamp(-1.0, 1.0)
+    return torch.where(positive, k12 / torch.sqrt(prod), 0.0).clamp_(-1.0, 1.0)
 
 
 def _rsqrt_or_zero(k: Tensor) -> Tensor:
-    positive = k > 0
-    return torch.where(positive, torch.rsqrt(torch.where(positive, k, torch.ones_like(k))), torch.zeros_like(k))
+    """``1 / sqrt(k)`` where ``k > 0``, else 0 (with a finite gradient when autograd records)."""
+    if _records_grad(k):
+        positive = k > 0
+        return torch.where(positive, torch.rsqrt(torch.where(positive, k, 1.0)), 0.0)
+    # rsqrt(0) = inf and rsqrt(k < 0) = nan: both become 0.
+    return torch.rsqrt(k).nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
+
+
+def _broadcasts_to(shape: torch.Size, target: torch.Size) -> bool:
+    """Whether ``shape`` broadcasts to ``target`` without changing it (so an in-place op works)."""
+    if len(shape) > len(target):
+        return False
+    return all(s == 1 or s == t for s, t in zip(reversed(shape), reversed(target)))
+
+
+def _arccos_moments_forward(k11: Tensor, k22: Tensor, k12: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """``(J1, J0, c)`` without autograd: ten passes over the pairs, per-item work done per item."""
+    (r1, root1), (r2, root2) = per_item(_first_factors, k11), per_item(_second_factors, k22)
+    c = k12 * r1
+    c = c.mul_(r2) if _broadcasts_to(r2.shape, c.shape) else c * r2
+    c.clamp_(-1.0, 1.0)
+    # |c| <= 1 makes 1 - c^2 >= 0 in floating point too (c^2 rounds to at most 1).
+    sin_theta = torch.addcmul(_constant(1.0, c), c, c, value=-1.0).sqrt_()
+    # J0 = (pi - theta) / (2 pi) = 1/4 + arcsin(c) / (2 pi); arcsin is a little cheaper than arccos.
+    j0 = torch.asin(c)
+    j0 = torch.add(_constant(0.25, c), j0, alpha=1.0 / _TWO_PI, out=j0)
+    # J1 = sqrt(k11) sqrt(k22) (sin(theta) + 2 pi J0 c) / (2 pi); the scales are per item.
+    j1 = sin_theta.addcmul_(j0, c, value=_TWO_PI).mul_(root1).mul_(root2)
+    return j1, j0, c
+
+
+def _first_factors(k11: Tensor) -> tuple[Tensor, Tensor]:
+    return _rsqrt_or_zero(k11), torch.sqrt(k11).mul_(1.0 / _TWO_PI)
+
+
+def _second_factors(k22: Tensor) -> tuple[Tensor, Tensor]:
+    # A zero variance gives c = 0.  Correlations within a few ulps of +-1 are
+    # indistinguishable from +-1 (c itself carries that much round-off) but
+    # arccos magnifies the difference to ~sqrt(ulp): snap them to +-1.
+    return _rsqrt_or_zero(k22).mul_(1 + 8 * torch.finfo(k22.dtype).eps), torch.sqrt(k22)
+
+
+_CONSTANTS: dict[tuple, Tensor] = {}
+
+
+def _constant(value: float, like: Tensor) -> Tensor:
+    """A cached 0-d tensor holding ``value`` with ``like``'s dtype and device."""
+    key = (value, like.dtype, like.device)
+    constant = _CONSTANTS.get(key)
+    if constant is None:
+        constant = _CONSTANTS[key] = torch.full((), value, dtype=like.dtype, device=like.device)
+    return constant
 
 
 class _ArcCosineMoments(torch.autograd.Function):
@@ -78,16 +136,7 @@ class _ArcCosineMoments(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, k11: Tensor, k22: Tensor, k12: Tensor):
-        r1, r2 = _rsqrt_or_zero(k11), _rsqrt_or_zero(k22)
-        c = k12 * r1
-        # A zero variance gives c = 0.  Correlations within a few ulps of +-1 are
-        # indistinguishable from +-1 (c itself carries that much round-off) but
-        # arccos magnifies the difference to ~sqrt(ulp): snap them to +-1.
-        c.mul_(r2 * (1 + 8 * torch.finfo(c.dtype).eps)).clamp_(-1.0, 1.0)
-        theta = torch.acos(c)
-        j0 = theta.mul_(-1.0 / _TWO_PI).add_(0.5)
-        sin_theta = torch.addcmul(c.new_ones(()), c, c, value=-1.0).clamp_(min=0.0).sqrt_()
-        j1 = sin_theta.addcmul_(j0, c, value=_TWO_PI).mul_(torch.sqrt(k11) / _TWO_PI).mul_(torch.sqrt(k22))
+        j1, j0, c = _arccos_moments_forward(k11, k22, k12)
         ctx.save_for_backward(k11, k22, c, j0)
         return j1, j0
 
@@ -125,18 +174,32 @@ def arccos_moments(k11: Tensor, k22: Tensor, k12: Tensor) -> tuple[Tensor, Tenso
     Returns ``(E[relu(u) relu(v)], P(u > 0, v > 0))`` for
     ``(u, v) ~ N(0, [[k11, k12], [k12, k22]])``.  Inputs broadcast.
     """
+    if not _records_grad(k11, k22, k12):
+        j1, j0, _ = _arccos_moments_forward(k11, k22, k12)
+        return j1, j0
     return _ArcCosineMoments.apply(k11, k22, k12)
 
 
 @lru_cache(maxsize=32)
-def _hermite_rule_numpy(num_points: int) -> tuple[np.ndarray, np.ndarray]:
-    nodes, weights = np.polynomial.hermite_e.hermegauss(num_points)
-    return nodes, weights / math.sqrt(2 * math.pi)
+def _gaussian_rule_numpy(num_points: int, half_width: float) -> tuple[np.ndarray, np.ndarray]:
+    nodes = np.linspace(-half_width, half_width, num_points)
+    weights = np.exp(-nodes * nodes / 2)
+    return nodes, weights / weights.sum()
 
 
-def hermite_rule(num_points: int, dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor]:
-    """Gauss-Hermite nodes and weights for E[f(z)], z ~ N(0, 1) (weights sum to 1)."""
-    nodes, weights = _hermite_rule_numpy(num_points)
+def gaussian_rule(num_points: int, dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor]:
+    """Nodes and weights for E[f(z)], z ~ N(0, 1): the trapezoidal rule on [-L, L].
+
+    For integrands analytic in a strip around the real axis the trapezoidal rule
+    converges geometrically in the node spacing, and on the Gaussian weight it
+    beats Gauss-Hermite with the same number of nodes by orders of magnitude
+    (Gauss-Hermite spends most nodes far in the tails; e.g. for tanh at variance
+    10, 128 trapezoid nodes give 1e-10 where 128 Gauss-Hermite nodes give 1e-5).
+    ``L`` is where the neglected Gaussian tail falls below the dtype's resolution.
+    Weights are normalised to sum to one.
+    """
+    half_width = 8.5 if dtype == torch.float64 else 6.5
+    nodes, weights = _gaussian_rule_numpy(int(num_points), half_width)
     return (
         torch.as_tensor(nodes, dtype=dtype, device=device),
         torch.as_tensor(weights, dtype=dtype, device=device),
@@ -164,7 +227,7 @@ _QUADRATURE_CHUNK_ELEMENTS = 1 << 22
 
 
 class _GaussianPairMoment(torch.autograd.Function):
-    r"""E[phi^(m)(u) phi^(n)(v)] by tensor-product Gauss-Hermite quadrature.
+    r"""E[phi^(m)(u) phi^(n)(v)] by a tensor-product trapezoidal rule (see :func:`gaussian_rule`).
 
     ``u = sqrt(k11) z1`` and ``v = sqrt(k22) (c z1 + sqrt(1 - c^2) z2)``.
     The backward pass uses Price's theorem,
@@ -174,10 +237,10 @@ class _GaussianPairMoment(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, k11, k22, k12, fn, derivative_fn, m, n, num_points):
+    def forward(ctx, k11, k22, k12, integrand, m, n, num_points):
         k11, k22, k12 = torch.broadcast_tensors(k11, k22, k12)
         shape = k11.shape
-        nodes, weights = hermite_rule(num_points, k11.dtype, k11.device)
+        nodes, weights = gaussian_rule(num_points, k11.dtype, k11.device)
         a = k11.reshape(-1)
         b = k22.reshape(-1)
         c = safe_correlation(a, b, k12.reshape(-1))
@@ -189,29 +252,41 @@ class _GaussianPairMoment(torch.autograd.Function):
             sl = slice(start, start + chunk)
             u = root_a[sl, None] * nodes  # (P, q)
             v = root_b[sl, None, None] * (c[sl, None, None] * nodes[:, None] + s[sl, None, None] * nodes)  # (P, q, q)
-            fu = _apply(fn, derivative_fn, m, u)
-            gv = _apply(fn, derivative_fn, n, v)
+            fu = integrand(m, u)
+            gv = integrand(n, v)
             inner = gv @ weights  # (P, q): E over z2 given z1
             out[sl] = (fu * inner) @ weights
         ctx.save_for_backward(k11, k22, k12)
-        ctx.config = (fn, derivative_fn, m, n, num_points)
+        ctx.config = (integrand, m, n, num_points)
         return out.reshape(shape)
 
     @staticmethod
     def backward(ctx, grad):
         k11, k22, k12 = ctx.saved_tensors
-        fn, derivative_fn, m, n, q = ctx.config
+        integrand, m, n, q = ctx.config
         apply = _GaussianPairMoment.apply
-        g12 = grad * apply(k11, k22, k12, fn, derivative_fn, m + 1, n + 1, q)
-        g11 = grad * apply(k11, k22, k12, fn, derivative_fn, m + 2, n, q) / 2
-        g22 = grad * apply(k11, k22, k12, fn, derivative_fn, m, n + 2, q) / 2
-        return g11, g22, g12, None, None, None, None, None
+        g12 = grad * apply(k11, k22, k12, integrand, m + 1, n + 1, q)
+        g11 = grad * apply(k11, k22, k12, integrand, m + 2, n, q) / 2
+        g22 = grad * apply(k11, k22, k12, integrand, m, n + 2, q) / 2
+        return g11, g22, g12, None, None, None, None
 
 
-def _apply(fn, derivative_fn, order: int, x: Tensor) -> Tensor:
-    if order >= 1 and derivative_fn is not None:
-        return _derivative(derivative_fn, order - 1, x)
-    return _derivative(fn, order, x)
+class _Integrand:
+    """``order -> phi^(order)``: closed forms where given, autograd otherwise."""
+
+    def __init__(self, fn, derivative_fn=None, derivatives=None):
+        self.fn = fn
+        self.derivative_fn = derivative_fn
+        self.derivatives = derivatives
+
+    def __call__(self, order: int, x: Tensor) -> Tensor:
+        if self.derivatives is not None:
+            value = self.derivatives(x, order)
+            if value is not None:
+                return value
+        if order >= 1 and self.derivative_fn is not None:
+            return _derivative(self.derivative_fn, order - 1, x)
+        return _derivative(self.fn, order, x)
 
 
 def gaussian_pair_moment(
@@ -221,14 +296,18 @@ def gaussian_pair_moment(
     fn,
     *,
     derivative_fn=None,
+    derivatives=None,
     order: int = 0,
-    num_points: int = 32,
+    num_points: int = 96,
 ) -> Tensor:
     """``E[phi^(order)(u) phi^(order)(v)]`` for ``(u, v) ~ N(0, [[k11, k12], [k12, k22]])``.
 
-    ``fn`` is an elementwise torch function; its derivatives come from autograd
-    unless ``derivative_fn`` (the first derivative) is given.  Accurate for
+    ``fn`` is an elementwise torch function.  Its derivatives come from
+    ``derivatives(x, n)`` (closed forms; may return ``None`` for orders it does
+    not know), else from autograd of ``derivative_fn`` (the first derivative)
+    or of ``fn``.  Accurate for
     smooth ``fn``; the error of a ``num_points``-point rule falls quickly with
     ``num_points`` for analytic functions of moderate growth.
     """
-    return _GaussianPairMoment.apply(k11, k22, k12, fn, derivative_fn, order, order, num_points)
+    integrand = _Integrand(fn, derivative_fn, derivatives)
+    return _GaussianPairMoment.apply(k11, k22, k12, integrand, order, order, num_points)

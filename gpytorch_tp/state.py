@@ -34,13 +34,69 @@ infinite-width recursion cannot express:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import functools
+import threading
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-__all__ = ["KernelState"]
+__all__ = ["KernelState", "per_item", "per_item_cache", "shared_per_item_work"]
+
+# While a kernel matrix is evaluated tile by tile, per-item results are shared
+# between the tiles of a row (or column) of tiles; see ``per_item``.  The cache
+# is per thread; threads that compute tiles of one evaluation adopt the
+# caller's cache explicitly.
+_local = threading.local()
+
+
+@contextlib.contextmanager
+def shared_per_item_work(cache: dict | None = None) -> Iterator[None]:
+    """Within this context (in this thread) :func:`per_item` computes each result once.
+
+    :param cache: adopt this cache (from :func:`per_item_cache` in the thread
+        that started an evaluation) instead of the current or a new one.
+    """
+    outer = getattr(_local, "cache", None)
+    _local.cache = cache if cache is not None else (outer if outer is not None else {})
+    try:
+        yield
+    finally:
+        _local.cache = outer
+
+
+def per_item_cache() -> dict | None:
+    """The cache of the enclosing :func:`shared_per_item_work` in this thread, if any."""
+    return getattr(_local, "cache", None)
+
+
+def per_item(fn: Callable[..., object], *tensors: Tensor):
+    """``fn(*tensors)``, computed once per evaluation for per-item statistics.
+
+    The per-item statistics of a tile (``var1``, ``var2`` and everything a
+    layer derives from them) are the same for every tile in its row (or
+    column) of tiles, and the evaluation hands those tiles the very same tensor
+    objects.  A layer that routes its per-item work through this function
+    therefore does it once per row of tiles instead of once per tile; without
+    an enclosing :func:`shared_per_item_work` it simply calls ``fn``.
+
+    ``fn`` must be a module-level function, a builtin or a bound method (it is
+    part of the cache key) and pure: a function of ``tensors`` (keyed by
+    identity) and of hyperparameters, which do not change during an
+    evaluation.  The result is shared: never modify it in place.
+    """
+    cache = getattr(_local, "cache", None)
+    if cache is None:
+        return fn(*tensors)
+    key = (fn, *map(id, tensors))
+    hit = cache.get(key)
+    if hit is None:
+        # Keep the arguments alive so that their ids stay unique while cached.
+        hit = cache[key] = (fn(*tensors), tensors)
+    return hit[0]
 
 
 @dataclass(frozen=True)
@@ -59,6 +115,9 @@ class KernelState:
     :param gaussian: the features are centred and jointly Gaussian.
     :param fresh: the features come from weights private to the current branch.
     :param pair_ndim: number of trailing pair axes (0 for dense networks).
+    :param ntk_feature_coupled: part of the NTK is a product of each unit's own
+        features (per-unit gains, e.g. an affine LayerNorm), so it is not
+        independent of the pre-activations; a weight layer decouples it again.
     """
 
     cross: Tensor
@@ -71,6 +130,7 @@ class KernelState:
     gaussian: bool = False
     fresh: bool = False
     pair_ndim: int = 0
+    ntk_feature_coupled: bool = False
 
     @property
     def item_ndim(self) -> int:
@@ -79,13 +139,28 @@ class KernelState:
 
     def broadcast_parameter(self, value: Tensor) -> Tensor:
         """Reshape a hyperparameter of shape ``kernel.batch_shape`` to broadcast against ``cross``."""
-        return value.reshape(*value.shape, *([1] * (self.item_ndim + self.pair_ndim)))
+        count = self.item_ndim + self.pair_ndim
+        reshape = _APPEND_UNIT_DIMS.get(count)
+        if reshape is None:
+            reshape = _APPEND_UNIT_DIMS[count] = functools.partial(_append_unit_dims, count=count)
+        return per_item(reshape, value)
 
     def replace(self, **changes) -> KernelState:
-        """A new state with ``changes``; pairs of identical items keep correlation exactly one."""
-        new = dataclasses.replace(self, **changes)
+        """A new state with ``changes``; pairs of identical items keep correlation exactly one.
+
+        Same result as :func:`dataclasses.replace` (plus the exact self pairs),
+        without its per-call cost: a layer calls this once per tile of the
+        kernel matrix.
+        """
+        unknown = changes.keys() - _FIELD_NAMES
+        if unknown:
+            raise TypeError(f"KernelState has no field(s) {sorted(unknown)}")
+        new = object.__new__(type(self))
+        fields = new.__dict__
+        fields.update(self.__dict__)
+        fields.update(changes)
         if new.same_inputs and "cross" in changes:
-            new = dataclasses.replace(new, cross=new._with_exact_self_pairs(new.cross))
+            fields["cross"] = new._with_exact_self_pairs(new.cross)
         return new
 
     def _with_exact_self_pairs(self, cross: Tensor) -> Tensor:
@@ -98,3 +173,14 @@ class KernelState:
             return cross  # families with pair axes handle their own diagonals
         diagonal_shape = cross.diagonal(dim1=-2, dim2=-1).shape
         return torch.diagonal_scatter(cross, self.var1[..., 0].expand(diagonal_shape), dim1=-2, dim2=-1)
+
+
+_FIELD_NAMES = frozenset(field.name for field in dataclasses.fields(KernelState))
+
+
+def _append_unit_dims(value: Tensor, count: int) -> Tensor:
+    return value.reshape(*value.shape, *([1] * count))
+
+
+# One function object per count, so that per_item can key on it.
+_APPEND_UNIT_DIMS: dict[int, Callable[[Tensor], Tensor]] = {}

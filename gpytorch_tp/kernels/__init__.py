@@ -3,4 +3,4 @@
 from .mlp_kernel import MLPKernel
 from .tensor_program_kernel import KINDS, TensorProgramKernel
 
-__all__ = ["TensorProgramKernel", "MLPKernel", "KINDS"]
+__all__ = ["KINDS", "MLPKernel", "TensorProgramKernel"]

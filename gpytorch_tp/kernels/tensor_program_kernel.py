@@ -11,7 +11,7 @@ from torch import Tensor
 from ..evaluation import DEFAULT_TILE_PAIRS, evaluate
 from ..layers.base import Layer
 
-__all__ = ["TensorProgramKernel", "KINDS"]
+__all__ = ["KINDS", "TensorProgramKernel"]
 
 KINDS = ("nngp", "ntk")
 

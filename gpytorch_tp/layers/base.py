@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+import threading
 from collections.abc import Iterator
 
 import torch
@@ -15,24 +16,33 @@ from torch import Tensor, nn
 
 from ..state import KernelState
 
-__all__ = ["Layer", "standard_deviation", "cached_hyperparameters"]
+__all__ = ["Layer", "cached_hyperparameters", "hyperparameter_cache", "standard_deviation"]
 
 # While a kernel matrix is evaluated tile by tile, each constrained
-# hyperparameter is transformed once and the result shared by all tiles.
-_hyperparameter_cache: dict | None = None
+# hyperparameter is transformed once and the result shared by all tiles.  The
+# cache is per thread (concurrent evaluations must not share one); threads that
+# compute tiles of one evaluation adopt the caller's cache explicitly.
+_local = threading.local()
 
 
 @contextlib.contextmanager
-def cached_hyperparameters() -> Iterator[None]:
-    """Within this context each layer's transformed variances are computed once."""
-    global _hyperparameter_cache
-    outer = _hyperparameter_cache
-    if outer is None:
-        _hyperparameter_cache = {}
+def cached_hyperparameters(cache: dict | None = None) -> Iterator[None]:
+    """Within this context (in this thread) each layer's transformed variances are computed once.
+
+    :param cache: adopt this cache (from :func:`hyperparameter_cache` in the
+        thread that started an evaluation) instead of the current or a new one.
+    """
+    outer = getattr(_local, "cache", None)
+    _local.cache = cache if cache is not None else (outer if outer is not None else {})
     try:
         yield
     finally:
-        _hyperparameter_cache = outer
+        _local.cache = outer
+
+
+def hyperparameter_cache() -> dict | None:
+    """The cache of the enclosing :func:`cached_hyperparameters` in this thread, if any."""
+    return getattr(_local, "cache", None)
 
 
 class Layer(Module):
@@ -126,7 +136,7 @@ class Layer(Module):
         raw = getattr(self, f"raw_{name}", None)
         if raw is None:
             return getattr(self, f"fixed_{name}")
-        cache = _hyperparameter_cache
+        cache = getattr(_local, "cache", None)
         if cache is None:
             return getattr(self, f"raw_{name}_constraint").transform(raw)
         key = (id(self), name)
@@ -137,7 +147,8 @@ class Layer(Module):
     def _set_variance(self, name: str, value: float | Tensor) -> None:
         raw = getattr(self, f"raw_{name}", None)
         reference = raw if raw is not None else getattr(self, f"fixed_{name}")
-        value = torch.as_tensor(value).to(reference)
+        # Straight to the parameter's dtype: a Python float must not pass through float32 first.
+        value = torch.as_tensor(value, dtype=reference.dtype, device=reference.device)
         if not torch.isfinite(value).all() or (value < 0).any():
             raise ValueError(f"{type(self).__name__}: {name} must be finite and non-negative, got {value.tolist()}")
         if raw is None:

@@ -10,7 +10,7 @@ from ..finite import ResidualSum
 from ..state import KernelState
 from .base import Layer
 
-__all__ = ["Sequential", "Residual"]
+__all__ = ["Residual", "Sequential"]
 
 
 class Sequential(Layer):
@@ -105,6 +105,7 @@ class Residual(Layer):
             ntk=ntk,
             gaussian=block.gaussian and skip.gaussian,
             fresh=block.fresh and skip.fresh,
+            ntk_feature_coupled=block.ntk_feature_coupled or skip.ntk_feature_coupled,
         )
 
     def finite_module(self, in_features: int, width: int):

@@ -8,7 +8,7 @@ from gpytorch.priors import Prior
 from torch import Tensor, nn
 
 from ..finite import NTKLinear
-from ..state import KernelState
+from ..state import KernelState, per_item
 from .base import Layer, standard_deviation
 
 __all__ = ["Linear"]
@@ -99,17 +99,16 @@ class Linear(Layer):
     def forward(self, state: KernelState) -> KernelState:
         weight = state.broadcast_parameter(self.weight_variance)
         bias = state.broadcast_parameter(self.bias_variance)
-        cross = weight * state.cross + bias
+        # One fused pass each: bias + weight * K, and K_new + weight * Theta.
+        cross = torch.addcmul(bias, weight, state.cross)
         ntk = None
         if state.track_ntk:
-            ntk = cross if state.ntk is None else cross + weight * state.ntk
+            ntk = cross if state.ntk is None else torch.addcmul(cross, weight, state.ntk)
+        # Per-item work: once per row (column) of tiles, see ``per_item``.
+        var1 = per_item(torch.addcmul, bias, weight, state.var1)
+        var2 = per_item(torch.addcmul, bias, weight, state.var2)
         return state.replace(
-            cross=cross,
-            var1=weight * state.var1 + bias,
-            var2=weight * state.var2 + bias,
-            ntk=ntk,
-            gaussian=True,
-            fresh=True,
+            cross=cross, var1=var1, var2=var2, ntk=ntk, gaussian=True, fresh=True, ntk_feature_coupled=False
         )
 
     def finite_module(self, in_features: int, width: int) -> tuple[nn.Module, int]:

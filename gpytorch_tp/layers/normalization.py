@@ -40,7 +40,10 @@ class LayerNorm(Layer):
 
     :param elementwise_affine: the finite layer has per-unit gain (initialised to
         1) and bias (initialised to 0) that are trained, as ``torch.nn.LayerNorm``
-        does by default; they add :math:`K_\text{new} + 1` to the NTK.
+        does by default; they add :math:`K_\text{new} + 1` to the NTK.  The gain's
+        term is a product of each unit's own features, so the NTK recursion is
+        exact only when a weight layer follows; a nonlinearity directly after an
+        affine LayerNorm raises ``NotImplementedError`` for the NTK.
     :param center: subtract the feature mean (``torch.nn.LayerNorm``) or not (RMSNorm).
     """
 
@@ -68,6 +71,7 @@ class LayerNorm(Layer):
             var1=_unit_or_zero(state.var1),
             var2=_unit_or_zero(state.var2),
             ntk=ntk,
+            ntk_feature_coupled=state.ntk_feature_coupled or (self.elementwise_affine and state.track_ntk),
         )
 
     def finite_module(self, in_features: int, width: int) -> tuple[nn.Module, int]:

@@ -1,0 +1,77 @@
+"""The demo (``python -m gpytorch_tp.demo``) and the tutorials run end to end in smoke mode."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("sklearn", reason="the demo needs scikit-learn (the `demo` extra)")
+
+TUTORIALS = Path(__file__).resolve().parents[1] / "tutorials"
+
+
+def _load_tutorial(name: str):
+    path = TUTORIALS / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"tutorial_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_demo_smoke_prints_a_table_of_finite_results(capsys):
+    from gpytorch_tp import demo
+
+    results = demo.main(["--smoke", "--seed", "1"])
+    out = capsys.readouterr().out
+
+    assert [r.kernel for r in results] == list(demo.make_base_kernels(10))
+    for r in results:
+        assert math.isfinite(r.rmse) and r.rmse > 0
+        assert math.isfinite(r.nlpd)
+        assert math.isfinite(r.train_mll)
+        assert r.fit_seconds >= 0 and r.evaluations >= 1
+        assert r.kernel in out and "noise=" in r.hyperparameters
+    assert "test RMSE" in out and "test NLPD" in out and "predicting the training mean" in out
+
+
+def test_demo_data_split_is_standardised_and_reproducible():
+    from gpytorch_tp import demo
+
+    a, b = demo.load_data(seed=3), demo.load_data(seed=3)
+    assert a.train_x.shape == (354, 10) and a.test_x.shape == (88, 10)
+    assert a.train_x.dtype == demo.DTYPE
+    assert (a.train_y == b.train_y).all() and (a.test_x == b.test_x).all()
+    assert abs(a.train_y.mean().item()) < 1e-10 and abs(a.train_y.std().item() - 1) < 1e-10
+    assert not (demo.load_data(seed=4).test_y.sort().values == a.test_y.sort().values).all()
+
+
+def test_quickstart_tutorial_smoke_writes_figures(tmp_path, capsys):
+    pytest.importorskip("matplotlib", reason="the tutorials need matplotlib")
+    tutorial = _load_tutorial("quickstart_regression")
+
+    paths = tutorial.main(["--smoke", "--outdir", str(tmp_path)])
+
+    assert set(paths) == {"posteriors", "kernel_vs_depth"}
+    for path in paths.values():
+        assert path.parent == tmp_path
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    out = capsys.readouterr().out
+    for line in out.splitlines():
+        if "log marginal likelihood" in line:
+            assert math.isfinite(float(line.split("=")[1].split()[0]))
+
+
+def test_quickstart_kernel_correlation_is_one_at_zero_angle():
+    pytest.importorskip("matplotlib", reason="the tutorials need matplotlib")
+    import torch
+
+    tutorial = _load_tutorial("quickstart_regression")
+    angles = torch.linspace(0, math.pi, 5, dtype=torch.float64)
+    for nonlinearity in ("relu", "erf"):
+        corr = tutorial.correlation_vs_angle(nonlinearity, depth=2, angles=angles)
+        assert torch.isfinite(corr).all()
+        assert abs(corr[0].item() - 1) < 1e-12
+        assert (corr[1:] < 1).all() and (corr.diff() <= 1e-12).all()  # decreasing in the angle
