@@ -163,23 +163,25 @@ def _records_grad(architecture: Layer, *inputs: Tensor) -> bool:
 
 
 def _evaluate_tiles(architecture: Layer, x1: Tensor, x2: Tensor, same: bool, ntk: bool, side: int):
-    """The full matrix in ``side x side`` tiles; with ``same``, tiles below the diagonal are mirrored."""
+    """The full matrix in tiles of about ``side x side``; with ``same``, tiles below the diagonal are mirrored."""
     n1, n2 = x1.shape[-2], x2.shape[-2]
+    # Equal tiles along each axis (no thin leftover row or column of tiles).
+    row_side, col_side = _balanced(n1, side), _balanced(n2, side)
     d = x1.shape[-1]
     # Work shared by all tiles: the input variances (the same numbers
     # ``input_state`` computes) and the scaled inputs of the cross products.
     var1 = x1.pow(2).sum(-1) / d
     var2 = var1 if same else x2.pow(2).sum(-1) / d
     x1_scaled = x1 / d
-    row_starts = range(0, n1, side)
-    col_starts = row_starts if same else range(0, n2, side)
+    row_starts = range(0, n1, row_side)
+    col_starts = row_starts if same else range(0, n2, col_side)
     # One tensor object per row (column) of tiles, so that layers share their
     # per-item work between the tiles of a row (see ``state.per_item``).
-    row_vars = {r: var1[..., r : r + side].unsqueeze(-1) for r in row_starts}
-    col_vars = {c: var2[..., c : c + side].unsqueeze(-2) for c in col_starts}
+    row_vars = {r: var1[..., r : r + row_side].unsqueeze(-1) for r in row_starts}
+    col_vars = {c: var2[..., c : c + col_side].unsqueeze(-2) for c in col_starts}
 
     def tile(r: int, c: int) -> tuple[Tensor, Tensor | None]:
-        rows, cols = slice(r, r + side), slice(c, c + side)
+        rows, cols = slice(r, r + row_side), slice(c, c + col_side)
         cross = x1_scaled[..., rows, :] @ x2[..., cols, :].transpose(-1, -2)
         state = KernelState(
             cross=cross,
@@ -215,9 +217,9 @@ def _evaluate_tiles(architecture: Layer, x1: Tensor, x2: Tensor, same: bool, ntk
                 for out, value in zip(outputs, values):
                     if out is None:
                         continue
-                    out[..., r : r + side, c : c + side] = value
+                    out[..., r : r + row_side, c : c + col_side] = value
                     if same and c > r:
-                        out[..., c : c + side, r : r + side] = value.transpose(-1, -2)
+                        out[..., c : c + col_side, r : r + row_side] = value.transpose(-1, -2)
 
             store(*tasks[0], first)
             _map_tiles(lambda task: store(*task, tile(*task)), tasks[1:], workers, grad=False)
@@ -231,6 +233,11 @@ def _evaluate_tiles(architecture: Layer, x1: Tensor, x2: Tensor, same: bool, ntk
         return torch.cat([torch.cat([block(r, c, which) for c in col_starts], -1) for r in row_starts], -2)
 
     return assemble(0), (assemble(1) if ntk else None)
+
+
+def _balanced(n: int, side: int) -> int:
+    """The tile length that cuts ``n`` items into as many tiles as ``side`` would, all of about equal length."""
+    return -(-n // -(-n // side))
 
 
 def _tile_workers(num_tiles: int, device: torch.device) -> int:
