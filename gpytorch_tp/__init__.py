@@ -10,9 +10,9 @@ Gaussian process of a wide network during gradient-descent training.
 from . import layers
 from .dynamics import TrainedNetworkGP
 from .evaluation import evaluate
-from .kernels import MLPKernel, TensorProgramKernel
+from .kernels import CNNKernel, MLPKernel, MyrtleKernel, TensorProgramKernel
 from .state import KernelState
 
 __version__ = "0.1.0"
 
-__all__ = ["layers", "evaluate", "KernelState", "TensorProgramKernel", "MLPKernel", "TrainedNetworkGP", "__version__"]
+__all__ = ["layers", "evaluate", "KernelState", "TensorProgramKernel", "MLPKernel", "CNNKernel", "MyrtleKernel", "TrainedNetworkGP", "__version__"]

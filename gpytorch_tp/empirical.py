@@ -23,7 +23,7 @@ __all__ = ["build_network", "empirical_nngp", "empirical_ntk"]
 
 def build_network(
     architecture: Layer,
-    in_features: int,
+    in_shape: int | tuple[int, ...],
     width: int,
     out_features: int | None = 1,
     *,
@@ -34,20 +34,24 @@ def build_network(
     """The finite network of ``architecture`` with hidden width ``width``.
 
     :param architecture: the infinite-width architecture.
-    :param in_features: input dimension.
-    :param width: width of every hidden layer.
+    :param in_shape: input dimension, or the shape ``(channels, *grid)`` of
+        inputs on a grid (images ``(C, H, W)``, signals ``(C, L)``); the network
+        then takes them flattened, ``(..., C * H * W)``, as the kernels do.
+    :param width: width (channels) of every hidden layer.
     :param out_features: outputs of the final layer (it must then be a weight
         layer); ``None`` keeps the final layer at ``width``.
     :param seed: seed for the initialisation (``None``: the global generator).
     """
     if not isinstance(architecture, Sequential):
         architecture = Sequential(architecture)
-    if seed is None:
-        network, _ = architecture.finite_module(in_features, width, out_features=out_features)
-    else:
-        with torch.random.fork_rng(devices=[]):
+    in_shape = (in_shape,) if isinstance(in_shape, int) else tuple(in_shape)
+    out_shape = None if out_features is None else (out_features,)
+    with torch.random.fork_rng(devices=[], enabled=seed is not None):
+        if seed is not None:
             torch.manual_seed(seed)
-            network, _ = architecture.finite_module(in_features, width, out_features=out_features)
+        network, _ = architecture.finite_module(in_shape, width, out_shape=out_shape)
+    if len(in_shape) > 1:
+        network = nn.Sequential(nn.Unflatten(-1, in_shape), *network)
     return network.to(dtype=dtype or torch.get_default_dtype(), device=device)
 
 

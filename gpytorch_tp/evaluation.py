@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import math
 import os
 import threading
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -14,18 +16,141 @@ from torch import Tensor
 from .layers.base import Layer, cached_hyperparameters, hyperparameter_cache
 from .state import KernelState, per_item_cache, shared_per_item_work
 
-__all__ = ["DEFAULT_CUDA_TILE_PAIRS", "DEFAULT_TILE_PAIRS", "check_inputs", "evaluate", "input_state"]
+__all__ = [
+    "DEFAULT_CUDA_TILE_PAIRS",
+    "DEFAULT_TILE_PAIRS",
+    "InputLayout",
+    "check_inputs",
+    "default_memory_budget",
+    "evaluate",
+    "input_state",
+]
 
-# Pairs per tile on a CPU.  A tile costs about 70 operations of a few
-# microseconds' overhead each for a depth-5 MLP, so it must hold enough pairs
-# to make that small; smaller tiles keep the intermediates in faster caches
-# (256 x 256 float64 pairs are 512 KiB per tensor).  128 x 128 was measurably
-# slower, 181 x 181 and 512 x 512 about the same (2-core AMD EPYC, float64).
+# Pair elements per tile on a CPU (for dense networks: pairs of items).  A
+# tile costs about 70 operations of a few microseconds' overhead each for a
+# depth-5 MLP, so it must hold enough pairs to make that small; smaller tiles
+# keep the intermediates in faster caches (256 x 256 float64 pairs are 512 KiB
+# per tensor).  128 x 128 was measurably slower, 181 x 181 to 320 x 320 about
+# the same (2-core AMD EPYC, float64).  Items with positions (pixels) count
+# their position pairs, so a tile then holds fewer pairs of items.
 DEFAULT_TILE_PAIRS = 256 * 256
 # On a GPU the per-operation launch cost dominates small tiles; a tile of this
-# many pairs holds the whole matrix of a few thousand points, and its dozen
-# float64 intermediates take about 1.3 GiB.
+# many pair elements holds the whole matrix of a few thousand points, and its
+# dozen float64 intermediates take about 1.3 GiB.
 DEFAULT_CUDA_TILE_PAIRS = 4096 * 4096
+# Tile-sized tensors alive at once while a tile goes through an architecture
+# (the NNGP, the NTK, a layer's intermediates), for the memory budget.
+_LIVE_TILE_TENSORS = 24
+
+
+def default_memory_budget(device: torch.device) -> int:
+    """Bytes an evaluation may use for its tiles by default: half of the device's free memory."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free // 2)
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024 // 2
+    except OSError:
+        pass
+    return 4 * 2**30
+
+
+@dataclass(frozen=True)
+class InputLayout:
+    r"""How an item's features are laid out in the last input dimension.
+
+    ``shape == (d,)``: ``d`` features.  ``shape == (C, *grid)``: ``C`` channels
+    at each position of a grid (``(C, L)`` signals, ``(C, H, W)`` images),
+    flattened channel-major as ``torch.flatten`` does.  The input kernel is
+    :math:`K(p, p') = \sum_c x_c(p) x'_c(p') / C` per pair of positions.
+    """
+
+    shape: tuple[int, ...]
+    all_position_pairs: bool = False
+
+    @property
+    def positions(self) -> tuple[int, ...]:
+        return self.shape[1:]
+
+    @property
+    def pair_ndim(self) -> int:
+        return len(self.positions) * (2 if self.all_position_pairs else 1)
+
+    @property
+    def pair_elements(self) -> int:
+        """Numbers stored per pair of items."""
+        return math.prod(self.positions) ** (2 if self.all_position_pairs else 1)
+
+    def _grid(self, x: Tensor) -> Tensor:
+        return x.reshape(*x.shape[:-1], self.shape[0], math.prod(self.positions))
+
+    def _unflatten(self, t: Tensor, lead: int) -> Tensor:
+        grids = (self.positions * 2) if self.all_position_pairs else self.positions
+        return t.reshape(*t.shape[:lead], *grids)
+
+    def variances(self, x: Tensor) -> Tensor:
+        """Each item with itself: ``(..., N, *pair_axes)``."""
+        if not self.positions:
+            return x.pow(2).sum(-1) / self.shape[0]
+        g = self._grid(x)
+        if self.all_position_pairs:
+            v = torch.einsum("...ncp,...ncq->...npq", g, g) / self.shape[0]
+        else:
+            v = g.pow(2).sum(-2) / self.shape[0]
+        return self._unflatten(v, x.dim() - 1)
+
+    def cross(self, x1: Tensor, x2: Tensor) -> Tensor:
+        """Every item of ``x1`` with every item of ``x2``: ``(..., N1, N2, *pair_axes)``."""
+        if not self.positions:
+            return x1 @ x2.transpose(-1, -2) / self.shape[0]
+        g1, g2 = self._grid(x1), self._grid(x2)
+        pattern = "...icp,...jcq->...ijpq" if self.all_position_pairs else "...icp,...jcp->...ijp"
+        c = torch.einsum(pattern, g1, g2) / self.shape[0]
+        return self._unflatten(c.contiguous(), x1.dim())
+
+    def cross_diagonal(self, x1: Tensor, x2: Tensor) -> Tensor:
+        """Item ``i`` of ``x1`` with item ``i`` of ``x2``: ``(..., N, *pair_axes)``."""
+        if not self.positions:
+            return (x1 * x2).sum(-1) / self.shape[0]
+        g1, g2 = self._grid(x1), self._grid(x2)
+        if self.all_position_pairs:
+            c = torch.einsum("...ncp,...ncq->...npq", g1, g2) / self.shape[0]
+        else:
+            c = (g1 * g2).sum(-2) / self.shape[0]
+        return self._unflatten(c, x1.dim() - 1)
+
+    def outer(self, var1: Tensor, var2: Tensor) -> tuple[Tensor, Tensor]:
+        """Per-item variances (from :meth:`variances`) shaped for the ``outer`` pairing."""
+        return var1.unsqueeze(-1 - self.pair_ndim), var2.unsqueeze(-2 - self.pair_ndim)
+
+    def state(self, var1: Tensor, var2: Tensor, cross: Tensor, **flags) -> KernelState:
+        """The input state from the variances (shaped for the pairing) and the pairs' ``cross``."""
+        return KernelState(
+            cross=cross,
+            var1=var1,
+            var2=var2,
+            positions=self.positions,
+            all_position_pairs=self.all_position_pairs and bool(self.positions),
+            **flags,
+        )
+
+
+def input_layout(architecture: Layer, input_shape: tuple[int, ...] | None, d: int) -> InputLayout:
+    """The layout of ``d`` input features, with all position pairs if the architecture needs them."""
+    if input_shape is None:
+        return InputLayout((d,))
+    shape = tuple(int(s) for s in input_shape)
+    if not shape or any(s < 1 for s in shape):
+        raise ValueError(f"input_shape must be positive sizes, e.g. (C, H, W), got {tuple(input_shape)}")
+    if math.prod(shape) != d:
+        raise ValueError(
+            f"the inputs have {d} features per item, but input_shape={shape} needs {math.prod(shape)} "
+            "(items are flattened in the last dimension)"
+        )
+    return InputLayout(shape, all_position_pairs=len(shape) > 1 and architecture.needs_all_position_pairs)
 
 
 def check_inputs(x1: Tensor, x2: Tensor | None, input_dim: int | None = None) -> None:
@@ -52,25 +177,20 @@ def check_inputs(x1: Tensor, x2: Tensor | None, input_dim: int | None = None) ->
             raise ValueError(f"x1 is on {x1.device} but x2 is on {x2.device}")
 
 
-def input_state(x1: Tensor, x2: Tensor, *, diagonal: bool, same_inputs: bool, track_ntk: bool) -> KernelState:
-    r"""The state of the network input: :math:`K(x, x') = \langle x, x' \rangle / d`, no NTK yet."""
-    d = x1.shape[-1]
-    var1 = x1.pow(2).sum(-1) / d
-    var2 = var1 if same_inputs else x2.pow(2).sum(-1) / d
+def input_state(
+    x1: Tensor, x2: Tensor, *, diagonal: bool, same_inputs: bool, track_ntk: bool, layout: InputLayout | None = None
+) -> KernelState:
+    r"""The state of the network input: :math:`K(x, x') = \langle x, x' \rangle / d` (per position pair), no NTK yet."""
+    layout = layout or InputLayout((x1.shape[-1],))
+    var1 = layout.variances(x1)
+    var2 = var1 if same_inputs else layout.variances(x2)
     if diagonal:
-        cross = var1 if same_inputs else (x1 * x2).sum(-1) / d
+        cross = var1 if same_inputs else layout.cross_diagonal(x1, x2)
         var1, var2 = torch.broadcast_tensors(var1, var2)
     else:
-        cross = x1 @ x2.transpose(-1, -2) / d
-        var1, var2 = var1.unsqueeze(-1), var2.unsqueeze(-2)
-    state = KernelState(
-        cross=cross,
-        var1=var1,
-        var2=var2,
-        track_ntk=track_ntk,
-        diagonal=diagonal,
-        same_inputs=same_inputs,
-    )
+        cross = layout.cross(x1, x2)
+        var1, var2 = layout.outer(var1, var2)
+    state = layout.state(var1, var2, cross, track_ntk=track_ntk, diagonal=diagonal, same_inputs=same_inputs)
     return state.replace(cross=cross) if same_inputs else state
 
 
@@ -108,6 +228,9 @@ def evaluate(
     ntk: bool = False,
     tile_pairs: int | None = None,
     input_dim: int | None = None,
+    input_shape: tuple[int, ...] | None = None,
+    memory_budget: int | None = None,
+    progress: bool | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """NNGP kernel (and NTK when ``ntk``) of ``architecture`` between ``x1`` and ``x2``.
 
@@ -116,43 +239,94 @@ def evaluate(
     :param diag: return only the diagonal ``K(x1_i, x2_i)`` (needs ``N1 == N2``).
     :param ntk: also return the NTK (otherwise the second output is ``None``).
     :param tile_pairs: the full matrix is computed in tiles of about this many
-        pairs; with ``x2`` equal to ``x1`` only tiles on or above the diagonal
-        are computed and the others mirrored.  ``None`` (default) picks by
-        device: :data:`DEFAULT_TILE_PAIRS` on a CPU, :data:`DEFAULT_CUDA_TILE_PAIRS`
-        on a GPU.  On a CPU the tiles are shared out to
+        pairs of items; with ``x2`` equal to ``x1`` only tiles on or above the
+        diagonal are computed and the others mirrored.  ``None`` (default)
+        picks by device and by the numbers stored per pair (position pairs
+        of images count): :data:`DEFAULT_TILE_PAIRS` pair elements on a CPU,
+        :data:`DEFAULT_CUDA_TILE_PAIRS` on a GPU, fewer if ``memory_budget``
+        requires.  On a CPU the tiles are shared out to
         ``torch.get_num_threads()`` worker threads, each running whole tiles
         with one intra-op thread (``torch.set_num_threads(1)`` makes the
         evaluation single-threaded).
     :param input_dim: expected number of features, checked when given.
+    :param input_shape: the layout of each item's features: ``(C, H, W)``
+        images or ``(C, L)`` signals flattened channel-major in the last
+        dimension (``None``: plain features).
+    :param memory_budget: bytes the tiles (and the per-item work shared
+        between them) may take (``None``: half the free memory of the device,
+        see :func:`default_memory_budget`).  Without autograd recording the
+        evaluation stays within it (plus the outputs); with autograd, every
+        tile's intermediates are kept for the backward pass.
+    :param progress: show a ``tqdm`` progress bar over tiles: ``None``
+        (default) shows one only on an interactive terminal and only for
+        evaluations that last more than two seconds.
     :return: ``(nngp, ntk)``, each ``(..., N1, N2)`` (or ``(..., N)`` with ``diag``).
     """
     check_inputs(x1, x2, input_dim)
-    if tile_pairs is None:
-        tile_pairs = DEFAULT_CUDA_TILE_PAIRS if x1.device.type == "cuda" else DEFAULT_TILE_PAIRS
-    with cached_hyperparameters(), shared_per_item_work():
-        return _evaluate(architecture, x1, x2, diag, ntk, tile_pairs)
+    layout = input_layout(architecture, input_shape, x1.shape[-1])
+    if memory_budget is None:
+        memory_budget = default_memory_budget(x1.device)
+    elif memory_budget <= 0:
+        raise ValueError(f"memory_budget must be a positive number of bytes, got {memory_budget}")
+    plan = _TilePlan.make(layout, x1, tile_pairs, memory_budget, progress)
+    with cached_hyperparameters(), shared_per_item_work(limit_bytes=memory_budget / 4):
+        return _evaluate(architecture, x1, x2, diag, ntk, plan)
 
 
-def _evaluate(architecture: Layer, x1: Tensor, x2: Tensor | None, diag: bool, ntk: bool, tile_pairs: int):
+@dataclass(frozen=True)
+class _TilePlan:
+    """How an evaluation is cut up: the input layout, pairs of items per tile, progress bar."""
+
+    layout: InputLayout
+    tile_pairs: int
+    progress: bool | None
+
+    @classmethod
+    def make(cls, layout: InputLayout, x: Tensor, tile_pairs: int | None, budget: int, progress: bool | None):
+        if tile_pairs is None:
+            target = DEFAULT_CUDA_TILE_PAIRS if x.device.type == "cuda" else DEFAULT_TILE_PAIRS
+            tile_pairs = max(1, target // layout.pair_elements)
+            workers = _tile_workers(2**30, x.device)
+            pair_bytes = layout.pair_elements * x.element_size() * _LIVE_TILE_TENSORS
+            tile_pairs = max(1, min(tile_pairs, int(budget / 2 / workers / pair_bytes)))
+        elif int(tile_pairs) < 1:
+            raise ValueError(f"tile_pairs must be positive, got {tile_pairs}")
+        return cls(layout, int(tile_pairs), progress)
+
+
+def _evaluate(architecture: Layer, x1: Tensor, x2: Tensor | None, diag: bool, ntk: bool, plan: _TilePlan):
     same = _same_inputs(x1, x2)
     if x2 is None:
         x2 = x1
+    layout = plan.layout
     if diag:
         if x1.shape[-2] != x2.shape[-2]:
             raise ValueError(f"diag=True needs as many x1 as x2 points, got {x1.shape[-2]} and {x2.shape[-2]}")
-        with _intra_op_threads(1 if x1.shape[-2] < _SMALL_PAIRS and x1.device.type == "cpu" else None):
-            return _run(architecture, input_state(x1, x2, diagonal=True, same_inputs=same, track_ntk=ntk))
+        n = x1.shape[-2]
+        chunk = max(1, plan.tile_pairs)
+        outputs = []
+        with _intra_op_threads(1 if n < _SMALL_PAIRS and x1.device.type == "cpu" else None):
+            for start in range(0, n, chunk):
+                rows = slice(start, start + chunk)
+                state = input_state(
+                    x1[..., rows, :], x2[..., rows, :], diagonal=True, same_inputs=same, track_ntk=ntk, layout=layout
+                )
+                outputs.append(_run(architecture, state))
+        if len(outputs) == 1:
+            return outputs[0]
+        return torch.cat([o[0] for o in outputs], -1), (torch.cat([o[1] for o in outputs], -1) if ntk else None)
 
     n1, n2 = x1.shape[-2], x2.shape[-2]
-    if n1 * n2 <= tile_pairs:
-        with _intra_op_threads(1 if n1 * n2 < _SMALL_PAIRS and x1.device.type == "cpu" else None):
-            return _run(architecture, input_state(x1, x2, diagonal=False, same_inputs=same, track_ntk=ntk))
-    return _evaluate_tiles(architecture, x1, x2, same, ntk, max(1, int(tile_pairs**0.5)))
+    if n1 * n2 <= plan.tile_pairs:
+        with _intra_op_threads(1 if n1 * n2 * layout.pair_elements < _SMALL_PAIRS and x1.device.type == "cpu" else None):
+            state = input_state(x1, x2, diagonal=False, same_inputs=same, track_ntk=ntk, layout=layout)
+            return _run(architecture, state)
+    return _evaluate_tiles(architecture, x1, x2, same, ntk, plan)
 
 
-# Below this many pairs an evaluation in one piece runs with one intra-op
-# thread: splitting each of its small operations over the cores gains little
-# and stalls for milliseconds whenever another process holds a core.
+# Below this many pair elements an evaluation in one piece runs with one
+# intra-op thread: splitting each of its small operations over the cores gains
+# little and stalls for milliseconds whenever another process holds a core.
 _SMALL_PAIRS = 2 * 256 * 256
 
 
@@ -162,34 +336,39 @@ def _records_grad(architecture: Layer, *inputs: Tensor) -> bool:
     return any(x.requires_grad for x in inputs) or any(p.requires_grad for p in architecture.parameters())
 
 
-def _evaluate_tiles(architecture: Layer, x1: Tensor, x2: Tensor, same: bool, ntk: bool, side: int):
-    """The full matrix in tiles of about ``side x side``; with ``same``, tiles below the diagonal are mirrored."""
+def _evaluate_tiles(architecture: Layer, x1: Tensor, x2: Tensor, same: bool, ntk: bool, plan: _TilePlan):
+    """The full matrix in tiles; with ``same``, tiles below the diagonal are mirrored."""
     n1, n2 = x1.shape[-2], x2.shape[-2]
-    # Equal tiles along each axis (no thin leftover row or column of tiles).
-    row_side, col_side = _balanced(n1, side), _balanced(n2, side)
-    d = x1.shape[-1]
+    layout = plan.layout
+    # Square tiles where possible, of equal lengths along each axis (no thin leftover row of tiles).
+    side = max(1, int(plan.tile_pairs**0.5))
+    row_side = _balanced(n1, min(side, n1))
+    col_side = _balanced(n2, max(1, min(n2, plan.tile_pairs // row_side)))
+    if same:
+        row_side = col_side = min(row_side, col_side)
+    dense = not layout.positions
     # Work shared by all tiles: the input variances (the same numbers
-    # ``input_state`` computes) and the scaled inputs of the cross products.
-    var1 = x1.pow(2).sum(-1) / d
-    var2 = var1 if same else x2.pow(2).sum(-1) / d
-    x1_scaled = x1 / d
+    # ``input_state`` computes) and, for plain features, the scaled inputs of
+    # the cross products.
+    var1 = layout.variances(x1)
+    var2 = var1 if same else layout.variances(x2)
+    x1_scaled = x1 / x1.shape[-1] if dense else None
     row_starts = range(0, n1, row_side)
     col_starts = row_starts if same else range(0, n2, col_side)
     # One tensor object per row (column) of tiles, so that layers share their
     # per-item work between the tiles of a row (see ``state.per_item``).
-    row_vars = {r: var1[..., r : r + row_side].unsqueeze(-1) for r in row_starts}
-    col_vars = {c: var2[..., c : c + col_side].unsqueeze(-2) for c in col_starts}
+    pair_ndim = layout.pair_ndim
+    item_axis = -1 - pair_ndim
+    row_vars = {r: layout.outer(var1.narrow(item_axis, r, min(row_side, n1 - r)), var1)[0] for r in row_starts}
+    col_vars = {c: layout.outer(var2, var2.narrow(item_axis, c, min(col_side, n2 - c)))[1] for c in col_starts}
 
     def tile(r: int, c: int) -> tuple[Tensor, Tensor | None]:
         rows, cols = slice(r, r + row_side), slice(c, c + col_side)
-        cross = x1_scaled[..., rows, :] @ x2[..., cols, :].transpose(-1, -2)
-        state = KernelState(
-            cross=cross,
-            var1=row_vars[r],
-            var2=col_vars[c],
-            track_ntk=ntk,
-            same_inputs=same and r == c,
-        )
+        if dense:
+            cross = x1_scaled[..., rows, :] @ x2[..., cols, :].transpose(-1, -2)
+        else:
+            cross = layout.cross(x1[..., rows, :], x2[..., cols, :])
+        state = layout.state(row_vars[r], col_vars[c], cross, track_ntk=ntk, same_inputs=same and r == c)
         if state.same_inputs:
             state = state.replace(cross=cross)  # the self pairs get the variances exactly
         return _run(architecture, state)
@@ -208,7 +387,7 @@ def _evaluate_tiles(architecture: Layer, x1: Tensor, x2: Tensor, same: bool, ntk
             def compute(task: tuple[int, int]) -> None:
                 tiles[task] = tile(*task)
 
-            _map_tiles(compute, tasks[1:], workers, grad=True)
+            _map_tiles(compute, tasks[1:], workers, grad=True, progress=plan.progress)
         else:
             # No autograd: each tile (and its mirror image) goes straight into the output.
             outputs = [None if value is None else value.new_empty(*value.shape[:-2], n1, n2) for value in first]
@@ -222,7 +401,7 @@ def _evaluate_tiles(architecture: Layer, x1: Tensor, x2: Tensor, same: bool, ntk
                         out[..., c : c + col_side, r : r + row_side] = value.transpose(-1, -2)
 
             store(*tasks[0], first)
-            _map_tiles(lambda task: store(*task, tile(*task)), tasks[1:], workers, grad=False)
+            _map_tiles(lambda task: store(*task, tile(*task)), tasks[1:], workers, grad=False, progress=plan.progress)
             return outputs[0], outputs[1]
 
     # Autograd: build the matrix out of the tiles' graphs (mirrored tiles are views).
@@ -261,7 +440,7 @@ def _intra_op_threads(count: int | None) -> Iterator[None]:
         torch.set_num_threads(previous)
 
 
-def _map_tiles(work, tasks: list, workers: int, *, grad: bool) -> None:
+def _map_tiles(work, tasks: list, workers: int, *, grad: bool, progress: bool | None = False) -> None:
     """Run ``work(task)`` for every task on ``workers`` threads (autograd recording if ``grad``).
 
     PyTorch releases the GIL inside its operations, so a few Python threads,
@@ -274,10 +453,17 @@ def _map_tiles(work, tasks: list, workers: int, *, grad: bool) -> None:
     operations; ``torch.set_num_threads(1)`` turns the workers off.
     """
     pool = None if workers <= 1 or getattr(_worker_state, "is_worker", False) else _worker_pool(workers)
-    if pool is None:  # sequential, also when called from inside a worker
-        for task in tasks:
-            work(task)
-        return
+    with _progress_bar(len(tasks) + 1, progress) as bar:
+        bar.update(1)  # the first tile, computed before
+        if pool is None:  # sequential, also when called from inside a worker
+            for task in tasks:
+                work(task)
+                bar.update(1)
+            return
+        _map_tiles_on(pool, work, tasks, grad, bar)
+
+
+def _map_tiles_on(pool, work, tasks: list, grad: bool, bar) -> None:
     # Autograd modes and the evaluation's caches are thread-local: hand the caller's to the workers.
     inference = torch.is_inference_mode_enabled()
     hyperparameters, items = hyperparameter_cache(), per_item_cache()
@@ -290,9 +476,30 @@ def _map_tiles(work, tasks: list, workers: int, *, grad: bool) -> None:
             torch.set_grad_enabled(grad),
         ):
             work(task)
+        bar.update(1)
 
     for _ in pool.map(run, tasks):
         pass
+
+
+class _NoBar:
+    def update(self, n: int = 1) -> None:
+        pass
+
+
+@contextlib.contextmanager
+def _progress_bar(total: int, progress: bool | None):
+    """A ``tqdm`` bar over tiles: always (``True``), never (``False``), or on a terminal after 2 s (``None``)."""
+    if progress is False or total <= 1:
+        yield _NoBar()
+        return
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=total, unit="tile", desc="kernel tiles", disable=None if progress is None else False, delay=2.0)
+    try:
+        yield bar
+    finally:
+        bar.close()
 
 
 # The worker threads live as long as the process (or until the number of

@@ -13,7 +13,17 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-__all__ = ["CorrelationNorm", "NTKLinear", "Pointwise", "ResidualSum"]
+from .geometry import padding
+
+__all__ = [
+    "CorrelationNorm",
+    "GlobalAvgPool",
+    "GridAvgPool",
+    "NTKConv",
+    "NTKLinear",
+    "Pointwise",
+    "ResidualSum",
+]
 
 
 class NTKLinear(nn.Module):
@@ -75,25 +85,112 @@ class ResidualSum(nn.Module):
 
 
 class CorrelationNorm(nn.Module):
-    """Layer normalisation over the last axis, optionally with a per-unit affine map.
+    """Layer normalisation over the features, optionally with a per-unit affine map.
 
-    Equal to ``torch.nn.LayerNorm`` with ``eps=0``; the affine weights start at
-    one and the biases at zero, as in PyTorch.
+    Equal to ``torch.nn.LayerNorm`` with ``eps=0`` over the feature axis
+    ``dim`` (the last axis of dense features, the channel axis ``-1 -
+    grid_ndim`` of features on a grid, normalised at each position); the
+    affine weights start at one and the biases at zero, as in PyTorch.
     """
 
-    def __init__(self, features: int, center: bool = True, elementwise_affine: bool = False):
+    def __init__(self, features: int, center: bool = True, elementwise_affine: bool = False, grid_ndim: int = 0):
         super().__init__()
         self.center = center
+        self.dim = -1 - grid_ndim
+        unit_shape = (features,) + (1,) * grid_ndim
         if elementwise_affine:
-            self.weight = nn.Parameter(torch.ones(features))
-            self.bias = nn.Parameter(torch.zeros(features))
+            self.weight = nn.Parameter(torch.ones(unit_shape))
+            self.bias = nn.Parameter(torch.zeros(unit_shape))
         else:
             self.weight = self.bias = None
 
     def forward(self, x: Tensor) -> Tensor:
         if self.center:
-            x = x - x.mean(-1, keepdim=True)
-        y = x / x.pow(2).mean(-1, keepdim=True).sqrt()
+            x = x - x.mean(self.dim, keepdim=True)
+        y = x / x.pow(2).mean(self.dim, keepdim=True).sqrt()
         if self.weight is not None:
             y = y * self.weight + self.bias
         return y
+
+
+class NTKConv(nn.Module):
+    r"""Convolution over a 1-d or 2-d grid in the NTK parameterisation.
+
+    .. math:: y = \sigma_w W \ast x / \sqrt{C k} + \sigma_b b, \qquad W, b \sim N(0, 1),
+
+    with :math:`C` input channels and :math:`k` positions in the filter.
+    Inputs are ``(..., C, *grid)``; padding is that of
+    :func:`gpytorch_tp.geometry.padding` (``"same"``, ``"valid"``, ``"circular"``).
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: tuple[int, ...],
+        stride: tuple[int, ...],
+        padding_mode: str,
+        weight_std: float,
+        bias_std: float,
+    ):
+        super().__init__()
+        if len(kernel_size) not in (1, 2):
+            raise ValueError("NTKConv supports 1-d and 2-d grids")
+        self.kernel_size, self.stride, self.padding_mode = tuple(kernel_size), tuple(stride), padding_mode
+        self.in_channels, self.weight_std, self.bias_std = in_channels, weight_std, bias_std
+        self.weight = nn.Parameter(torch.randn(out_channels, in_channels, *kernel_size))
+        self.bias = nn.Parameter(torch.randn(out_channels)) if bias_std > 0 else None
+
+    def forward(self, x: Tensor) -> Tensor:
+        grid_ndim = len(self.kernel_size)
+        lead = x.shape[: x.dim() - grid_ndim - 1]
+        x = x.reshape(-1, *x.shape[x.dim() - grid_ndim - 1 :])
+        pads = [
+            padding(size, k, s, self.padding_mode)
+            for size, k, s in zip(x.shape[-grid_ndim:], self.kernel_size, self.stride)
+        ]
+        # F.pad lists the last axis first.
+        amounts = [amount for pad in reversed(pads) for amount in (pad.before, pad.after)]
+        if any(amounts):
+            x = nn.functional.pad(x, amounts, mode="circular" if self.padding_mode == "circular" else "constant")
+        conv = nn.functional.conv1d if grid_ndim == 1 else nn.functional.conv2d
+        fan_in = self.in_channels * math.prod(self.kernel_size)
+        y = conv(x, self.weight, stride=self.stride) * (self.weight_std / math.sqrt(fan_in))
+        if self.bias is not None:
+            y = y + self.bias_std * self.bias.reshape(-1, *([1] * grid_ndim))
+        return y.reshape(*lead, *y.shape[1:])
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.in_channels}, {self.weight.shape[0]}, kernel_size={self.kernel_size}, stride={self.stride}, "
+            f"padding={self.padding_mode!r}, weight_std={self.weight_std:.4g}, bias_std={self.bias_std:.4g}"
+        )
+
+
+class GridAvgPool(nn.Module):
+    """Average pooling over the last ``len(kernel_size)`` axes, without padding."""
+
+    def __init__(self, kernel_size: tuple[int, ...], stride: tuple[int, ...]):
+        super().__init__()
+        self.kernel_size, self.stride = tuple(kernel_size), tuple(stride)
+
+    def forward(self, x: Tensor) -> Tensor:
+        grid_ndim = len(self.kernel_size)
+        for axis, (k, s) in enumerate(zip(self.kernel_size, self.stride)):
+            dim = x.dim() - grid_ndim + axis
+            x = x.unfold(dim, k, s).mean(-1)
+        return x
+
+    def extra_repr(self) -> str:
+        return f"kernel_size={self.kernel_size}, stride={self.stride}"
+
+
+class GlobalAvgPool(nn.Module):
+    """Mean over the last ``grid_ndim`` axes."""
+
+    def __init__(self, grid_ndim: int):
+        super().__init__()
+        self.grid_ndim = grid_ndim
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x.mean(dim=tuple(range(-self.grid_ndim, 0)))

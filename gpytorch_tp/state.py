@@ -19,8 +19,18 @@ all three are ``(*batch, N, *pair_axes)``.  Because the variances broadcast
 against ``cross``, a layer written with elementwise operations serves both
 pairings without knowing which one it is.
 
-``pair_axes`` are trailing axes that later architecture families add (pixel
-or time pairs); dense layers leave them alone.
+``pair_axes`` are trailing axes for items with positions (pixels of an image,
+steps of a sequence), on a grid of shape ``positions`` (``(H, W)``, ``(L,)``).
+With ``all_position_pairs`` every position of one item is paired with every
+position of the other: the pair axes are ``(*positions, *positions)`` and
+``var1``/``var2`` hold each item's covariance between its own positions
+(``(*batch, N1, 1, *positions, *positions)``).  Otherwise only *aligned*
+positions are paired (``p`` with ``p``): the pair axes are ``positions`` and
+``var1``/``var2`` are the per-position variances.  Aligned pairs cost
+``O(P)`` per item pair instead of ``O(P^2)`` and suffice for every layer that
+never mixes different positions of the two items (convolutions, pointwise
+layers, a ``Flatten`` readout); pooling needs all pairs.  Dense networks have
+no positions and no pair axes.
 
 Two flags describe the features, so that layers can refuse what the
 infinite-width recursion cannot express:
@@ -44,7 +54,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-__all__ = ["KernelState", "per_item", "per_item_cache", "shared_per_item_work"]
+__all__ = ["KernelState", "PerItemCache", "per_item", "per_item_cache", "self_position_variances", "shared_per_item_work"]
 
 # While a kernel matrix is evaluated tile by tile, per-item results are shared
 # between the tiles of a row (or column) of tiles; see ``per_item``.  The cache
@@ -54,21 +64,22 @@ _local = threading.local()
 
 
 @contextlib.contextmanager
-def shared_per_item_work(cache: dict | None = None) -> Iterator[None]:
+def shared_per_item_work(cache: PerItemCache | None = None, limit_bytes: float = float("inf")) -> Iterator[None]:
     """Within this context (in this thread) :func:`per_item` computes each result once.
 
     :param cache: adopt this cache (from :func:`per_item_cache` in the thread
         that started an evaluation) instead of the current or a new one.
+    :param limit_bytes: a new cache is emptied whenever it holds more than this.
     """
     outer = getattr(_local, "cache", None)
-    _local.cache = cache if cache is not None else (outer if outer is not None else {})
+    _local.cache = cache if cache is not None else (outer if outer is not None else PerItemCache(limit_bytes))
     try:
         yield
     finally:
         _local.cache = outer
 
 
-def per_item_cache() -> dict | None:
+def per_item_cache() -> PerItemCache | None:
     """The cache of the enclosing :func:`shared_per_item_work` in this thread, if any."""
     return getattr(_local, "cache", None)
 
@@ -85,18 +96,42 @@ def per_item(fn: Callable[..., object], *tensors: Tensor):
 
     ``fn`` must be a module-level function, a builtin or a bound method (it is
     part of the cache key) and pure: a function of ``tensors`` (keyed by
-    identity) and of hyperparameters, which do not change during an
-    evaluation.  The result is shared: never modify it in place.
+    identity; other hashable arguments are keyed by value) and of
+    hyperparameters, which do not change during an evaluation.  The result is
+    shared: never modify it in place.
     """
     cache = getattr(_local, "cache", None)
     if cache is None:
         return fn(*tensors)
-    key = (fn, *map(id, tensors))
+    key = (fn, *(id(t) if isinstance(t, Tensor) else (t,) for t in tensors))
     hit = cache.get(key)
     if hit is None:
+        result = fn(*tensors)
         # Keep the arguments alive so that their ids stay unique while cached.
-        hit = cache[key] = (fn(*tensors), tensors)
+        hit = cache[key] = (result, tensors)
+        cache.account(result)
     return hit[0]
+
+
+class PerItemCache(dict):
+    """The store of :func:`per_item`, emptied whenever it grows past ``limit_bytes``.
+
+    Per-item results of items with many positions (all position pairs of an
+    image) can outgrow memory when kept for every row and column of tiles;
+    dropping them only costs recomputation.
+    """
+
+    def __init__(self, limit_bytes: float = float("inf")):
+        super().__init__()
+        self.limit_bytes = limit_bytes
+        self.held_bytes = 0
+
+    def account(self, result: object) -> None:
+        tensors = result if isinstance(result, tuple) else (result,)
+        self.held_bytes += sum(t.numel() * t.element_size() for t in tensors if isinstance(t, Tensor))
+        if self.held_bytes > self.limit_bytes:
+            self.clear()
+            self.held_bytes = 0
 
 
 @dataclass(frozen=True)
@@ -114,7 +149,8 @@ class KernelState:
         so the pairs ``(i, i)`` have correlation exactly one.
     :param gaussian: the features are centred and jointly Gaussian.
     :param fresh: the features come from weights private to the current branch.
-    :param pair_ndim: number of trailing pair axes (0 for dense networks).
+    :param positions: grid shape of each item's positions (``()`` for dense features).
+    :param all_position_pairs: every position pair (else aligned positions only).
     :param ntk_feature_coupled: part of the NTK is a product of each unit's own
         features (per-unit gains, e.g. an affine LayerNorm), so it is not
         independent of the pre-activations; a weight layer decouples it again.
@@ -129,8 +165,26 @@ class KernelState:
     same_inputs: bool = False
     gaussian: bool = False
     fresh: bool = False
-    pair_ndim: int = 0
+    positions: tuple[int, ...] = ()
+    all_position_pairs: bool = False
     ntk_feature_coupled: bool = False
+
+    @property
+    def pair_ndim(self) -> int:
+        """Number of trailing pair axes: ``2 s`` for all position pairs of an ``s``-d grid, ``s`` for aligned."""
+        return len(self.positions) * (2 if self.all_position_pairs else 1)
+
+    def position_variances(self) -> tuple[Tensor, Tensor]:
+        """Each item's variance at each position, for ``x1`` and ``x2``, broadcastable to ``cross``.
+
+        Nonlinearities and normalisations need these marginal variances; with
+        aligned positions (or none) they are ``var1`` and ``var2`` themselves.
+        """
+        if not self.all_position_pairs:
+            return self.var1, self.var2
+        first, _ = self_position_variances(self.var1, len(self.positions))
+        _, second = self_position_variances(self.var2, len(self.positions))
+        return first, second
 
     @property
     def item_ndim(self) -> int:
@@ -169,13 +223,40 @@ class KernelState:
         # correlation a hair off 1 where derivatives are steep.  Copy instead.
         if self.diagonal:
             return torch.broadcast_to(self.var1, torch.broadcast_shapes(self.var1.shape, cross.shape))
-        if self.pair_ndim:
-            return cross  # families with pair axes handle their own diagonals
-        diagonal_shape = cross.diagonal(dim1=-2, dim2=-1).shape
-        return torch.diagonal_scatter(cross, self.var1[..., 0].expand(diagonal_shape), dim1=-2, dim2=-1)
+        # Items are axes -2 and -1 before the pair axes; the diagonal moves to the end.
+        first_item = -2 - self.pair_ndim
+        diagonal_shape = cross.diagonal(dim1=first_item, dim2=first_item + 1).shape
+        self_pairs = self.var1.squeeze(first_item + 1).movedim(first_item + 1, -1)
+        return torch.diagonal_scatter(cross, self_pairs.expand(diagonal_shape), dim1=first_item, dim2=first_item + 1)
 
 
 _FIELD_NAMES = frozenset(field.name for field in dataclasses.fields(KernelState))
+
+
+def self_position_variances(self_covariance: Tensor, grid_ndim: int) -> tuple[Tensor, Tensor]:
+    """The position variances of an all-position-pairs self-covariance, on the first and on the second grid.
+
+    ``self_covariance`` has trailing axes ``(*positions, *positions)``; the
+    results have its shape with the second (first) grid collapsed to ones, so
+    that ``first * second`` broadcasts to it.  Per-item work: cached with
+    :func:`per_item`.
+    """
+    return per_item(_POSITION_DIAGONALS[grid_ndim], self_covariance)
+
+
+def _position_diagonals(self_covariance: Tensor, grid_ndim: int) -> tuple[Tensor, Tensor]:
+    grid = self_covariance.shape[self_covariance.dim() - grid_ndim :]
+    lead = self_covariance.shape[: self_covariance.dim() - 2 * grid_ndim]
+    count = 1
+    for size in grid:
+        count *= size
+    diagonal = self_covariance.reshape(*lead, count, count).diagonal(dim1=-2, dim2=-1).reshape(*lead, *grid)
+    ones = (1,) * grid_ndim
+    return diagonal.reshape(*lead, *grid, *ones), diagonal.reshape(*lead, *ones, *grid)
+
+
+# One function object per grid dimension, so that per_item can key on it.
+_POSITION_DIAGONALS = {ndim: functools.partial(_position_diagonals, grid_ndim=ndim) for ndim in (1, 2, 3)}
 
 
 def _append_unit_dims(value: Tensor, count: int) -> Tensor:

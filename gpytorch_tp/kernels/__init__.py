@@ -1,6 +1,7 @@
 """GPyTorch kernels: :class:`TensorProgramKernel` and presets."""
 
+from .cnn_kernel import CNNKernel, MyrtleKernel
 from .mlp_kernel import MLPKernel
 from .tensor_program_kernel import KINDS, TensorProgramKernel
 
-__all__ = ["KINDS", "MLPKernel", "TensorProgramKernel"]
+__all__ = ["KINDS", "CNNKernel", "MLPKernel", "MyrtleKernel", "TensorProgramKernel"]

@@ -7,7 +7,9 @@ import copy
 import torch
 from gpytorch.priors import Prior
 
-from ..layers import Layer, LayerNorm, Linear, Sequential, nonlinearity_from_name
+from torch import Tensor
+
+from ..layers import Identity, Layer, LayerNorm, LeakyReLU, Linear, Sequential, Sign, Step, nonlinearity_from_name
 from .tensor_program_kernel import TensorProgramKernel
 
 __all__ = ["MLPKernel"]
@@ -15,6 +17,10 @@ __all__ = ["MLPKernel"]
 # Weight variances that keep the pre-activation variance constant through depth
 # (He et al. 2015 for the ReLU family); 1 for everything else.
 _VARIANCE_PRESERVING = {"relu": 2.0, "abs": 1.0}
+
+# Positively homogeneous nonlinearities (phi(c u) = c^a phi(u), c > 0): rescaling a
+# layer's output only rescales the rest of the recursion (see ``normalize``).
+_HOMOGENEOUS = (LeakyReLU, Identity, Step, Sign)
 
 
 class MLPKernel(TensorProgramKernel):
@@ -31,6 +37,42 @@ class MLPKernel(TensorProgramKernel):
     layer has its own learnable :math:`\sigma_{w,\ell}^2` and :math:`\sigma_{b,\ell}^2`.
     Use it inside :class:`gpytorch.kernels.ScaleKernel` to learn an output scale.
 
+    **Normalised kernel (for ScaleKernel, BoTorch).**  With ``normalize=True`` the
+    kernel is the correlation of the network outputs (of the NTK, for ``kind="ntk"``):
+
+    .. math::
+
+        \hat k(x, x') = \frac{k(x, x')}{\sqrt{k(x, x)\, k(x', x')}}, \qquad
+        \hat k(x, x) = 1 .
+
+    The raw kernel has scales that the marginal likelihood cannot tell apart:
+    multiplying the readout's :math:`(\sigma_{w,D+1}^2, \sigma_{b,D+1}^2)` by
+    :math:`c` multiplies :math:`K` and :math:`\Theta` by :math:`c`, exactly like
+    an outputscale.  For a positively homogeneous :math:`\phi` (ReLU, leaky ReLU,
+    abs, identity, step, sign), or with ``layer_norm``, every layer has such a
+    direction: scaling layer :math:`\ell`'s output by :math:`c_\ell`
+    (:math:`\sigma_{w,\ell}^2 \to \sigma_{w,\ell}^2 c_\ell / c_{\ell-1}^a`,
+    :math:`\sigma_{b,\ell}^2 \to c_\ell \sigma_{b,\ell}^2`, :math:`a` the
+    degree of :math:`\phi`) scales :math:`K_\ell` and :math:`\Theta_\ell` by
+    :math:`c_\ell` and the kernel by :math:`c_{D+1}`.  :math:`\hat k` is
+    invariant under all of them, so with ``normalize=True`` the weight variances
+    they make redundant are held fixed at their starting values (every layer's for
+    a homogeneous :math:`\phi` or with ``layer_norm``, the readout's otherwise),
+    which loses no generality.  What is learned (the bias variances, and the
+    hidden weight variances of a non-homogeneous :math:`\phi`) only shapes the
+    correlation, and the output scale belongs to the ScaleKernel alone: with
+    standardised outcomes its outputscale is the prior variance of :math:`f(x)`,
+    the quantity BoTorch's priors are written for.  Fitted this way the kernel
+    does not trade outputscale against weight variances, the failure that flattens
+    BoTorch's ``InfiniteWidthBNNKernel`` in Bayesian optimisation
+    (``docs/benchmarks.md``).
+
+    ``normalize`` is off by default: the raw kernel is the covariance of the
+    network, the object that neural-tangents, the finite-width limit tests and the
+    training dynamics (:meth:`nngp_and_ntk`, which always returns the raw pair)
+    are about.  Turn it on whenever the kernel sits inside a ScaleKernel, as in
+    Bayesian optimisation.
+
     :param depth: number of hidden layers (nonlinearities); 0 gives a linear kernel.
     :param nonlinearity: a name (``"relu"``, ``"leaky_relu"``, ``"abs"``, ``"erf"``,
         ``"gelu"``, ``"sin"``, ``"cos"``, ``"sign"``, ``"step"``, ``"identity"``,
@@ -45,6 +87,8 @@ class MLPKernel(TensorProgramKernel):
     :param bias_variance_prior: prior applied to every layer's bias variance.
     :param nonlinearity_kwargs: extra arguments of a named nonlinearity (e.g.
         ``{"negative_slope": 0.2}`` for ``"leaky_relu"``).
+    :param normalize: return the correlation kernel :math:`\hat k` above and fix
+        the weight variances it does not depend on (default ``False``).
     :param kwargs: passed to :class:`TensorProgramKernel` (``input_dim``,
         ``batch_shape``, ``active_dims``, ``tile_pairs``).
 
@@ -54,6 +98,9 @@ class MLPKernel(TensorProgramKernel):
         >>> covar = gpytorch.kernels.ScaleKernel(MLPKernel(depth=3, nonlinearity="relu", kind="ntk"))
         >>> covar(torch.randn(5, 4)).to_dense().shape
         torch.Size([5, 5])
+        >>> bo_covar = gpytorch.kernels.ScaleKernel(MLPKernel(depth=3, normalize=True))
+        >>> bo_covar.base_kernel(torch.randn(3, 4), diag=True)
+        tensor([1., 1., 1.], grad_fn=<...>)
     """
 
     def __init__(
@@ -68,6 +115,7 @@ class MLPKernel(TensorProgramKernel):
         weight_variance_prior: Prior | None = None,
         bias_variance_prior: Prior | None = None,
         nonlinearity_kwargs: dict | None = None,
+        normalize: bool = False,
         **kwargs,
     ):
         if isinstance(depth, bool) or not isinstance(depth, int) or depth < 0:
@@ -77,21 +125,47 @@ class MLPKernel(TensorProgramKernel):
             weight_variance = _VARIANCE_PRESERVING.get(getattr(template, "name", ""), 1.0)
         batch_shape = torch.Size(kwargs.get("batch_shape") or [])
 
-        def dense() -> Linear:
+        normalize = bool(normalize)
+        scale_free_hidden = normalize and (layer_norm or isinstance(template, _HOMOGENEOUS))
+
+        def dense(fix_weight: bool) -> Linear:
             return Linear(
                 weight_variance,
                 bias_variance,
-                weight_variance_prior=copy.deepcopy(weight_variance_prior),
+                weight_variance_prior=None if fix_weight else copy.deepcopy(weight_variance_prior),
                 bias_variance_prior=copy.deepcopy(bias_variance_prior),
+                learn_weight_variance=False if fix_weight else None,
                 batch_shape=batch_shape,
             )
 
         layers: list[Layer] = []
         for i in range(depth):
-            layers.append(dense())
+            layers.append(dense(scale_free_hidden))
             if layer_norm:
                 layers.append(LayerNorm())
             layers.append(template if i == 0 else copy.deepcopy(template))
-        layers.append(dense())
+        layers.append(dense(normalize))
         super().__init__(Sequential(*layers), kind=kind, **kwargs)
         self.depth = depth
+        self.normalize = normalize
+
+    def forward(self, x1: Tensor, x2: Tensor, diag: bool = False, last_dim_is_batch: bool = False, **params) -> Tensor:
+        k = super().forward(x1, x2, diag=diag, last_dim_is_batch=last_dim_is_batch, **params)
+        if not self.normalize:
+            return k
+        # A zero self-variance (zero input, no bias) has no correlation; it gets 0, not NaN.
+        tiny = torch.finfo(k.dtype).tiny
+        if x1 is x2 or (x1.shape == x2.shape and torch.equal(x1, x2)):
+            # The self-variances are the diagonal already computed; k / k keeps the graph.
+            if diag:
+                return k / k.clamp_min(tiny)
+            s = k.diagonal(dim1=-2, dim2=-1).clamp_min(tiny).rsqrt()
+            return k * s.unsqueeze(-1) * s.unsqueeze(-2)
+        s1 = super().forward(x1, x1, diag=True, last_dim_is_batch=last_dim_is_batch).clamp_min(tiny).rsqrt()
+        s2 = super().forward(x2, x2, diag=True, last_dim_is_batch=last_dim_is_batch).clamp_min(tiny).rsqrt()
+        if diag:
+            return k * s1 * s2
+        return k * s1.unsqueeze(-1) * s2.unsqueeze(-2)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + (", normalize=True" if self.normalize else "")

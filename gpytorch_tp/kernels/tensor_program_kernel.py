@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import copy
+import math
 
 import torch
 from gpytorch.kernels import Kernel
 from torch import Tensor
 
-from ..evaluation import DEFAULT_TILE_PAIRS, evaluate
+from ..evaluation import evaluate
 from ..layers.base import Layer
 
 __all__ = ["KINDS", "TensorProgramKernel"]
@@ -51,9 +52,18 @@ class TensorProgramKernel(Kernel):
     :param architecture: the network, as a layer.
     :param kind: ``"nngp"`` or ``"ntk"``.
     :param input_dim: number of input features, checked when given.
+    :param input_shape: layout of each item's features, flattened in the last
+        input dimension: ``(C, H, W)`` for images, ``(C, L)`` for signals
+        (``None``: plain features).  Grid layers (convolutions, pooling) need it.
     :param batch_shape: batch shape of the hyperparameters (one kernel per batch entry).
     :param active_dims: input dimensions the kernel acts on.
-    :param tile_pairs: pairs of inputs per tile of the kernel matrix.
+    :param tile_pairs: pairs of inputs per tile of the kernel matrix (``None``:
+        chosen by device, input layout and ``memory_budget``; see
+        :func:`gpytorch_tp.evaluate`).
+    :param memory_budget: bytes the evaluation may use for its tiles (``None``:
+        half the device's free memory).
+    :param progress: progress bar over tiles (``None``: on a terminal, for
+        evaluations longer than 2 s).
 
     Example:
         >>> import torch, gpytorch
@@ -73,9 +83,12 @@ class TensorProgramKernel(Kernel):
         kind: str = "nngp",
         *,
         input_dim: int | None = None,
+        input_shape: tuple[int, ...] | None = None,
         batch_shape: torch.Size | None = None,
         active_dims: tuple[int, ...] | None = None,
-        tile_pairs: int = DEFAULT_TILE_PAIRS,
+        tile_pairs: int | None = None,
+        memory_budget: int | None = None,
+        progress: bool | None = None,
         **kwargs,
     ):
         if not isinstance(architecture, Layer):
@@ -86,14 +99,26 @@ class TensorProgramKernel(Kernel):
             raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
         if input_dim is not None and int(input_dim) < 1:
             raise ValueError(f"input_dim must be a positive integer, got {input_dim}")
-        if int(tile_pairs) < 1:
+        if tile_pairs is not None and int(tile_pairs) < 1:
             raise ValueError(f"tile_pairs must be positive, got {tile_pairs}")
+        if memory_budget is not None and memory_budget <= 0:
+            raise ValueError(f"memory_budget must be a positive number of bytes, got {memory_budget}")
+        if input_shape is not None:
+            input_shape = tuple(int(s) for s in input_shape)
+            if not input_shape or any(s < 1 for s in input_shape):
+                raise ValueError(f"input_shape must be positive sizes, e.g. (C, H, W), got {input_shape}")
+            if input_dim is not None and math.prod(input_shape) != int(input_dim):
+                raise ValueError(f"input_shape {input_shape} has {math.prod(input_shape)} features, not input_dim={input_dim}")
+            input_dim = math.prod(input_shape)
         batch_shape = torch.Size([]) if batch_shape is None else torch.Size(batch_shape)
         super().__init__(batch_shape=batch_shape, active_dims=active_dims, **kwargs)
         self.architecture = architecture
         self.kind = kind
         self.input_dim = None if input_dim is None else int(input_dim)
-        self.tile_pairs = int(tile_pairs)
+        self.input_shape = input_shape
+        self.tile_pairs = None if tile_pairs is None else int(tile_pairs)
+        self.memory_budget = memory_budget
+        self.progress = progress
         if len(batch_shape):
             for owner, name, tensor in _batched_tensors(self.architecture):
                 if tensor.dim() == 0:
@@ -108,16 +133,27 @@ class TensorProgramKernel(Kernel):
         if last_dim_is_batch:
             x1 = x1.transpose(-1, -2).unsqueeze(-1)
             x2 = x2.transpose(-1, -2).unsqueeze(-1)
+        if last_dim_is_batch and self.input_shape is not None and len(self.input_shape) > 1:
+            raise ValueError("last_dim_is_batch=True treats each input dimension on its own, which a grid input_shape forbids")
         nngp, ntk = evaluate(
             self.architecture,
             x1,
             x2,
             diag=diag,
             ntk=self.kind == "ntk",
-            tile_pairs=self.tile_pairs,
             input_dim=None if last_dim_is_batch else self.input_dim,
+            input_shape=None if last_dim_is_batch else self.input_shape,
+            **self._evaluation_options(),
         )
         return ntk if self.kind == "ntk" else nngp
+
+    def _evaluation_options(self) -> dict:
+        # getattr: kernels pickled before these options existed.
+        return {
+            "tile_pairs": getattr(self, "tile_pairs", None),
+            "memory_budget": getattr(self, "memory_budget", None),
+            "progress": getattr(self, "progress", None),
+        }
 
     def nngp_and_ntk(self, x1: Tensor, x2: Tensor | None = None, diag: bool = False) -> tuple[Tensor, Tensor]:
         """Both kernels from one pass of the recursion (dense tensors, ``active_dims`` applied)."""
@@ -125,7 +161,14 @@ class TensorProgramKernel(Kernel):
             x1 = x1.index_select(-1, self.active_dims)
             x2 = None if x2 is None else x2.index_select(-1, self.active_dims)
         nngp, ntk = evaluate(
-            self.architecture, x1, x2, diag=diag, ntk=True, tile_pairs=self.tile_pairs, input_dim=self.input_dim
+            self.architecture,
+            x1,
+            x2,
+            diag=diag,
+            ntk=True,
+            input_dim=self.input_dim,
+            input_shape=getattr(self, "input_shape", None),
+            **self._evaluation_options(),
         )
         return nngp, ntk
 

@@ -2,6 +2,7 @@
 
 from .base import Layer
 from .combinators import Residual, Sequential
+from .convolution import AvgPool1d, AvgPool2d, Conv, Conv1d, Conv2d, Flatten, GlobalAvgPool
 from .dense import Linear
 from .elementwise import (
     GELU,
@@ -26,6 +27,13 @@ from .elementwise import (
 from .normalization import LayerNorm
 
 __all__ = [
+    "AvgPool1d",
+    "AvgPool2d",
+    "Conv",
+    "Conv1d",
+    "Conv2d",
+    "Flatten",
+    "GlobalAvgPool",
     "GELU",
     "NONLINEARITIES",
     "Abs",

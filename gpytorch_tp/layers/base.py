@@ -65,12 +65,17 @@ class Layer(Module):
     def forward(self, state: KernelState) -> KernelState:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def finite_module(self, in_features: int, width: int) -> tuple[nn.Module, int]:
+    #: Whether the layer needs every pair of positions of two items (pooling
+    #: mixes positions), not only aligned ones; see :class:`~gpytorch_tp.state.KernelState`.
+    needs_all_position_pairs: bool = False
+
+    def finite_module(self, in_shape: tuple[int, ...], width: int) -> tuple[nn.Module, tuple[int, ...]]:
         """A finite-width torch module with this layer's initialisation.
 
-        :param in_features: width of the incoming features.
-        :param width: width of the layer's output features (where it has any choice).
-        :return: the module and its number of output features.
+        :param in_shape: shape of the incoming features: ``(features,)``, or
+            ``(channels, *grid)`` for features on a grid of positions.
+        :param width: width (channels) of the layer's output (where it has any choice).
+        :return: the module and the shape of its output features.
         """
         raise NotImplementedError(f"{type(self).__name__} has no finite-width counterpart yet")
 

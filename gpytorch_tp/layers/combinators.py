@@ -45,21 +45,26 @@ class Sequential(Layer):
             state = layer(state)
         return state
 
-    def finite_module(self, in_features: int, width: int, out_features: int | None = None):
-        """Finite network; the last layer gets ``out_features`` outputs when given (a readout)."""
+    @property
+    def needs_all_position_pairs(self) -> bool:
+        return any(layer.needs_all_position_pairs for layer in self.layers)
+
+    def finite_module(self, in_shape: tuple[int, ...], width: int, out_shape: tuple[int, ...] | None = None):
+        """Finite network; the last layer gets output shape ``out_shape`` when given (a readout)."""
         modules = []
-        features = in_features
+        shape = tuple(in_shape)
         for i, layer in enumerate(self.layers):
             is_last = i == len(self.layers) - 1
-            layer_width = out_features if (is_last and out_features is not None) else width
-            module, features = layer.finite_module(features, layer_width)
+            layer_width = out_shape[0] if (is_last and out_shape is not None) else width
+            module, shape = layer.finite_module(shape, layer_width)
             modules.append(module)
-        if out_features is not None and features != out_features:
+        if out_shape is not None and tuple(shape) != tuple(out_shape):
             raise ValueError(
-                f"the architecture ends with {type(self.layers[-1]).__name__}, which cannot produce "
-                f"{out_features} outputs; end it with a Linear readout"
+                f"the architecture ends with {type(self.layers[-1]).__name__}, whose output has shape "
+                f"{tuple(shape)}, not {tuple(out_shape)}; end it with a readout (e.g. Flatten or "
+                "GlobalAvgPool for a grid) and a Linear layer"
             )
-        return nn.Sequential(*modules), features
+        return nn.Sequential(*modules), shape
 
 
 class Residual(Layer):
@@ -88,6 +93,11 @@ class Residual(Layer):
         shared = dataclasses.replace(state, fresh=False)
         block = self.block(shared)
         skip = self.skip(shared) if self.skip is not None else shared
+        if block.positions != skip.positions or block.all_position_pairs != skip.all_position_pairs:
+            raise ValueError(
+                f"Residual: the block's output grid {block.positions} differs from the skip path's "
+                f"{skip.positions}; give the skip path the same stride and padding (e.g. a 1x1 Conv)"
+            )
         if not (block.fresh or skip.fresh):
             raise ValueError(
                 "Residual: neither branch ends in weights of its own (e.g. a Linear layer), so the "
@@ -108,15 +118,20 @@ class Residual(Layer):
             ntk_feature_coupled=block.ntk_feature_coupled or skip.ntk_feature_coupled,
         )
 
-    def finite_module(self, in_features: int, width: int):
-        if isinstance(self.block, Sequential):
-            block, out = self.block.finite_module(in_features, width, out_features=in_features)
-        else:
-            block, out = self.block.finite_module(in_features, in_features)
+    @property
+    def needs_all_position_pairs(self) -> bool:
+        return self.block.needs_all_position_pairs or (self.skip is not None and self.skip.needs_all_position_pairs)
+
+    def finite_module(self, in_shape: tuple[int, ...], width: int):
+        in_shape = tuple(in_shape)
         if self.skip is None:
-            skip, skip_out = None, in_features
+            skip, skip_out = None, in_shape
         else:
-            skip, skip_out = self.skip.finite_module(in_features, in_features)
-        if out != skip_out:
-            raise ValueError(f"Residual: the block outputs {out} features but the skip path {skip_out}")
+            skip, skip_out = self.skip.finite_module(in_shape, width)
+        if isinstance(self.block, Sequential):
+            block, out = self.block.finite_module(in_shape, width, out_shape=skip_out)
+        else:
+            block, out = self.block.finite_module(in_shape, skip_out[0])
+        if tuple(out) != tuple(skip_out):
+            raise ValueError(f"Residual: the block outputs shape {tuple(out)} but the skip path {tuple(skip_out)}")
         return ResidualSum(block, skip), out

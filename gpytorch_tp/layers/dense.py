@@ -7,7 +7,7 @@ from gpytorch.constraints import Interval
 from gpytorch.priors import Prior
 from torch import Tensor, nn
 
-from ..finite import NTKLinear
+from ..finite import NTKConv, NTKLinear
 from ..state import KernelState, per_item
 from .base import Layer, standard_deviation
 
@@ -111,11 +111,13 @@ class Linear(Layer):
             cross=cross, var1=var1, var2=var2, ntk=ntk, gaussian=True, fresh=True, ntk_feature_coupled=False
         )
 
-    def finite_module(self, in_features: int, width: int) -> tuple[nn.Module, int]:
-        module = NTKLinear(
-            in_features,
-            width,
-            weight_std=standard_deviation(self.weight_variance.detach()),
-            bias_std=standard_deviation(self.bias_variance.detach()),
-        )
-        return module, width
+    def finite_module(self, in_shape: tuple[int, ...], width: int) -> tuple[nn.Module, tuple[int, ...]]:
+        weight_std = standard_deviation(self.weight_variance.detach())
+        bias_std = standard_deviation(self.bias_variance.detach())
+        if len(in_shape) == 1:
+            return NTKLinear(in_shape[0], width, weight_std=weight_std, bias_std=bias_std), (width,)
+        # On a grid, a dense layer acts on the channels at each position: a 1 x 1 convolution.
+        grid_ndim = len(in_shape) - 1
+        ones = (1,) * grid_ndim
+        module = NTKConv(in_shape[0], width, ones, ones, "valid", weight_std=weight_std, bias_std=bias_std)
+        return module, (width, *in_shape[1:])

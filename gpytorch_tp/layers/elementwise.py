@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from ..finite import Pointwise
 from ..numerics import arccos_moments, gaussian_pair_moment
-from ..state import KernelState, per_item
+from ..state import KernelState, per_item, self_position_variances
 from .base import Layer
 
 __all__ = [
@@ -46,6 +46,7 @@ __all__ = [
     "Step",
     "Tanh",
     "nonlinearity_from_name",
+    "variance_preserving_weight_variance",
 ]
 
 _TWO_PI = 2.0 * math.pi
@@ -75,6 +76,9 @@ class Nonlinearity(Layer):
         """``E[phi(u)^2]`` for ``u ~ N(0, k)``."""
         return self.pair_moments(k, k, k, False)[0]
 
+    def _self_covariance(self, covariance: Tensor, first: Tensor, second: Tensor) -> Tensor:
+        return self.pair_moments(first, second, covariance, False)[0]
+
     def forward(self, state: KernelState) -> KernelState:
         if not state.gaussian:
             raise ValueError(
@@ -89,19 +93,27 @@ class Nonlinearity(Layer):
                 "Put a Linear layer in between, or use LayerNorm(elementwise_affine=False)."
             )
         need_derivative = state.track_ntk and state.ntk is not None
-        cross, derivative = self.pair_moments(state.var1, state.var2, state.cross, need_derivative)
+        k11, k22 = state.position_variances()
+        cross, derivative = self.pair_moments(k11, k22, state.cross, need_derivative)
         ntk = derivative * state.ntk if (need_derivative and derivative is not None) else None
+        if state.all_position_pairs:
+            # Each item's covariance between its own positions is a pair moment too.
+            grid_ndim = len(state.positions)
+            var1 = per_item(self._self_covariance, state.var1, *self_position_variances(state.var1, grid_ndim))
+            var2 = per_item(self._self_covariance, state.var2, *self_position_variances(state.var2, grid_ndim))
+        else:
+            var1, var2 = per_item(self.self_moment, state.var1), per_item(self.self_moment, state.var2)
         return state.replace(
             cross=cross,
-            var1=per_item(self.self_moment, state.var1),
-            var2=per_item(self.self_moment, state.var2),
+            var1=var1,
+            var2=var2,
             ntk=ntk,
             gaussian=False,
             fresh=False,
         )
 
-    def finite_module(self, in_features: int, width: int) -> tuple[nn.Module, int]:
-        return Pointwise(self.function, type(self).__name__), in_features
+    def finite_module(self, in_shape: tuple[int, ...], width: int) -> tuple[nn.Module, tuple[int, ...]]:
+        return Pointwise(self.function, type(self).__name__), in_shape
 
 
 class LeakyReLU(Nonlinearity):
@@ -334,8 +346,8 @@ class Identity(Layer):
     def forward(self, state: KernelState) -> KernelState:
         return state
 
-    def finite_module(self, in_features: int, width: int) -> tuple[nn.Module, int]:
-        return nn.Identity(), in_features
+    def finite_module(self, in_shape: tuple[int, ...], width: int) -> tuple[nn.Module, tuple[int, ...]]:
+        return nn.Identity(), in_shape
 
 
 class Elementwise(Nonlinearity):
@@ -518,6 +530,16 @@ NONLINEARITIES: dict[str, type[Layer]] = {
     cls.name: cls
     for cls in (ReLU, LeakyReLU, Abs, Step, Sign, Erf, GELU, Sin, Cos, Identity, Tanh, Sigmoid, SiLU, Softplus)
 }
+
+
+# Weight variances that keep the pre-activation variance constant through depth
+# (He et al. 2015 for the ReLU family); 1 for everything else.
+_VARIANCE_PRESERVING = {"relu": 2.0, "abs": 1.0}
+
+
+def variance_preserving_weight_variance(nonlinearity: Layer) -> float:
+    """The weight variance that keeps pre-activation variances constant through depth (2 for ReLU, else 1)."""
+    return _VARIANCE_PRESERVING.get(getattr(nonlinearity, "name", ""), 1.0)
 
 
 def nonlinearity_from_name(name: str | Layer, **kwargs) -> Layer:

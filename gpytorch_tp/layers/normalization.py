@@ -6,7 +6,7 @@ import torch
 from torch import Tensor, nn
 
 from ..finite import CorrelationNorm
-from ..state import KernelState
+from ..state import KernelState, per_item, self_position_variances
 from .base import Layer
 
 __all__ = ["LayerNorm"]
@@ -59,26 +59,41 @@ class LayerNorm(Layer):
                 "residual sum of such; after a nonlinearity the feature mean matters and is not tracked. "
                 "Use LayerNorm(center=False) to normalise by the root mean square only."
             )
-        norm = state.var1 * state.var2
+        k11, k22 = state.position_variances()
+        norm = k11 * k22
         cross = _safe_ratio(state.cross, norm)
         ntk = state.ntk
         if state.track_ntk:
             ntk = None if ntk is None else _safe_ratio(ntk, norm)
             if self.elementwise_affine:
                 ntk = cross + 1 if ntk is None else ntk + cross + 1
+        if state.all_position_pairs:
+            # Each position is normalised on its own: self-covariances become correlations.
+            grid_ndim = len(state.positions)
+            var1 = per_item(_self_correlation, state.var1, *self_position_variances(state.var1, grid_ndim))
+            var2 = per_item(_self_correlation, state.var2, *self_position_variances(state.var2, grid_ndim))
+        else:
+            var1, var2 = _unit_or_zero(state.var1), _unit_or_zero(state.var2)
         return state.replace(
             cross=cross,
-            var1=_unit_or_zero(state.var1),
-            var2=_unit_or_zero(state.var2),
+            var1=var1,
+            var2=var2,
             ntk=ntk,
             ntk_feature_coupled=state.ntk_feature_coupled or (self.elementwise_affine and state.track_ntk),
         )
 
-    def finite_module(self, in_features: int, width: int) -> tuple[nn.Module, int]:
-        return CorrelationNorm(in_features, center=self.center, elementwise_affine=self.elementwise_affine), in_features
+    def finite_module(self, in_shape: tuple[int, ...], width: int) -> tuple[nn.Module, tuple[int, ...]]:
+        norm = CorrelationNorm(
+            in_shape[0], center=self.center, elementwise_affine=self.elementwise_affine, grid_ndim=len(in_shape) - 1
+        )
+        return norm, in_shape
 
     def extra_repr(self) -> str:
         return f"elementwise_affine={self.elementwise_affine}, center={self.center}"
+
+
+def _self_correlation(covariance: Tensor, first: Tensor, second: Tensor) -> Tensor:
+    return _safe_ratio(covariance, first * second)
 
 
 def _unit_or_zero(var: Tensor) -> Tensor:
