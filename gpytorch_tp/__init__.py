@@ -10,9 +10,9 @@ Gaussian process of a wide network during gradient-descent training.
 from . import layers
 from .dynamics import TrainedNetworkGP
 from .evaluation import evaluate
-from .kernels import CNNKernel, MLPKernel, MyrtleKernel, TensorProgramKernel
+from .kernels import CNNKernel, MLPKernel, MyrtleKernel, RNNKernel, TensorProgramKernel
 from .state import KernelState
 
 __version__ = "0.1.0"
 
-__all__ = ["layers", "evaluate", "KernelState", "TensorProgramKernel", "MLPKernel", "CNNKernel", "MyrtleKernel", "TrainedNetworkGP", "__version__"]
+__all__ = ["layers", "evaluate", "KernelState", "TensorProgramKernel", "MLPKernel", "CNNKernel", "MyrtleKernel", "RNNKernel", "TrainedNetworkGP", "__version__"]

@@ -41,6 +41,7 @@ DEFAULT_CUDA_TILE_PAIRS = 4096 * 4096
 # Tile-sized tensors alive at once while a tile goes through an architecture
 # (the NNGP, the NTK, a layer's intermediates), for the memory budget.
 _LIVE_TILE_TENSORS = 24
+_MIN_TILE_PAIRS = 64
 
 
 def default_memory_budget(device: torch.device) -> int:
@@ -66,10 +67,44 @@ class InputLayout:
     at each position of a grid (``(C, L)`` signals, ``(C, H, W)`` images),
     flattened channel-major as ``torch.flatten`` does.  The input kernel is
     :math:`K(p, p') = \sum_c x_c(p) x'_c(p') / C` per pair of positions.
+
+    Sequences (``sequence=True``) come as ``(T, d)``, time-major as
+    ``torch.flatten`` of a ``(T, d)`` batch-first sequence gives them, and
+    :meth:`prepare` turns them into the channel-major layout ``(d, T)``.
+    Shorter sequences are padded at the end with whole steps of NaN; the
+    steps are moved so that every sequence ends at position ``T - 1`` and the
+    state records which positions hold steps (see
+    :class:`~gpytorch_tp.state.KernelState`), so padding never changes a value.
     """
 
     shape: tuple[int, ...]
     all_position_pairs: bool = False
+    sequence: bool = False
+
+    def prepare(self, x: Tensor, name: str) -> tuple[Tensor, Tensor | None]:
+        """Inputs in the channel-major layout and, for sequences, each item's valid steps ``(..., N, T)``."""
+        if not self.sequence:
+            return x, None
+        steps, d = self.shape[1], self.shape[0]
+        x = x.reshape(*x.shape[:-1], steps, d)
+        missing = torch.isnan(x)
+        padded = missing.all(-1)
+        if bool((missing.any(-1) & ~padded).any()):
+            raise ValueError(f"{name} has NaN in some but not all features of a step; NaN marks whole padding steps")
+        if bool((padded[..., :-1] & ~padded[..., 1:]).any()):
+            raise ValueError(f"{name} has a NaN padding step before a real step; pad sequences at the end only")
+        lengths = steps - padded.sum(-1)
+        if bool((lengths == 0).any()):
+            raise ValueError(f"{name} holds an empty sequence (every step is NaN padding)")
+        if not bool(torch.isfinite(x[~padded]).all()):
+            raise ValueError(f"{name} contains infinite values")
+        # Move each sequence to the end: position t holds step t - (T - length).
+        t = torch.arange(steps, device=x.device)
+        source = (t - (steps - lengths).unsqueeze(-1)) % steps
+        x = torch.gather(torch.nan_to_num(x, nan=0.0), -2, source.unsqueeze(-1).expand(x.shape))
+        valid = t >= (steps - lengths).unsqueeze(-1)
+        x = x * valid.unsqueeze(-1)
+        return x.transpose(-1, -2).reshape(*x.shape[:-2], steps * d), valid.to(x.dtype)
 
     @property
     def positions(self) -> tuple[int, ...]:
@@ -126,7 +161,17 @@ class InputLayout:
         """Per-item variances (from :meth:`variances`) shaped for the ``outer`` pairing."""
         return var1.unsqueeze(-1 - self.pair_ndim), var2.unsqueeze(-2 - self.pair_ndim)
 
-    def state(self, var1: Tensor, var2: Tensor, cross: Tensor, **flags) -> KernelState:
+    def validity(self, valid1: Tensor | None, valid2: Tensor | None, diagonal: bool) -> tuple:
+        """Per-item valid positions ``(..., N, T)`` shaped like :meth:`KernelState.position_variances`."""
+        if valid1 is None:
+            return None, None
+        if not diagonal:
+            valid1, valid2 = valid1.unsqueeze(-2), valid2.unsqueeze(-3)
+        if self.all_position_pairs:
+            valid1, valid2 = valid1.unsqueeze(-1), valid2.unsqueeze(-2)
+        return valid1, valid2
+
+    def state(self, var1: Tensor, var2: Tensor, cross: Tensor, valid=(None, None), **flags) -> KernelState:
         """The input state from the variances (shaped for the pairing) and the pairs' ``cross``."""
         return KernelState(
             cross=cross,
@@ -134,12 +179,21 @@ class InputLayout:
             var2=var2,
             positions=self.positions,
             all_position_pairs=self.all_position_pairs and bool(self.positions),
+            valid1=valid[0],
+            valid2=valid[1],
             **flags,
         )
 
 
-def input_layout(architecture: Layer, input_shape: tuple[int, ...] | None, d: int) -> InputLayout:
-    """The layout of ``d`` input features, with all position pairs if the architecture needs them."""
+def input_layout(
+    architecture: Layer, input_shape: tuple[int, ...] | None, d: int, sequence: bool = False
+) -> InputLayout:
+    """The layout of ``d`` input features, with all position pairs if the architecture needs them.
+
+    With ``sequence``, ``input_shape`` is ``(T, d)`` (time-major, NaN-padded; see :class:`InputLayout`).
+    """
+    if sequence and (input_shape is None or len(tuple(input_shape)) != 2):
+        raise ValueError(f"sequence inputs need input_shape=(T, d), got {input_shape}")
     if input_shape is None:
         return InputLayout((d,))
     shape = tuple(int(s) for s in input_shape)
@@ -150,11 +204,15 @@ def input_layout(architecture: Layer, input_shape: tuple[int, ...] | None, d: in
             f"the inputs have {d} features per item, but input_shape={shape} needs {math.prod(shape)} "
             "(items are flattened in the last dimension)"
         )
-    return InputLayout(shape, all_position_pairs=len(shape) > 1 and architecture.needs_all_position_pairs)
+    if sequence:
+        shape = (shape[1], shape[0])  # channel-major inside: (d, T)
+    return InputLayout(
+        shape, all_position_pairs=len(shape) > 1 and architecture.needs_all_position_pairs, sequence=sequence
+    )
 
 
-def check_inputs(x1: Tensor, x2: Tensor | None, input_dim: int | None = None) -> None:
-    """Raise a clear error for inputs no kernel can use."""
+def check_inputs(x1: Tensor, x2: Tensor | None, input_dim: int | None = None, allow_nan: bool = False) -> None:
+    """Raise a clear error for inputs no kernel can use (``allow_nan``: NaN padding is checked later)."""
     for name, x in (("x1", x1), ("x2", x2)):
         if x is None:
             continue
@@ -166,7 +224,7 @@ def check_inputs(x1: Tensor, x2: Tensor | None, input_dim: int | None = None) ->
             raise ValueError(f"{name} must have shape (..., n, d), got {tuple(x.shape)}")
         if input_dim is not None and x.shape[-1] != input_dim:
             raise ValueError(f"{name} has {x.shape[-1]} features but the kernel expects {input_dim}")
-        if not bool(torch.isfinite(x).all()):
+        if not allow_nan and not bool(torch.isfinite(x).all()):
             raise ValueError(f"{name} contains NaN or infinite values")
     if x2 is not None:
         if x1.shape[-1] != x2.shape[-1]:
@@ -178,7 +236,14 @@ def check_inputs(x1: Tensor, x2: Tensor | None, input_dim: int | None = None) ->
 
 
 def input_state(
-    x1: Tensor, x2: Tensor, *, diagonal: bool, same_inputs: bool, track_ntk: bool, layout: InputLayout | None = None
+    x1: Tensor,
+    x2: Tensor,
+    *,
+    diagonal: bool,
+    same_inputs: bool,
+    track_ntk: bool,
+    layout: InputLayout | None = None,
+    valid: tuple[Tensor | None, Tensor | None] = (None, None),
 ) -> KernelState:
     r"""The state of the network input: :math:`K(x, x') = \langle x, x' \rangle / d` (per position pair), no NTK yet."""
     layout = layout or InputLayout((x1.shape[-1],))
@@ -190,7 +255,15 @@ def input_state(
     else:
         cross = layout.cross(x1, x2)
         var1, var2 = layout.outer(var1, var2)
-    state = layout.state(var1, var2, cross, track_ntk=track_ntk, diagonal=diagonal, same_inputs=same_inputs)
+    state = layout.state(
+        var1,
+        var2,
+        cross,
+        valid=layout.validity(*valid, diagonal),
+        track_ntk=track_ntk,
+        diagonal=diagonal,
+        same_inputs=same_inputs,
+    )
     return state.replace(cross=cross) if same_inputs else state
 
 
@@ -231,6 +304,7 @@ def evaluate(
     input_shape: tuple[int, ...] | None = None,
     memory_budget: int | None = None,
     progress: bool | None = None,
+    sequence: bool = False,
 ) -> tuple[Tensor, Tensor | None]:
     """NNGP kernel (and NTK when ``ntk``) of ``architecture`` between ``x1`` and ``x2``.
 
@@ -260,10 +334,12 @@ def evaluate(
     :param progress: show a ``tqdm`` progress bar over tiles: ``None``
         (default) shows one only on an interactive terminal and only for
         evaluations that last more than two seconds.
+    :param sequence: the items are sequences, ``input_shape=(T, d)``, time-major,
+        shorter ones padded at the end with whole steps of NaN (see :class:`InputLayout`).
     :return: ``(nngp, ntk)``, each ``(..., N1, N2)`` (or ``(..., N)`` with ``diag``).
     """
-    check_inputs(x1, x2, input_dim)
-    layout = input_layout(architecture, input_shape, x1.shape[-1])
+    check_inputs(x1, x2, input_dim, allow_nan=sequence)
+    layout = input_layout(architecture, input_shape, x1.shape[-1], sequence)
     if memory_budget is None:
         memory_budget = default_memory_budget(x1.device)
     elif memory_budget <= 0:
@@ -285,7 +361,10 @@ class _TilePlan:
     def make(cls, layout: InputLayout, x: Tensor, tile_pairs: int | None, budget: int, progress: bool | None):
         if tile_pairs is None:
             target = DEFAULT_CUDA_TILE_PAIRS if x.device.type == "cuda" else DEFAULT_TILE_PAIRS
-            tile_pairs = max(1, target // layout.pair_elements)
+            # At least 8 x 8 items even when each pair holds many numbers (all
+            # pixel pairs of an image): per-item work is then a small share of a
+            # tile's, however often the per-item cache has to be emptied.
+            tile_pairs = max(_MIN_TILE_PAIRS, target // layout.pair_elements)
             workers = _tile_workers(2**30, x.device)
             pair_bytes = layout.pair_elements * x.element_size() * _LIVE_TILE_TENSORS
             tile_pairs = max(1, min(tile_pairs, int(budget / 2 / workers / pair_bytes)))
@@ -295,10 +374,13 @@ class _TilePlan:
 
 
 def _evaluate(architecture: Layer, x1: Tensor, x2: Tensor | None, diag: bool, ntk: bool, plan: _TilePlan):
-    same = _same_inputs(x1, x2)
-    if x2 is None:
-        x2 = x1
     layout = plan.layout
+    if x2 is None or x2 is x1:
+        x1, valid1 = layout.prepare(x1, "x1")
+        x2, valid2, same = x1, valid1, True
+    else:
+        (x1, valid1), (x2, valid2) = layout.prepare(x1, "x1"), layout.prepare(x2, "x2")
+        same = _same_inputs(x1, x2) and (valid1 is None or torch.equal(valid1, valid2))
     if diag:
         if x1.shape[-2] != x2.shape[-2]:
             raise ValueError(f"diag=True needs as many x1 as x2 points, got {x1.shape[-2]} and {x2.shape[-2]}")
@@ -309,7 +391,13 @@ def _evaluate(architecture: Layer, x1: Tensor, x2: Tensor | None, diag: bool, nt
             for start in range(0, n, chunk):
                 rows = slice(start, start + chunk)
                 state = input_state(
-                    x1[..., rows, :], x2[..., rows, :], diagonal=True, same_inputs=same, track_ntk=ntk, layout=layout
+                    x1[..., rows, :],
+                    x2[..., rows, :],
+                    diagonal=True,
+                    same_inputs=same,
+                    track_ntk=ntk,
+                    layout=layout,
+                    valid=(None, None) if valid1 is None else (valid1[..., rows, :], valid2[..., rows, :]),
                 )
                 outputs.append(_run(architecture, state))
         if len(outputs) == 1:
@@ -319,9 +407,11 @@ def _evaluate(architecture: Layer, x1: Tensor, x2: Tensor | None, diag: bool, nt
     n1, n2 = x1.shape[-2], x2.shape[-2]
     if n1 * n2 <= plan.tile_pairs:
         with _intra_op_threads(1 if n1 * n2 * layout.pair_elements < _SMALL_PAIRS and x1.device.type == "cpu" else None):
-            state = input_state(x1, x2, diagonal=False, same_inputs=same, track_ntk=ntk, layout=layout)
+            state = input_state(
+                x1, x2, diagonal=False, same_inputs=same, track_ntk=ntk, layout=layout, valid=(valid1, valid2)
+            )
             return _run(architecture, state)
-    return _evaluate_tiles(architecture, x1, x2, same, ntk, plan)
+    return _evaluate_tiles(architecture, x1, x2, same, ntk, plan, valid1, valid2)
 
 
 # Below this many pair elements an evaluation in one piece runs with one
@@ -336,7 +426,16 @@ def _records_grad(architecture: Layer, *inputs: Tensor) -> bool:
     return any(x.requires_grad for x in inputs) or any(p.requires_grad for p in architecture.parameters())
 
 
-def _evaluate_tiles(architecture: Layer, x1: Tensor, x2: Tensor, same: bool, ntk: bool, plan: _TilePlan):
+def _evaluate_tiles(
+    architecture: Layer,
+    x1: Tensor,
+    x2: Tensor,
+    same: bool,
+    ntk: bool,
+    plan: _TilePlan,
+    valid1: Tensor | None = None,
+    valid2: Tensor | None = None,
+):
     """The full matrix in tiles; with ``same``, tiles below the diagonal are mirrored."""
     n1, n2 = x1.shape[-2], x2.shape[-2]
     layout = plan.layout
@@ -361,6 +460,11 @@ def _evaluate_tiles(architecture: Layer, x1: Tensor, x2: Tensor, same: bool, ntk
     item_axis = -1 - pair_ndim
     row_vars = {r: layout.outer(var1.narrow(item_axis, r, min(row_side, n1 - r)), var1)[0] for r in row_starts}
     col_vars = {c: layout.outer(var2, var2.narrow(item_axis, c, min(col_side, n2 - c)))[1] for c in col_starts}
+    row_valid = {r: None for r in row_starts}
+    col_valid = {c: None for c in col_starts}
+    if valid1 is not None:
+        row_valid = {r: layout.validity(valid1[..., r : r + row_side, :], valid2, False)[0] for r in row_starts}
+        col_valid = {c: layout.validity(valid1, valid2[..., c : c + col_side, :], False)[1] for c in col_starts}
 
     def tile(r: int, c: int) -> tuple[Tensor, Tensor | None]:
         rows, cols = slice(r, r + row_side), slice(c, c + col_side)
@@ -368,7 +472,14 @@ def _evaluate_tiles(architecture: Layer, x1: Tensor, x2: Tensor, same: bool, ntk
             cross = x1_scaled[..., rows, :] @ x2[..., cols, :].transpose(-1, -2)
         else:
             cross = layout.cross(x1[..., rows, :], x2[..., cols, :])
-        state = layout.state(row_vars[r], col_vars[c], cross, track_ntk=ntk, same_inputs=same and r == c)
+        state = layout.state(
+            row_vars[r],
+            col_vars[c],
+            cross,
+            valid=(row_valid[r], col_valid[c]),
+            track_ntk=ntk,
+            same_inputs=same and r == c,
+        )
         if state.same_inputs:
             state = state.replace(cross=cross)  # the self pairs get the variances exactly
         return _run(architecture, state)

@@ -19,6 +19,8 @@ __all__ = [
     "CorrelationNorm",
     "GlobalAvgPool",
     "GridAvgPool",
+    "LastPosition",
+    "NTKRNN",
     "NTKConv",
     "NTKLinear",
     "Pointwise",
@@ -194,3 +196,51 @@ class GlobalAvgPool(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return x.mean(dim=tuple(range(-self.grid_ndim, 0)))
+
+
+class NTKRNN(nn.Module):
+    r"""Elman RNN in the NTK parameterisation over inputs ``(..., C, T)``, returning every state ``(..., n, T)``.
+
+    .. math::
+
+        h^t = \sigma_w W s^{t-1} / \sqrt{n} + \sigma_u U x^t / \sqrt{C} + \sigma_b b, \quad
+        s^t = \phi(h^t), \quad s^{-1} = 0, \qquad W, U, b \sim N(0, 1).
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        width: int,
+        function: Callable[[Tensor], Tensor],
+        weight_std: float,
+        input_std: float,
+        bias_std: float,
+    ):
+        super().__init__()
+        self.function = function
+        self.weight_std, self.input_std, self.bias_std = weight_std, input_std, bias_std
+        self.recurrent = nn.Parameter(torch.randn(width, width))
+        self.input = nn.Parameter(torch.randn(width, in_channels))
+        self.bias = nn.Parameter(torch.randn(width)) if bias_std > 0 else None
+
+    def forward(self, x: Tensor) -> Tensor:
+        width, in_channels = self.input.shape
+        projected = torch.einsum("hc,...ct->...ht", self.input, x) * (self.input_std / math.sqrt(in_channels))
+        if self.bias is not None:
+            projected = projected + (self.bias_std * self.bias).unsqueeze(-1)
+        states = []
+        state = None
+        for t in range(x.shape[-1]):
+            h = projected[..., t]
+            if state is not None:
+                h = h + nn.functional.linear(state, self.recurrent) * (self.weight_std / math.sqrt(width))
+            state = self.function(h)
+            states.append(state)
+        return torch.stack(states, -1)
+
+
+class LastPosition(nn.Module):
+    """The features at the last position of a 1-d grid: ``(..., C, T) -> (..., C)``."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x[..., -1]

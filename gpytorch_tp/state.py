@@ -54,7 +54,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-__all__ = ["KernelState", "PerItemCache", "per_item", "per_item_cache", "self_position_variances", "shared_per_item_work"]
+__all__ = ["KernelState", "PerItemCache", "per_item", "per_item_cache", "self_position_variances", "shared_per_item_work", "unit_dims"]
 
 # While a kernel matrix is evaluated tile by tile, per-item results are shared
 # between the tiles of a row (or column) of tiles; see ``per_item``.  The cache
@@ -151,6 +151,10 @@ class KernelState:
     :param fresh: the features come from weights private to the current branch.
     :param positions: grid shape of each item's positions (``()`` for dense features).
     :param all_position_pairs: every position pair (else aligned positions only).
+    :param valid1: for padded sequences, 1 where a position of an ``x1`` item
+        holds a step and 0 where it is padding, shaped like the first output of
+        :meth:`position_variances`; ``None``: every position is valid.
+    :param valid2: the same for the ``x2`` items.
     :param ntk_feature_coupled: part of the NTK is a product of each unit's own
         features (per-unit gains, e.g. an affine LayerNorm), so it is not
         independent of the pre-activations; a weight layer decouples it again.
@@ -168,6 +172,8 @@ class KernelState:
     positions: tuple[int, ...] = ()
     all_position_pairs: bool = False
     ntk_feature_coupled: bool = False
+    valid1: Tensor | None = None
+    valid2: Tensor | None = None
 
     @property
     def pair_ndim(self) -> int:
@@ -193,11 +199,7 @@ class KernelState:
 
     def broadcast_parameter(self, value: Tensor) -> Tensor:
         """Reshape a hyperparameter of shape ``kernel.batch_shape`` to broadcast against ``cross``."""
-        count = self.item_ndim + self.pair_ndim
-        reshape = _APPEND_UNIT_DIMS.get(count)
-        if reshape is None:
-            reshape = _APPEND_UNIT_DIMS[count] = functools.partial(_append_unit_dims, count=count)
-        return per_item(reshape, value)
+        return unit_dims(value, self.item_ndim + self.pair_ndim)
 
     def replace(self, **changes) -> KernelState:
         """A new state with ``changes``; pairs of identical items keep correlation exactly one.
@@ -257,6 +259,14 @@ def _position_diagonals(self_covariance: Tensor, grid_ndim: int) -> tuple[Tensor
 
 # One function object per grid dimension, so that per_item can key on it.
 _POSITION_DIAGONALS = {ndim: functools.partial(_position_diagonals, grid_ndim=ndim) for ndim in (1, 2, 3)}
+
+
+def unit_dims(value: Tensor, count: int) -> Tensor:
+    """A hyperparameter of shape ``batch_shape`` with ``count`` trailing unit axes (cached per evaluation)."""
+    reshape = _APPEND_UNIT_DIMS.get(count)
+    if reshape is None:
+        reshape = _APPEND_UNIT_DIMS[count] = functools.partial(_append_unit_dims, count=count)
+    return per_item(reshape, value)
 
 
 def _append_unit_dims(value: Tensor, count: int) -> Tensor:

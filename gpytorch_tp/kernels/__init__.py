@@ -2,6 +2,7 @@
 
 from .cnn_kernel import CNNKernel, MyrtleKernel
 from .mlp_kernel import MLPKernel
+from .rnn_kernel import RNNKernel
 from .tensor_program_kernel import KINDS, TensorProgramKernel
 
-__all__ = ["KINDS", "CNNKernel", "MLPKernel", "MyrtleKernel", "TensorProgramKernel"]
+__all__ = ["KINDS", "CNNKernel", "MLPKernel", "MyrtleKernel", "RNNKernel", "TensorProgramKernel"]

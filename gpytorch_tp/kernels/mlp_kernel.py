@@ -6,7 +6,6 @@ import copy
 
 import torch
 from gpytorch.priors import Prior
-
 from torch import Tensor
 
 from ..layers import Identity, Layer, LayerNorm, LeakyReLU, Linear, Sequential, Sign, Step, nonlinearity_from_name
@@ -45,33 +44,44 @@ class MLPKernel(TensorProgramKernel):
         \hat k(x, x') = \frac{k(x, x')}{\sqrt{k(x, x)\, k(x', x')}}, \qquad
         \hat k(x, x) = 1 .
 
-    The raw kernel has scales that the marginal likelihood cannot tell apart:
-    multiplying the readout's :math:`(\sigma_{w,D+1}^2, \sigma_{b,D+1}^2)` by
-    :math:`c` multiplies :math:`K` and :math:`\Theta` by :math:`c`, exactly like
-    an outputscale.  For a positively homogeneous :math:`\phi` (ReLU, leaky ReLU,
-    abs, identity, step, sign), or with ``layer_norm``, every layer has such a
-    direction: scaling layer :math:`\ell`'s output by :math:`c_\ell`
-    (:math:`\sigma_{w,\ell}^2 \to \sigma_{w,\ell}^2 c_\ell / c_{\ell-1}^a`,
-    :math:`\sigma_{b,\ell}^2 \to c_\ell \sigma_{b,\ell}^2`, :math:`a` the
-    degree of :math:`\phi`) scales :math:`K_\ell` and :math:`\Theta_\ell` by
-    :math:`c_\ell` and the kernel by :math:`c_{D+1}`.  :math:`\hat k` is
-    invariant under all of them, so with ``normalize=True`` the weight variances
-    they make redundant are held fixed at their starting values (every layer's for
-    a homogeneous :math:`\phi` or with ``layer_norm``, the readout's otherwise),
-    which loses no generality.  What is learned (the bias variances, and the
-    hidden weight variances of a non-homogeneous :math:`\phi`) only shapes the
-    correlation, and the output scale belongs to the ScaleKernel alone: with
-    standardised outcomes its outputscale is the prior variance of :math:`f(x)`,
-    the quantity BoTorch's priors are written for.  Fitted this way the kernel
-    does not trade outputscale against weight variances, the failure that flattens
-    BoTorch's ``InfiniteWidthBNNKernel`` in Bayesian optimisation
-    (``docs/benchmarks.md``).
+    The raw kernel has scales that the marginal likelihood cannot tell apart
+    from the ScaleKernel's outputscale or from each other.  Multiplying the
+    readout's :math:`(\sigma_{w,D+1}^2, \sigma_{b,D+1}^2)` by :math:`c`
+    multiplies :math:`K` and :math:`\Theta` by :math:`c`, exactly like an
+    outputscale.  For a positively homogeneous :math:`\phi` of degree :math:`a`
+    (:math:`\phi(cu) = c^a \phi(u)`: ReLU, leaky ReLU, abs, identity with
+    :math:`a = 1`; step, sign with :math:`a = 0`) every layer has such a
+    direction: :math:`\sigma_{w,\ell}^2 \to \sigma_{w,\ell}^2 c_\ell / c_{\ell-1}^a`,
+    :math:`\sigma_{b,\ell}^2 \to c_\ell \sigma_{b,\ell}^2` (:math:`c_0 = 1`)
+    scales :math:`K_\ell` and :math:`\Theta_\ell` by :math:`c_\ell`, and the
+    kernel by :math:`c_{D+1}`.  With ``layer_norm``, scaling a hidden layer's
+    :math:`\sigma_w^2` and :math:`\sigma_b^2` together changes nothing after
+    the LayerNorm.  :math:`\hat k` is invariant under all of these, so with
+    ``normalize=True`` the weight variances they make redundant are held fixed
+    at their starting values (every layer's for a homogeneous :math:`\phi` or
+    with ``layer_norm``, the readout's otherwise), which loses no generality.
+    What is learned (the bias variances, and the hidden weight variances of a
+    non-homogeneous :math:`\phi`) only shapes the correlation; the scale
+    belongs to the ScaleKernel alone, whose outputscale is then the prior
+    variance of :math:`f(x)` at every :math:`x` (with standardised outcomes, the
+    quantity BoTorch's priors are written for), and no fit can trade it against
+    weight variances.
 
     ``normalize`` is off by default: the raw kernel is the covariance of the
     network, the object that neural-tangents, the finite-width limit tests and the
     training dynamics (:meth:`nngp_and_ntk`, which always returns the raw pair)
     are about.  Turn it on whenever the kernel sits inside a ScaleKernel, as in
     Bayesian optimisation.
+
+    **Centre the inputs.**  The kernel depends on :math:`x` through inner
+    products, so the origin is a special point.  BoTorch's ``Normalize(d)`` maps
+    the search box to :math:`[0, 1]^d`, where every pair of points subtends a
+    small angle at the origin and the kernel correlates all of them strongly (a
+    very long "lengthscale"); use ``Normalize(d, center=0.0)``
+    (:math:`[-1/2, 1/2]^d`).  In the benchmark of ``docs/benchmarks.md``
+    (Hartmann-6, Ackley-20) the normalised kernel with centred inputs fits
+    without the collapse (outputscale driven to ~0, noise to ~1) that flattens
+    ``ScaleKernel(InfiniteWidthBNNKernel(3))`` at nearly every fit.
 
     :param depth: number of hidden layers (nonlinearities); 0 gives a linear kernel.
     :param nonlinearity: a name (``"relu"``, ``"leaky_relu"``, ``"abs"``, ``"erf"``,

@@ -64,6 +64,8 @@ class TensorProgramKernel(Kernel):
         half the device's free memory).
     :param progress: progress bar over tiles (``None``: on a terminal, for
         evaluations longer than 2 s).
+    :param sequence: the items are sequences: ``input_shape=(T, d)``, time-major,
+        shorter ones padded at the end with whole steps of NaN.
 
     Example:
         >>> import torch, gpytorch
@@ -89,6 +91,7 @@ class TensorProgramKernel(Kernel):
         tile_pairs: int | None = None,
         memory_budget: int | None = None,
         progress: bool | None = None,
+        sequence: bool = False,
         **kwargs,
     ):
         if not isinstance(architecture, Layer):
@@ -115,7 +118,10 @@ class TensorProgramKernel(Kernel):
         self.architecture = architecture
         self.kind = kind
         self.input_dim = None if input_dim is None else int(input_dim)
+        if sequence and (input_shape is None or len(input_shape) != 2):
+            raise ValueError(f"sequence kernels need input_shape=(T, d), got {input_shape}")
         self.input_shape = input_shape
+        self.sequence = bool(sequence)
         self.tile_pairs = None if tile_pairs is None else int(tile_pairs)
         self.memory_budget = memory_budget
         self.progress = progress
@@ -153,6 +159,7 @@ class TensorProgramKernel(Kernel):
             "tile_pairs": getattr(self, "tile_pairs", None),
             "memory_budget": getattr(self, "memory_budget", None),
             "progress": getattr(self, "progress", None),
+            "sequence": getattr(self, "sequence", False),
         }
 
     def nngp_and_ntk(self, x1: Tensor, x2: Tensor | None = None, diag: bool = False) -> tuple[Tensor, Tensor]:

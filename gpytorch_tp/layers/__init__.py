@@ -25,6 +25,7 @@ from .elementwise import (
     nonlinearity_from_name,
 )
 from .normalization import LayerNorm
+from .recurrent import RNN, LastStep, TimeMean
 
 __all__ = [
     "AvgPool1d",
@@ -41,12 +42,14 @@ __all__ = [
     "Elementwise",
     "Erf",
     "Identity",
+    "LastStep",
     "Layer",
     "LayerNorm",
     "LeakyReLU",
     "Linear",
     "Nonlinearity",
     "ReLU",
+    "RNN",
     "Residual",
     "Sequential",
     "SiLU",
@@ -56,5 +59,6 @@ __all__ = [
     "Softplus",
     "Step",
     "Tanh",
+    "TimeMean",
     "nonlinearity_from_name",
 ]

@@ -36,6 +36,11 @@ __all__ = ["AvgPool1d", "AvgPool2d", "Conv", "Conv1d", "Conv2d", "Flatten", "Glo
 
 
 def _check_grid(layer: Layer, state: KernelState, grid_ndim: int | None) -> int:
+    if state.valid1 is not None:
+        raise ValueError(
+            f"{type(layer).__name__} on padded sequences would mix padding into the kernel; sequences of "
+            "different lengths work with the recurrent layers and their readouts (LastStep, TimeMean)"
+        )
     if not state.positions:
         raise ValueError(
             f"{type(layer).__name__} needs features on a grid of positions (images or signals), but its input "
@@ -57,36 +62,54 @@ def _grid_axes(state: KernelState, axis: int) -> tuple[int, ...]:
     return (first, first + grid_ndim) if state.all_position_pairs else (first,)
 
 
-def _pad(tensor: Tensor, axes: tuple[int, ...], pad: Padding, circular: bool) -> Tensor:
+def _wrap(tensor: Tensor, axes: tuple[int, ...], pad: Padding) -> Tensor:
+    """Circular padding of ``axes``."""
     for dim in axes:
-        if pad.before == 0 and pad.after == 0:
-            continue
         size = tensor.shape[dim]
-        if circular:
-            parts = [tensor.narrow(dim, size - pad.before, pad.before), tensor, tensor.narrow(dim, 0, pad.after)]
-        else:
-            zeros = [tensor.new_zeros(*tensor.shape[:dim], n, *tensor.shape[dim:][1:]) for n in pad]
-            parts = [zeros[0], tensor, zeros[1]]
+        parts = [tensor.narrow(dim, size - pad.before, pad.before), tensor, tensor.narrow(dim, 0, pad.after)]
         tensor = torch.cat([p for p in parts if p.shape[dim] > 0], dim)
     return tensor
 
 
 def window_sum(tensor: Tensor, axes: tuple[int, ...], kernel: int, stride: int, pad: Padding, circular: bool) -> Tensor:
-    """``sum_o tensor[s q + o - before]`` over ``o < kernel``, the same offset on every axis in ``axes``."""
-    tensor = _pad(tensor, axes, pad, circular)
-    stop = stride * (pad.output_size - 1) + 1
-    total = None
+    """``sum_o tensor[s q + o - before]`` over ``o < kernel``, the same offset on every axis in ``axes``.
+
+    Positions outside the grid count as zero (zero padding) or wrap around
+    (``circular``).  Zero padding is not materialised: each offset adds the
+    slice of outputs whose inputs lie inside the grid.
+    """
+    if circular:
+        tensor, before, size = _wrap(tensor, axes, pad), 0, tensor.shape[axes[0]] + pad.before + pad.after
+    else:
+        before, size = pad.before, tensor.shape[axes[0]]
+    out_size = pad.output_size
+    pieces = []
     for offset in range(kernel):
-        index = [slice(None)] * tensor.dim()
+        shift = offset - before
+        # Outputs q with 0 <= s q + shift < size.
+        first = max(0, -(-(-shift) // stride))
+        last = min(out_size - 1, (size - 1 - shift) // stride)
+        if last < first:
+            continue
+        source = slice(stride * first + shift, stride * last + shift + 1, stride)
+        pieces.append((slice(first, last + 1), source))
+    shape = list(tensor.shape)
+    for dim in axes:
+        shape[dim] = out_size
+    full = [i for i, (target, _) in enumerate(pieces) if target == slice(0, out_size)]
+    total = None
+    for i in ([full[0]] if full else []) + [i for i in range(len(pieces)) if not full or i != full[0]]:
+        target, source = pieces[i]
+        index_in = [slice(None)] * tensor.dim()
+        index_out = [slice(None)] * tensor.dim()
         for dim in axes:
-            index[dim] = slice(offset, offset + stop, stride)
-        piece = tensor[tuple(index)]
+            index_in[dim], index_out[dim] = source, target
+        piece = tensor[tuple(index_in)]
         if total is None:
-            total = piece.clone()
-        elif piece.requires_grad or total.requires_grad:
-            total = total + piece
-        else:
-            total.add_(piece)
+            total = piece.clone() if full else tensor.new_zeros(shape)
+            if full:
+                continue
+        total[tuple(index_out)] += piece
     return total
 
 

@@ -1,0 +1,383 @@
+r"""Recurrent layers: the simple (Elman) RNN, and the readouts of a sequence.
+
+A sequence's features live on a 1-d grid of time positions (see
+:class:`~gpytorch_tp.state.KernelState`).  The recurrent layer in the NTK
+parameterisation,
+
+.. math::
+
+    h^t = \sigma_w W s^{t-1} / \sqrt{n} + \sigma_u U z^t / \sqrt{n_z} + \sigma_b b, \qquad
+    s^t = \phi(h^t), \qquad s^{\text{before the first step}} = 0,
+
+with :math:`W, U, b \sim N(0, 1)` shared by all steps, has the
+infinite-width covariances (Yang 2019, TP1 App. B.2; NTK: Alemohammad et
+al. 2021, "The recurrent neural tangent kernel")
+
+.. math::
+
+    K_h(t, t') &= \sigma_w^2 K_s(t - 1, t' - 1) + \sigma_u^2 K_z(t, t') + \sigma_b^2, \qquad
+    K_s(t, t') = V_\phi(K_h)(t, t'), \\
+    \Theta_h(t, t') &= K_h(t, t') + \sigma_w^2 \Theta_s(t - 1, t' - 1) + \sigma_u^2 \Theta_z(t, t'), \qquad
+    \Theta_s(t, t') = V_{\phi'}(K_h)(t, t')\, \Theta_h(t, t').
+
+A step pair depends only on the pair one step earlier for both sequences, so a
+readout of the last states needs aligned pairs only (:math:`O(T)` per pair of
+sequences); a readout of the mean over time needs all pairs (:math:`O(T^2)`).
+Either way the recursion runs once over time, vectorised over all pairs of
+sequences.
+"""
+
+from __future__ import annotations
+
+import torch
+from gpytorch.constraints import Interval
+from gpytorch.priors import Prior
+from torch import Tensor, nn
+
+from ..finite import NTKRNN
+from ..finite import GlobalAvgPool as FiniteGlobalAvgPool
+from ..finite import LastPosition as FiniteLastPosition
+from ..state import KernelState, per_item, unit_dims
+from .base import Layer, standard_deviation
+from .elementwise import Nonlinearity, nonlinearity_from_name
+
+__all__ = ["RNN", "LastStep", "TimeMean"]
+
+
+def _check_sequence(layer: Layer, state: KernelState) -> None:
+    if len(state.positions) != 1:
+        raise ValueError(
+            f"{type(layer).__name__} needs sequence features (a 1-d grid of time steps), got grid "
+            f"{state.positions or 'none'}: give the kernel input_shape=(T, d) with sequence inputs"
+        )
+
+
+class RNN(Layer):
+    r"""Simple (Elman) recurrent layer of infinite width, run over every step of the sequence.
+
+    See the module docstring for the recursion.  The output is the state
+    :math:`s^t` at every step; end the network with a readout
+    (:class:`LastStep` or :class:`TimeMean`) and a :class:`~gpytorch_tp.layers.Linear`.
+    Layers stack: a second ``RNN`` reads the first one's states.
+
+    :param nonlinearity: a name or a :class:`~gpytorch_tp.layers.Nonlinearity` (default ``"tanh"``).
+    :param weight_variance: :math:`\sigma_w^2` of the recurrent weights (default 1).
+    :param input_variance: :math:`\sigma_u^2` of the input weights (default 1).
+    :param bias_variance: :math:`\sigma_b^2` (default 0.1; exactly 0 is held fixed).
+    :param kwargs: priors and constraints (``weight_variance_prior``, ...,
+        ``input_variance_constraint``) and ``batch_shape``.
+
+    Example:
+        >>> from gpytorch_tp.layers import RNN, LastStep, Linear, Sequential
+        >>> net = Sequential(RNN("erf"), LastStep(), Linear())
+    """
+
+    def __init__(
+        self,
+        nonlinearity: str | Nonlinearity = "tanh",
+        weight_variance: float | Tensor = 1.0,
+        input_variance: float | Tensor = 1.0,
+        bias_variance: float | Tensor = 0.1,
+        *,
+        weight_variance_prior: Prior | None = None,
+        input_variance_prior: Prior | None = None,
+        bias_variance_prior: Prior | None = None,
+        weight_variance_constraint: Interval | None = None,
+        input_variance_constraint: Interval | None = None,
+        bias_variance_constraint: Interval | None = None,
+        batch_shape: torch.Size = torch.Size(),
+    ):
+        super().__init__()
+        phi = nonlinearity_from_name(nonlinearity)
+        if not isinstance(phi, Nonlinearity):
+            raise TypeError(f"RNN needs an elementwise nonlinearity, got {type(phi).__name__}")
+        self.nonlinearity = phi
+        for name, value, prior, constraint in (
+            ("weight_variance", weight_variance, weight_variance_prior, weight_variance_constraint),
+            ("input_variance", input_variance, input_variance_prior, input_variance_constraint),
+            ("bias_variance", bias_variance, bias_variance_prior, bias_variance_constraint),
+        ):
+            self.register_variance(
+                name,
+                value,
+                batch_shape=batch_shape,
+                prior=prior,
+                constraint=constraint,
+                allow_zero=name == "bias_variance",
+            )
+
+    @property
+    def weight_variance(self) -> Tensor:
+        return self.get_variance("weight_variance")
+
+    @weight_variance.setter
+    def weight_variance(self, value: float | Tensor) -> None:
+        self._set_variance("weight_variance", value)
+
+    @property
+    def input_variance(self) -> Tensor:
+        return self.get_variance("input_variance")
+
+    @input_variance.setter
+    def input_variance(self, value: float | Tensor) -> None:
+        self._set_variance("input_variance", value)
+
+    @property
+    def bias_variance(self) -> Tensor:
+        return self.get_variance("bias_variance")
+
+    @bias_variance.setter
+    def bias_variance(self, value: float | Tensor) -> None:
+        self._set_variance("bias_variance", value)
+
+    # -- the recursion ---------------------------------------------------------------------------
+
+    def _variances(self, state: KernelState, per_step: bool) -> tuple[Tensor, Tensor, Tensor]:
+        """``(sigma_w^2, sigma_u^2, sigma_b^2)`` shaped for one step of the pairs, or of the items' own steps."""
+        # One step of the pairs keeps the item axes and, with all pairs, the other side's time axis.
+        count = state.item_ndim + (1 if per_step and state.all_position_pairs else 0)
+        return tuple(unit_dims(v, count) for v in (self.weight_variance, self.input_variance, self.bias_variance))
+
+    def _hidden_variances(self, input_var: Tensor, valid: Tensor | None, w: Tensor, u: Tensor, b: Tensor) -> Tensor:
+        """Each item's pre-activation variance ``K_h(t, t)`` at every step: ``(..., T)``."""
+        steps = input_var.shape[-1]
+        previous = None
+        out = []
+        for t in range(steps):
+            kh = torch.addcmul(b, u, input_var[..., t])
+            if previous is not None:
+                kh = torch.addcmul(kh, w, previous)
+            out.append(kh)
+            previous = self.nonlinearity.self_moment(kh)
+            if valid is not None:
+                previous = previous * valid[..., t]
+        return torch.stack(out, -1)
+
+    def _recursion(
+        self,
+        inputs: Tensor,
+        input_ntk: Tensor | None,
+        var1: Tensor,
+        var2: Tensor,
+        valid1: Tensor | None,
+        valid2: Tensor | None,
+        all_pairs: bool,
+        track_ntk: bool,
+        params: tuple[Tensor, Tensor, Tensor],
+    ) -> tuple[Tensor, Tensor | None]:
+        """``K_s`` (and ``Theta_s``) over the step pairs of ``inputs`` (aligned ``(..., T)`` or all ``(..., T, T)``).
+
+        ``var1``/``var2`` are the hidden variances ``K_h(t, t)`` of each side,
+        and ``valid1``/``valid2`` its valid steps (or ``None``), shaped to
+        broadcast against one step: ``(..., T)`` aligned, or for all pairs
+        ``(..., T, 1)`` for side 1 (indexed by row) and ``(..., 1, T)`` for side 2.
+        """
+        w, u, b = params
+        steps = inputs.shape[-1]
+        phi = self.nonlinearity
+        rows, ntk_rows = [], []
+        previous = previous_ntk = None
+        for t in range(steps):
+            if all_pairs:
+                # Row t: pairs (t, t') for every t'; the previous step pairs are (t - 1, t' - 1).
+                x_t, k11, k22 = inputs[..., t, :], var1[..., t, :], var2[..., 0, :]
+                m = None if valid1 is None else valid1[..., t, :] * valid2[..., 0, :]
+            else:
+                x_t, k11, k22 = inputs[..., t], var1[..., t], var2[..., t]
+                m = None if valid1 is None else valid1[..., t] * valid2[..., t]
+            kh = torch.addcmul(b, u, x_t)
+            if previous is not None:
+                kh = torch.addcmul(kh, w, _shift(previous) if all_pairs else previous)
+            ks, kdot = phi.pair_moments(k11, k22, kh, track_ntk)
+            if m is not None:
+                ks = ks * m
+            rows.append(ks)
+            if track_ntk:
+                th = kh
+                if input_ntk is not None:
+                    th = torch.addcmul(th, u, input_ntk[..., t, :] if all_pairs else input_ntk[..., t])
+                if previous_ntk is not None:
+                    th = torch.addcmul(th, w, _shift(previous_ntk) if all_pairs else previous_ntk)
+                ts = torch.zeros_like(kh) if kdot is None else kdot * th
+                if m is not None:
+                    ts = ts * m
+                ntk_rows.append(ts)
+                previous_ntk = ts
+            previous = ks
+        axis = -2 if all_pairs else -1
+        cross = torch.stack(rows, axis)
+        return cross, (torch.stack(ntk_rows, axis) if track_ntk else None)
+
+    def forward(self, state: KernelState) -> KernelState:
+        _check_sequence(self, state)
+        all_pairs = state.all_position_pairs
+        params = self._variances(state, per_step=True)
+        w, u, b = self._variances(state, per_step=False)
+        k11_in, k22_in = state.position_variances()
+        # Per-item: each side's hidden variances K_h(t, t), from its own diagonal recursion.
+        diag1 = k11_in[..., 0] if all_pairs else k11_in
+        diag2 = k22_in[..., 0, :] if all_pairs else k22_in
+        v1 = None if state.valid1 is None else (state.valid1[..., 0] if all_pairs else state.valid1)
+        v2 = None if state.valid2 is None else (state.valid2[..., 0, :] if all_pairs else state.valid2)
+        hidden1 = per_item(self._hidden_variances, diag1, v1, w, u, b)
+        hidden2 = per_item(self._hidden_variances, diag2, v2, w, u, b)
+        if all_pairs:
+            side1, side2 = hidden1.unsqueeze(-1), hidden2.unsqueeze(-2)
+        else:
+            side1, side2 = hidden1, hidden2
+        cross, ntk = self._recursion(
+            state.cross, state.ntk, side1, side2, state.valid1, state.valid2, all_pairs, state.track_ntk, params
+        )
+        if all_pairs:
+            # Each item's own step pairs follow the same recursion.
+            var1 = per_item(self._self_recursion, state.var1, hidden1, state.valid1, *params)
+            var2 = per_item(self._self_recursion, state.var2, hidden2, _as_rows(state.valid2), *params)
+        else:
+            var1 = per_item(self._aligned_self, hidden1, v1)
+            var2 = per_item(self._aligned_self, hidden2, v2)
+        return state.replace(cross=cross, var1=var1, var2=var2, ntk=ntk, gaussian=False, fresh=True)
+
+    def _self_recursion(self, self_inputs, hidden, valid_rows, w, u, b) -> Tensor:
+        valid_cols = None if valid_rows is None else valid_rows.transpose(-1, -2)
+        cross, _ = self._recursion(
+            self_inputs,
+            None,
+            hidden.unsqueeze(-1),
+            hidden.unsqueeze(-2),
+            valid_rows,
+            valid_cols,
+            True,
+            False,
+            (w, u, b),
+        )
+        return cross
+
+    def _aligned_self(self, hidden: Tensor, valid: Tensor | None) -> Tensor:
+        var = self.nonlinearity.self_moment(hidden)
+        return var if valid is None else var * valid
+
+    def finite_module(self, in_shape: tuple[int, ...], width: int) -> tuple[nn.Module, tuple[int, ...]]:
+        if len(in_shape) != 2:
+            raise ValueError(f"RNN needs sequence features (channels, T), got feature shape {tuple(in_shape)}")
+        module = NTKRNN(
+            in_shape[0],
+            width,
+            self.nonlinearity.function,
+            weight_std=standard_deviation(self.weight_variance.detach()),
+            input_std=standard_deviation(self.input_variance.detach()),
+            bias_std=standard_deviation(self.bias_variance.detach()),
+        )
+        return module, (width, in_shape[1])
+
+    def extra_repr(self) -> str:
+        return f"nonlinearity={type(self.nonlinearity).__name__}, " + super().extra_repr()
+
+
+def _shift(row: Tensor) -> Tensor:
+    """Row ``t - 1`` of step pairs moved to row ``t``'s columns: entry ``t'`` holds ``(t - 1, t' - 1)``, 0 at ``t' = 0``."""
+    return nn.functional.pad(row[..., :-1], (1, 0))
+
+
+def _as_rows(valid2: Tensor | None) -> Tensor | None:
+    """Side-2 validity ``(..., 1, T)`` of all pairs as the row form ``(..., T, 1)`` of its own self pairs."""
+    return None if valid2 is None else valid2.transpose(-1, -2)
+
+
+class LastStep(Layer):
+    r"""Readout: the state at the last step, :math:`K \leftarrow K(T - 1, T - 1)`.
+
+    Padded sequences are aligned at their ends, so this is every sequence's
+    own last step.  Needs aligned step pairs only.
+    """
+
+    def forward(self, state: KernelState) -> KernelState:
+        _check_sequence(self, state)
+        if state.all_position_pairs:
+            pick = _last_pair
+        else:
+            pick = _last_step
+        return state.replace(
+            cross=pick(state.cross),
+            var1=per_item(pick, state.var1),
+            var2=per_item(pick, state.var2),
+            ntk=None if state.ntk is None else pick(state.ntk),
+            positions=(),
+            all_position_pairs=False,
+            valid1=None,
+            valid2=None,
+        )
+
+    def finite_module(self, in_shape: tuple[int, ...], width: int) -> tuple[nn.Module, tuple[int, ...]]:
+        return FiniteLastPosition(), (in_shape[0],)
+
+
+def _last_step(t: Tensor) -> Tensor:
+    return t[..., -1]
+
+
+def _last_pair(t: Tensor) -> Tensor:
+    return t[..., -1, -1]
+
+
+class TimeMean(Layer):
+    r"""Readout: the mean over each sequence's own steps.
+
+    .. math:: K \leftarrow \frac{1}{L L'} \sum_{t, t'} K(t, t'),
+
+    with :math:`L, L'` the sequences' lengths (padding excluded).  Needs every
+    step pair.
+    """
+
+    needs_all_position_pairs = True
+
+    def forward(self, state: KernelState) -> KernelState:
+        _check_sequence(self, state)
+        if not state.all_position_pairs:
+            raise RuntimeError("TimeMean needs all step pairs; evaluate through gpytorch_tp.evaluate or a kernel")
+        steps = state.positions[0]
+        v1, v2 = state.valid1, state.valid2
+        if v1 is None:
+            n1 = n2 = None
+        else:
+            n1, n2 = per_item(_lengths, v1), per_item(_lengths, v2)
+            # Padding positions may hold non-zero values (a bias added after the last recurrent layer).
+            masked = per_item(torch.mul, v1, v2)
+        cross = state.cross if v1 is None else state.cross * masked
+        ntk = state.ntk if (v1 is None or state.ntk is None) else state.ntk * masked
+        var1 = state.var1 if v1 is None else per_item(_self_masked, state.var1, v1)
+        var2 = state.var2 if v2 is None else per_item(_self_masked, state.var2, v2.transpose(-1, -2))
+        return state.replace(
+            cross=_time_mean(cross, n1, n2, steps),
+            var1=per_item(_self_time_mean, var1, n1, steps),
+            var2=per_item(_self_time_mean, var2, n2, steps),
+            ntk=None if ntk is None else _time_mean(ntk, n1, n2, steps),
+            positions=(),
+            all_position_pairs=False,
+            valid1=None,
+            valid2=None,
+        )
+
+    def finite_module(self, in_shape: tuple[int, ...], width: int) -> tuple[nn.Module, tuple[int, ...]]:
+        return FiniteGlobalAvgPool(1), (in_shape[0],)
+
+
+def _self_masked(self_covariance: Tensor, valid_rows: Tensor) -> Tensor:
+    return self_covariance * valid_rows * valid_rows.transpose(-1, -2)
+
+
+def _lengths(valid: Tensor) -> Tensor:
+    return valid.sum((-2, -1))
+
+
+def _time_mean(t: Tensor, n1: Tensor | None, n2: Tensor | None, steps: int) -> Tensor:
+    total = t.sum((-2, -1))
+    if n1 is None:
+        return total / steps**2
+    return total / (n1 * n2)
+
+
+def _self_time_mean(t: Tensor, n: Tensor | None, steps: int) -> Tensor:
+    total = t.sum((-2, -1))
+    if n is None:
+        return total / steps**2
+    return total / (n * n)
