@@ -19,6 +19,7 @@ __all__ = [
     "CorrelationNorm",
     "GlobalAvgPool",
     "GridAvgPool",
+    "BidirectionalRNN",
     "LastPosition",
     "NTKRNN",
     "NTKConv",
@@ -237,6 +238,18 @@ class NTKRNN(nn.Module):
             state = self.function(h)
             states.append(state)
         return torch.stack(states, -1)
+
+
+class BidirectionalRNN(nn.Module):
+    """Two RNNs, one over the reversed time axis, with their states stacked along the channels."""
+
+    def __init__(self, forward_rnn: nn.Module, backward_rnn: nn.Module):
+        super().__init__()
+        self.forward_rnn, self.backward_rnn = forward_rnn, backward_rnn
+
+    def forward(self, x: Tensor) -> Tensor:
+        backward = self.backward_rnn(torch.flip(x, (-1,))).flip(-1)
+        return torch.cat([self.forward_rnn(x), backward], -2)
 
 
 class LastPosition(nn.Module):

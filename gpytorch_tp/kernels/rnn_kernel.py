@@ -40,6 +40,8 @@ class RNNKernel(TensorProgramKernel):
     :param input_variance: starting input weight variance :math:`\sigma_u^2` (default 1).
     :param bias_variance: starting bias variance (default 0.1).
     :param readout_variance: starting weight variance of the output layer (default 1).
+    :param bidirectional: every layer also runs from the last step back (see
+        :class:`~gpytorch_tp.layers.RNN`).
     :param weight_variance_prior: prior on every layer's recurrent weight variance.
     :param kwargs: passed to :class:`TensorProgramKernel` (``batch_shape``,
         ``active_dims``, ``memory_budget``, ``progress``, ``tile_pairs``).
@@ -66,6 +68,7 @@ class RNNKernel(TensorProgramKernel):
         input_variance: float = 1.0,
         bias_variance: float = 0.1,
         readout_variance: float = 1.0,
+        bidirectional: bool = False,
         weight_variance_prior: Prior | None = None,
         **kwargs,
     ):
@@ -84,6 +87,7 @@ class RNNKernel(TensorProgramKernel):
                 input_variance,
                 bias_variance,
                 weight_variance_prior=copy.deepcopy(weight_variance_prior),
+                bidirectional=bidirectional,
                 batch_shape=batch_shape,
             )
             for i in range(depth)

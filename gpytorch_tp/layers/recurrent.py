@@ -34,7 +34,7 @@ from gpytorch.constraints import Interval
 from gpytorch.priors import Prior
 from torch import Tensor, nn
 
-from ..finite import NTKRNN
+from ..finite import NTKRNN, BidirectionalRNN
 from ..finite import GlobalAvgPool as FiniteGlobalAvgPool
 from ..finite import LastPosition as FiniteLastPosition
 from ..state import KernelState, per_item, unit_dims
@@ -64,6 +64,9 @@ class RNN(Layer):
     :param weight_variance: :math:`\sigma_w^2` of the recurrent weights (default 1).
     :param input_variance: :math:`\sigma_u^2` of the input weights (default 1).
     :param bias_variance: :math:`\sigma_b^2` (default 0.1; exactly 0 is held fixed).
+    :param bidirectional: also run a second recursion (its own weights, same
+        variances) from the last step back to the first; the output features
+        are both directions' states side by side, so the kernels average.
     :param kwargs: priors and constraints (``weight_variance_prior``, ...,
         ``input_variance_constraint``) and ``batch_shape``.
 
@@ -85,9 +88,11 @@ class RNN(Layer):
         weight_variance_constraint: Interval | None = None,
         input_variance_constraint: Interval | None = None,
         bias_variance_constraint: Interval | None = None,
+        bidirectional: bool = False,
         batch_shape: torch.Size = torch.Size(),
     ):
         super().__init__()
+        self.bidirectional = bool(bidirectional)
         phi = nonlinearity_from_name(nonlinearity)
         if not isinstance(phi, Nonlinearity):
             raise TypeError(f"RNN needs an elementwise nonlinearity, got {type(phi).__name__}")
@@ -210,6 +215,23 @@ class RNN(Layer):
 
     def forward(self, state: KernelState) -> KernelState:
         _check_sequence(self, state)
+        forward = self._one_direction(state)
+        if not self.bidirectional:
+            return forward
+        # The backward direction is the same recursion on the time-reversed
+        # sequences (their last steps are aligned, so their first reversed
+        # steps are too); the next layer sees both directions' features side
+        # by side, i.e. the mean of their kernels.
+        backward = _reversed(self._one_direction(_reversed(state)))
+        ntk = None if forward.ntk is None else (forward.ntk + backward.ntk) / 2
+        return forward.replace(
+            cross=(forward.cross + backward.cross) / 2,
+            var1=per_item(_mean_of_two, forward.var1, backward.var1),
+            var2=per_item(_mean_of_two, forward.var2, backward.var2),
+            ntk=ntk,
+        )
+
+    def _one_direction(self, state: KernelState) -> KernelState:
         all_pairs = state.all_position_pairs
         params = self._variances(state, per_step=True)
         w, u, b = self._variances(state, per_step=False)
@@ -259,18 +281,44 @@ class RNN(Layer):
     def finite_module(self, in_shape: tuple[int, ...], width: int) -> tuple[nn.Module, tuple[int, ...]]:
         if len(in_shape) != 2:
             raise ValueError(f"RNN needs sequence features (channels, T), got feature shape {tuple(in_shape)}")
-        module = NTKRNN(
-            in_shape[0],
-            width,
-            self.nonlinearity.function,
-            weight_std=standard_deviation(self.weight_variance.detach()),
-            input_std=standard_deviation(self.input_variance.detach()),
-            bias_std=standard_deviation(self.bias_variance.detach()),
-        )
-        return module, (width, in_shape[1])
+        def direction() -> NTKRNN:
+            return NTKRNN(
+                in_shape[0],
+                width,
+                self.nonlinearity.function,
+                weight_std=standard_deviation(self.weight_variance.detach()),
+                input_std=standard_deviation(self.input_variance.detach()),
+                bias_std=standard_deviation(self.bias_variance.detach()),
+            )
+
+        if self.bidirectional:
+            return BidirectionalRNN(direction(), direction()), (2 * width, in_shape[1])
+        return direction(), (width, in_shape[1])
 
     def extra_repr(self) -> str:
-        return f"nonlinearity={type(self.nonlinearity).__name__}, " + super().extra_repr()
+        direction = "bidirectional, " if self.bidirectional else ""
+        return f"nonlinearity={type(self.nonlinearity).__name__}, {direction}" + super().extra_repr()
+
+
+def _mean_of_two(a: Tensor, b: Tensor) -> Tensor:
+    return (a + b) / 2
+
+
+def _flip_time(t: Tensor | None, dims: tuple[int, ...]) -> Tensor | None:
+    return None if t is None else torch.flip(t, dims)
+
+
+def _reversed(state: KernelState) -> KernelState:
+    """The state of the time-reversed sequences."""
+    dims = tuple(range(-state.pair_ndim, 0))
+    return state.replace(
+        cross=torch.flip(state.cross, dims),
+        var1=per_item(_flip_time, state.var1, dims),
+        var2=per_item(_flip_time, state.var2, dims),
+        ntk=_flip_time(state.ntk, dims),
+        valid1=per_item(_flip_time, state.valid1, dims),
+        valid2=per_item(_flip_time, state.valid2, dims),
+    )
 
 
 def _shift(row: Tensor) -> Tensor:
