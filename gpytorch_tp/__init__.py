@@ -15,4 +15,4 @@ from .state import KernelState
 
 __version__ = "0.1.0"
 
-__all__ = ["layers", "evaluate", "KernelState", "TensorProgramKernel", "MLPKernel", "CNNKernel", "MyrtleKernel", "RNNKernel", "TrainedNetworkGP", "__version__"]
+__all__ = ["CNNKernel", "KernelState", "MLPKernel", "MyrtleKernel", "RNNKernel", "TensorProgramKernel", "TrainedNetworkGP", "__version__", "evaluate", "layers"]

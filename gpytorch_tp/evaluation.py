@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .layers.base import Layer, cached_hyperparameters, hyperparameter_cache
+from .layers.base import Layer
 from .state import KernelState, per_item_cache, shared_per_item_work
 
 __all__ = [
@@ -345,7 +345,7 @@ def evaluate(
     elif memory_budget <= 0:
         raise ValueError(f"memory_budget must be a positive number of bytes, got {memory_budget}")
     plan = _TilePlan.make(layout, x1, tile_pairs, memory_budget, progress)
-    with cached_hyperparameters(), shared_per_item_work(limit_bytes=memory_budget / 4):
+    with shared_per_item_work(limit_bytes=memory_budget / 4):
         return _evaluate(architecture, x1, x2, diag, ntk, plan)
 
 
@@ -577,11 +577,10 @@ def _map_tiles(work, tasks: list, workers: int, *, grad: bool, progress: bool | 
 def _map_tiles_on(pool, work, tasks: list, grad: bool, bar) -> None:
     # Autograd modes and the evaluation's caches are thread-local: hand the caller's to the workers.
     inference = torch.is_inference_mode_enabled()
-    hyperparameters, items = hyperparameter_cache(), per_item_cache()
+    items = per_item_cache()
 
     def run(task) -> None:
         with (
-            cached_hyperparameters(hyperparameters),
             shared_per_item_work(items),
             torch.inference_mode(inference),
             torch.set_grad_enabled(grad),

@@ -16,12 +16,12 @@ from torch import Tensor, nn
 from .geometry import padding
 
 __all__ = [
+    "NTKRNN",
+    "BidirectionalRNN",
     "CorrelationNorm",
     "GlobalAvgPool",
     "GridAvgPool",
-    "BidirectionalRNN",
     "LastPosition",
-    "NTKRNN",
     "NTKConv",
     "NTKLinear",
     "Pointwise",

@@ -51,7 +51,12 @@ def padding(size: int, kernel: int, stride: int, mode: str) -> Padding:
 
 def grid_tuple(value: int | tuple[int, ...], grid_ndim: int, name: str) -> tuple[int, ...]:
     """``value`` as one positive integer per grid axis."""
-    values = (value,) * grid_ndim if isinstance(value, int) else tuple(value)
+    if isinstance(value, int):
+        values = (value,) * grid_ndim
+    elif isinstance(value, (tuple, list)):
+        values = tuple(value)
+    else:
+        raise ValueError(f"{name} must be an int or a tuple of {grid_ndim} ints, got {value!r}")
     if len(values) != grid_ndim or not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
         raise ValueError(f"{name} must be an int or a tuple of {grid_ndim} ints, got {value!r}")
     if any(v < 1 for v in values):

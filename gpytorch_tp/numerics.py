@@ -28,10 +28,10 @@ from torch.autograd.function import once_differentiable
 from .state import per_item
 
 __all__ = [
-    "safe_correlation",
     "arccos_moments",
     "gaussian_pair_moment",
     "gaussian_rule",
+    "safe_correlation",
 ]
 
 _TWO_PI = 2.0 * math.pi

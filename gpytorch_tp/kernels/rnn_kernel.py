@@ -7,7 +7,7 @@ import copy
 import torch
 from gpytorch.priors import Prior
 
-from ..layers import RNN, Layer, LastStep, Linear, Sequential, TimeMean, nonlinearity_from_name
+from ..layers import RNN, LastStep, Layer, Linear, Sequential, TimeMean, nonlinearity_from_name
 from .tensor_program_kernel import TensorProgramKernel
 
 __all__ = ["RNNKernel"]

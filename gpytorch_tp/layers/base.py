@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import math
-import threading
-from collections.abc import Iterator
 
 import torch
 from gpytorch.constraints import GreaterThan, Interval
@@ -14,36 +11,9 @@ from gpytorch.module import Module
 from gpytorch.priors import Prior
 from torch import Tensor, nn
 
-from ..state import KernelState
+from ..state import KernelState, per_item
 
-__all__ = ["Layer", "cached_hyperparameters", "hyperparameter_cache", "standard_deviation"]
-
-# While a kernel matrix is evaluated tile by tile, each constrained
-# hyperparameter is transformed once and the result shared by all tiles.  The
-# cache is per thread (concurrent evaluations must not share one); threads that
-# compute tiles of one evaluation adopt the caller's cache explicitly.
-_local = threading.local()
-
-
-@contextlib.contextmanager
-def cached_hyperparameters(cache: dict | None = None) -> Iterator[None]:
-    """Within this context (in this thread) each layer's transformed variances are computed once.
-
-    :param cache: adopt this cache (from :func:`hyperparameter_cache` in the
-        thread that started an evaluation) instead of the current or a new one.
-    """
-    outer = getattr(_local, "cache", None)
-    _local.cache = cache if cache is not None else (outer if outer is not None else {})
-    try:
-        yield
-    finally:
-        _local.cache = outer
-
-
-def hyperparameter_cache() -> dict | None:
-    """The cache of the enclosing :func:`cached_hyperparameters` in this thread, if any."""
-    return getattr(_local, "cache", None)
-
+__all__ = ["Layer", "standard_deviation"]
 
 class Layer(Module):
     """A layer of an infinitely wide network.
@@ -141,13 +111,8 @@ class Layer(Module):
         raw = getattr(self, f"raw_{name}", None)
         if raw is None:
             return getattr(self, f"fixed_{name}")
-        cache = getattr(_local, "cache", None)
-        if cache is None:
-            return getattr(self, f"raw_{name}_constraint").transform(raw)
-        key = (id(self), name)
-        if key not in cache:
-            cache[key] = getattr(self, f"raw_{name}_constraint").transform(raw)
-        return cache[key]
+        # Transformed once per evaluation, not once per tile (see ``state.per_item``).
+        return per_item(getattr(self, f"raw_{name}_constraint").transform, raw)
 
     def _set_variance(self, name: str, value: float | Tensor) -> None:
         raw = getattr(self, f"raw_{name}", None)

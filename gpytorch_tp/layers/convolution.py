@@ -87,7 +87,7 @@ def window_sum(tensor: Tensor, axes: tuple[int, ...], kernel: int, stride: int, 
     for offset in range(kernel):
         shift = offset - before
         # Outputs q with 0 <= s q + shift < size.
-        first = max(0, -(-(-shift) // stride))
+        first = max(0, -(shift // stride))
         last = min(out_size - 1, (size - 1 - shift) // stride)
         if last < first:
             continue
@@ -164,7 +164,7 @@ class Conv(Layer):
             stride = grid_tuple(stride, grid_ndim, "stride")
         else:
             for name, value in (("kernel_size", kernel_size), ("stride", stride)):
-                grid_tuple(value, 1 if isinstance(value, int) else len(value), name)
+                grid_tuple(value, len(value) if isinstance(value, (tuple, list)) else 1, name)
         self.kernel_size, self.stride, self.padding, self.grid_ndim = kernel_size, stride, padding, grid_ndim
         self.register_variance(
             "weight_variance",

@@ -422,9 +422,11 @@ class Elementwise(Nonlinearity):
         return None
 
     def pair_moments(self, k11, k22, k12, derivative):
-        options = dict(
-            derivative_fn=self.derivative, derivatives=self.derivatives, num_points=self.num_quadrature_points
-        )
+        options = {
+            "derivative_fn": self.derivative,
+            "derivatives": self.derivatives,
+            "num_points": self.num_quadrature_points,
+        }
         value = gaussian_pair_moment(k11, k22, k12, self.fn, order=0, **options)
         if not derivative:
             return value, None
