@@ -45,18 +45,47 @@ _MIN_TILE_PAIRS = 64
 
 
 def default_memory_budget(device: torch.device) -> int:
-    """Bytes an evaluation may use for its tiles by default: half of the device's free memory."""
+    """Bytes an evaluation may use for its tiles by default: half of the device's free memory.
+
+    On a CPU, "free" is the smaller of the system's available memory and what
+    the process's control group (container) still allows.
+    """
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         return int(free // 2)
+    available = [_meminfo_available(), _cgroup_available()]
+    known = [a for a in available if a is not None]
+    return min(known) // 2 if known else 4 * 2**30
+
+
+def _meminfo_available() -> int | None:
     try:
         with open("/proc/meminfo") as meminfo:
             for line in meminfo:
                 if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024 // 2
-    except OSError:
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError):
         pass
-    return 4 * 2**30
+    return None
+
+
+def _cgroup_available() -> int | None:
+    """Memory left under a cgroup v2 (or v1) limit, if there is one."""
+    for limit_file, usage_file in (
+        ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+        ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes"),
+    ):
+        try:
+            with open(limit_file) as f:
+                limit = f.read().strip()
+            with open(usage_file) as f:
+                usage = int(f.read().strip())
+        except (OSError, ValueError):
+            continue
+        if limit == "max" or int(limit) >= 2**60:
+            return None
+        return max(int(limit) - usage, 0)
+    return None
 
 
 @dataclass(frozen=True)
@@ -271,7 +300,8 @@ def _run(architecture: Layer, state: KernelState) -> tuple[Tensor, Tensor | None
     out = architecture(state)
     if out.pair_ndim:
         raise ValueError(
-            f"the architecture ends with {out.pair_ndim} spatial/time axes left; end it with a readout layer"
+            f"the architecture ends with features on a grid of positions {out.positions}; end it with a readout "
+            "(Flatten or GlobalAvgPool for images, LastStep or TimeMean for sequences) and a Linear layer"
         )
     cross, ntk = out.cross, None
     if out.track_ntk:
@@ -605,7 +635,9 @@ def _progress_bar(total: int, progress: bool | None):
         return
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=total, unit="tile", desc="kernel tiles", disable=None if progress is None else False, delay=2.0)
+    # Asked for explicitly: shown at once; by default only on a terminal and after 2 s.
+    delay = 2.0 if progress is None else 0.0
+    bar = tqdm(total=total, unit="tile", desc="kernel tiles", disable=None if progress is None else False, delay=delay)
     try:
         yield bar
     finally:

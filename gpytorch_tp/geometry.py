@@ -56,7 +56,7 @@ def grid_tuple(value: int | tuple[int, ...], grid_ndim: int, name: str) -> tuple
     elif isinstance(value, (tuple, list)):
         values = tuple(value)
     else:
-        raise ValueError(f"{name} must be an int or a tuple of {grid_ndim} ints, got {value!r}")
+        raise TypeError(f"{name} must be an int or a tuple of {grid_ndim} ints, got {value!r}")
     if len(values) != grid_ndim or not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
         raise ValueError(f"{name} must be an int or a tuple of {grid_ndim} ints, got {value!r}")
     if any(v < 1 for v in values):

@@ -69,6 +69,7 @@ class Layer(Module):
         of exactly 0 cannot sit behind a positive constraint, so it is stored as a
         fixed buffer unless ``learnable=True`` is asked for explicitly (an error).
         """
+        given = torch.as_tensor(value, dtype=torch.float64)  # before any rounding to the default dtype
         value = torch.as_tensor(value, dtype=torch.get_default_dtype())
         if not torch.isfinite(value).all():
             raise ValueError(f"{type(self).__name__}: {name} must be finite, got {value.tolist()}")
@@ -86,6 +87,7 @@ class Layer(Module):
             )
         value = value.expand(batch_shape).clone() if value.dim() == 0 else value.clone()
         self._variance_names = (*getattr(self, "_variance_names", ()), name)
+        self._remember_exact(name, given.expand(batch_shape) if given.dim() == 0 else given)
         if not learnable:
             if prior is not None:
                 raise ValueError(f"{type(self).__name__}: a prior on the fixed {name} has no effect")
@@ -105,7 +107,7 @@ class Layer(Module):
                 functools.partial(_prior_value, name=name),
                 functools.partial(_prior_setter, name=name),
             )
-        self._set_variance(name, value)
+        self._set_variance(name, given.expand_as(value) if given.dim() == 0 else given)
 
     def get_variance(self, name: str) -> Tensor:
         raw = getattr(self, f"raw_{name}", None)
@@ -114,13 +116,36 @@ class Layer(Module):
         # Transformed once per evaluation, not once per tile (see ``state.per_item``).
         return per_item(getattr(self, f"raw_{name}_constraint").transform, raw)
 
+    def _remember_exact(self, name: str, value: float | Tensor) -> None:
+        # The value as given, in float64: a layer built in float32 and then
+        # converted with ``.double()`` gets it back exactly (see ``_apply``).
+        exact = getattr(self, "_exact_variances", None)
+        if exact is None:
+            exact = self._exact_variances = {}
+        exact[name] = torch.as_tensor(value, dtype=torch.float64).detach().cpu().clone()
+
+    def _apply(self, fn, *args, **kwargs):
+        result = super()._apply(fn, *args, **kwargs)
+        for name, exact in getattr(self, "_exact_variances", {}).items():
+            current = self.get_variance(name).detach()
+            if current.dtype != torch.float64 or exact.numel() not in (1, current.numel()):
+                continue
+            # Restore only values that are the given ones up to float32 rounding.
+            target = exact.to(current.device).expand_as(current)
+            if torch.allclose(current, target, rtol=1e-6, atol=0.0) and not torch.equal(current, target):
+                with torch.no_grad():
+                    self._set_variance(name, target)
+        return result
+
     def _set_variance(self, name: str, value: float | Tensor) -> None:
         raw = getattr(self, f"raw_{name}", None)
         reference = raw if raw is not None else getattr(self, f"fixed_{name}")
+        given = value
         # Straight to the parameter's dtype: a Python float must not pass through float32 first.
         value = torch.as_tensor(value, dtype=reference.dtype, device=reference.device)
         if not torch.isfinite(value).all() or (value < 0).any():
             raise ValueError(f"{type(self).__name__}: {name} must be finite and non-negative, got {value.tolist()}")
+        self._remember_exact(name, given)
         if raw is None:
             getattr(self, f"fixed_{name}").copy_(value.expand_as(reference))
             return

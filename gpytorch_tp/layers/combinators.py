@@ -49,13 +49,24 @@ class Sequential(Layer):
     def needs_all_position_pairs(self) -> bool:
         return any(layer.needs_all_position_pairs for layer in self.layers)
 
-    def finite_module(self, in_shape: tuple[int, ...], width: int, out_shape: tuple[int, ...] | None = None):
-        """Finite network; the last layer gets output shape ``out_shape`` when given (a readout)."""
+    def finite_module(
+        self,
+        in_shape: tuple[int, ...],
+        width: int,
+        out_shape: tuple[int, ...] | None = None,
+        last_width: int | None = None,
+    ):
+        """Finite network; the last layer gets output shape ``out_shape`` when given (a readout).
+
+        ``last_width`` only sets the last layer's width, without checking the output shape.
+        """
         modules = []
         shape = tuple(in_shape)
+        if out_shape is not None:
+            last_width = out_shape[0]
         for i, layer in enumerate(self.layers):
             is_last = i == len(self.layers) - 1
-            layer_width = out_shape[0] if (is_last and out_shape is not None) else width
+            layer_width = last_width if (is_last and last_width is not None) else width
             module, shape = layer.finite_module(shape, layer_width)
             modules.append(module)
         if out_shape is not None and tuple(shape) != tuple(out_shape):
@@ -129,7 +140,7 @@ class Residual(Layer):
         else:
             skip, skip_out = self.skip.finite_module(in_shape, width)
         if isinstance(self.block, Sequential):
-            block, out = self.block.finite_module(in_shape, width, out_shape=skip_out)
+            block, out = self.block.finite_module(in_shape, width, last_width=skip_out[0])
         else:
             block, out = self.block.finite_module(in_shape, skip_out[0])
         if tuple(out) != tuple(skip_out):
