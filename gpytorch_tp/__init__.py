@@ -15,4 +15,15 @@ from .state import KernelState
 
 __version__ = "0.1.0"
 
-__all__ = ["CNNKernel", "KernelState", "MLPKernel", "MyrtleKernel", "RNNKernel", "TensorProgramKernel", "TrainedNetworkGP", "__version__", "evaluate", "layers"]
+__all__ = [
+    "CNNKernel",
+    "KernelState",
+    "MLPKernel",
+    "MyrtleKernel",
+    "RNNKernel",
+    "TensorProgramKernel",
+    "TrainedNetworkGP",
+    "__version__",
+    "evaluate",
+    "layers",
+]

@@ -436,7 +436,9 @@ def _evaluate(architecture: Layer, x1: Tensor, x2: Tensor | None, diag: bool, nt
 
     n1, n2 = x1.shape[-2], x2.shape[-2]
     if n1 * n2 <= plan.tile_pairs:
-        with _intra_op_threads(1 if n1 * n2 * layout.pair_elements < _SMALL_PAIRS and x1.device.type == "cpu" else None):
+        with _intra_op_threads(
+            1 if n1 * n2 * layout.pair_elements < _SMALL_PAIRS and x1.device.type == "cpu" else None
+        ):
             state = input_state(
                 x1, x2, diagonal=False, same_inputs=same, track_ntk=ntk, layout=layout, valid=(valid1, valid2)
             )

@@ -54,7 +54,15 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-__all__ = ["KernelState", "PerItemCache", "per_item", "per_item_cache", "self_position_variances", "shared_per_item_work", "unit_dims"]
+__all__ = [
+    "KernelState",
+    "PerItemCache",
+    "per_item",
+    "per_item_cache",
+    "self_position_variances",
+    "shared_per_item_work",
+    "unit_dims",
+]
 
 # While a kernel matrix is evaluated tile by tile, per-item results are shared
 # between the tiles of a row (or column) of tiles; see ``per_item``.  The cache

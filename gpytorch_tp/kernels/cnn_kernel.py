@@ -198,7 +198,9 @@ class MyrtleKernel(TensorProgramKernel):
             raise ValueError(f"depth must be one of {sorted(MYRTLE_STAGES)}, got {depth!r}")
         _, height, width = input_shape
         if height < 4 or width < 4:
-            raise ValueError(f"MyrtleKernel pools twice by 2 x 2 and needs images of at least 4 x 4, got {height} x {width}")
+            raise ValueError(
+                f"MyrtleKernel pools twice by 2 x 2 and needs images of at least 4 x 4, got {height} x {width}"
+            )
         stack = _ConvStack(
             weight_variance,
             bias_variance,

@@ -92,6 +92,9 @@ class RNNKernel(TensorProgramKernel):
             )
             for i in range(depth)
         ]
-        layers += [LastStep() if readout == "last" else TimeMean(), Linear(readout_variance, bias_variance, batch_shape=batch_shape)]
+        layers += [
+            LastStep() if readout == "last" else TimeMean(),
+            Linear(readout_variance, bias_variance, batch_shape=batch_shape),
+        ]
         super().__init__(Sequential(*layers), kind=kind, input_shape=tuple(input_shape), sequence=True, **kwargs)
         self.depth, self.readout = depth, readout

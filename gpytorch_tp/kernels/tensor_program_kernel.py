@@ -111,7 +111,9 @@ class TensorProgramKernel(Kernel):
             if not input_shape or any(s < 1 for s in input_shape):
                 raise ValueError(f"input_shape must be positive sizes, e.g. (C, H, W), got {input_shape}")
             if input_dim is not None and math.prod(input_shape) != int(input_dim):
-                raise ValueError(f"input_shape {input_shape} has {math.prod(input_shape)} features, not input_dim={input_dim}")
+                raise ValueError(
+                    f"input_shape {input_shape} has {math.prod(input_shape)} features, not input_dim={input_dim}"
+                )
             input_dim = math.prod(input_shape)
         batch_shape = torch.Size([]) if batch_shape is None else torch.Size(batch_shape)
         super().__init__(batch_shape=batch_shape, active_dims=active_dims, **kwargs)
@@ -140,7 +142,9 @@ class TensorProgramKernel(Kernel):
             x1 = x1.transpose(-1, -2).unsqueeze(-1)
             x2 = x2.transpose(-1, -2).unsqueeze(-1)
         if last_dim_is_batch and self.input_shape is not None and len(self.input_shape) > 1:
-            raise ValueError("last_dim_is_batch=True treats each input dimension on its own, which a grid input_shape forbids")
+            raise ValueError(
+                "last_dim_is_batch=True treats each input dimension on its own, which a grid input_shape forbids"
+            )
         nngp, ntk = evaluate(
             self.architecture,
             x1,

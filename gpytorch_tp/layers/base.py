@@ -15,6 +15,7 @@ from ..state import KernelState, per_item
 
 __all__ = ["Layer", "standard_deviation"]
 
+
 class Layer(Module):
     """A layer of an infinitely wide network.
 

@@ -210,7 +210,9 @@ class Conv(Layer):
             try:
                 pads.append(padding(size, k, s, self.padding))
             except ValueError as error:
-                raise ValueError(f"{type(self).__name__} on grid axis {axis} of the grid {positions}: {error}") from None
+                raise ValueError(
+                    f"{type(self).__name__} on grid axis {axis} of the grid {positions}: {error}"
+                ) from None
         return kernel_size, stride, tuple(pads)
 
     def _filtered(self, tensor: Tensor, axes_per_grid_axis: tuple[tuple[int, ...], ...], positions: tuple[int, ...]):
@@ -274,7 +276,9 @@ class Conv(Layer):
 class Conv1d(Conv):
     """:class:`Conv` on 1-d grids (signals, sequences): inputs ``(C, L)``."""
 
-    def __init__(self, kernel_size: int | tuple[int] = 3, stride: int | tuple[int] = 1, padding: str = "same", *args, **kwargs):
+    def __init__(
+        self, kernel_size: int | tuple[int] = 3, stride: int | tuple[int] = 1, padding: str = "same", *args, **kwargs
+    ):
         super().__init__(kernel_size, stride, padding, *args, grid_ndim=1, **kwargs)
 
 
@@ -282,7 +286,12 @@ class Conv2d(Conv):
     """:class:`Conv` on 2-d grids (images): inputs ``(C, H, W)``."""
 
     def __init__(
-        self, kernel_size: int | tuple[int, int] = 3, stride: int | tuple[int, int] = 1, padding: str = "same", *args, **kwargs
+        self,
+        kernel_size: int | tuple[int, int] = 3,
+        stride: int | tuple[int, int] = 1,
+        padding: str = "same",
+        *args,
+        **kwargs,
     ):
         super().__init__(kernel_size, stride, padding, *args, grid_ndim=2, **kwargs)
 
@@ -310,7 +319,9 @@ class _AvgPool(Layer):
             try:
                 pads.append(padding(size, k, s, "valid"))
             except ValueError as error:
-                raise ValueError(f"{type(self).__name__} on grid axis {axis} of the grid {positions}: {error}") from None
+                raise ValueError(
+                    f"{type(self).__name__} on grid axis {axis} of the grid {positions}: {error}"
+                ) from None
         return tuple(pads)
 
     def _pooled(self, tensor: Tensor, axes: tuple[tuple[int, ...], ...], positions: tuple[int, ...]) -> Tensor:

@@ -290,9 +290,7 @@ class GELU(Nonlinearity):
         root_d = torch.sqrt(d)
         asin_rho = torch.asin(k12 / torch.sqrt(a1 * b1))
         inv_sum = 1 / a1 + 1 / b1
-        value = (
-            k12 / 4 + k12 * asin_rho / _TWO_PI + (k11 * k22 + k12 * k12 * (inv_sum - 1)) / (_TWO_PI * root_d)
-        )
+        value = k12 / 4 + k12 * asin_rho / _TWO_PI + (k11 * k22 + k12 * k12 * (inv_sum - 1)) / (_TWO_PI * root_d)
         if not derivative:
             return value, None
         deriv = 0.25 + asin_rho / _TWO_PI + k12 * inv_sum / (_TWO_PI * root_d) + k12 / (_TWO_PI * d * root_d)

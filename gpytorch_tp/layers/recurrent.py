@@ -281,6 +281,7 @@ class RNN(Layer):
     def finite_module(self, in_shape: tuple[int, ...], width: int) -> tuple[nn.Module, tuple[int, ...]]:
         if len(in_shape) != 2:
             raise ValueError(f"RNN needs sequence features (channels, T), got feature shape {tuple(in_shape)}")
+
         def direction() -> NTKRNN:
             return NTKRNN(
                 in_shape[0],
