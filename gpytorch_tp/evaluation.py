@@ -100,15 +100,18 @@ class InputLayout:
     Sequences (``sequence=True``) come as ``(T, d)``, time-major as
     ``torch.flatten`` of a ``(T, d)`` batch-first sequence gives them, and
     :meth:`prepare` turns them into the channel-major layout ``(d, T)``.
-    Shorter sequences are padded at the end with whole steps of NaN; the
-    steps are moved so that every sequence ends at position ``T - 1`` and the
-    state records which positions hold steps (see
+    Shorter sequences are padded at the end with whole steps of
+    ``padding_value`` (NaN by default; a finite sentinel such as ``-1e6``
+    keeps the inputs finite, which GPyTorch's ``ExactGP`` training checks in
+    debug mode need); the steps are moved so that every sequence ends at
+    position ``T - 1`` and the state records which positions hold steps (see
     :class:`~gpytorch_tp.state.KernelState`), so padding never changes a value.
     """
 
     shape: tuple[int, ...]
     all_position_pairs: bool = False
     sequence: bool = False
+    padding_value: float = float("nan")
 
     def prepare(self, x: Tensor, name: str) -> tuple[Tensor, Tensor | None]:
         """Inputs in the channel-major layout and, for sequences, each item's valid steps ``(..., N, T)``."""
@@ -116,21 +119,23 @@ class InputLayout:
             return x, None
         steps, d = self.shape[1], self.shape[0]
         x = x.reshape(*x.shape[:-1], steps, d)
-        missing = torch.isnan(x)
+        nan_padding = math.isnan(self.padding_value)
+        pad_name = "NaN" if nan_padding else f"padding value {self.padding_value:g}"
+        missing = torch.isnan(x) if nan_padding else x == self.padding_value
         padded = missing.all(-1)
         if bool((missing.any(-1) & ~padded).any()):
-            raise ValueError(f"{name} has NaN in some but not all features of a step; NaN marks whole padding steps")
+            raise ValueError(f"{name} has {pad_name} in some but not all features of a step; it marks whole padding steps")
         if bool((padded[..., :-1] & ~padded[..., 1:]).any()):
-            raise ValueError(f"{name} has a NaN padding step before a real step; pad sequences at the end only")
+            raise ValueError(f"{name} has a {pad_name} padding step before a real step; pad sequences at the end only")
         lengths = steps - padded.sum(-1)
         if bool((lengths == 0).any()):
-            raise ValueError(f"{name} holds an empty sequence (every step is NaN padding)")
+            raise ValueError(f"{name} holds an empty sequence (every step is {pad_name} padding)")
         if not bool(torch.isfinite(x[~padded]).all()):
-            raise ValueError(f"{name} contains infinite values")
+            raise ValueError(f"{name} contains NaN or infinite values in its steps")
         # Move each sequence to the end: position t holds step t - (T - length).
         t = torch.arange(steps, device=x.device)
         source = (t - (steps - lengths).unsqueeze(-1)) % steps
-        x = torch.gather(torch.nan_to_num(x, nan=0.0), -2, source.unsqueeze(-1).expand(x.shape))
+        x = torch.gather(torch.where(padded.unsqueeze(-1), 0.0, x), -2, source.unsqueeze(-1).expand(x.shape))
         valid = t >= (steps - lengths).unsqueeze(-1)
         x = x * valid.unsqueeze(-1)
         return x.transpose(-1, -2).reshape(*x.shape[:-2], steps * d), valid.to(x.dtype)
@@ -215,7 +220,11 @@ class InputLayout:
 
 
 def input_layout(
-    architecture: Layer, input_shape: tuple[int, ...] | None, d: int, sequence: bool = False
+    architecture: Layer,
+    input_shape: tuple[int, ...] | None,
+    d: int,
+    sequence: bool = False,
+    padding_value: float = float("nan"),
 ) -> InputLayout:
     """The layout of ``d`` input features, with all position pairs if the architecture needs them.
 
@@ -236,7 +245,10 @@ def input_layout(
     if sequence:
         shape = (shape[1], shape[0])  # channel-major inside: (d, T)
     return InputLayout(
-        shape, all_position_pairs=len(shape) > 1 and architecture.needs_all_position_pairs, sequence=sequence
+        shape,
+        all_position_pairs=len(shape) > 1 and architecture.needs_all_position_pairs,
+        sequence=sequence,
+        padding_value=float(padding_value),
     )
 
 
@@ -335,6 +347,7 @@ def evaluate(
     memory_budget: int | None = None,
     progress: bool | None = None,
     sequence: bool = False,
+    padding_value: float = float("nan"),
 ) -> tuple[Tensor, Tensor | None]:
     """NNGP kernel (and NTK when ``ntk``) of ``architecture`` between ``x1`` and ``x2``.
 
@@ -365,11 +378,12 @@ def evaluate(
         (default) shows one only on an interactive terminal and only for
         evaluations that last more than two seconds.
     :param sequence: the items are sequences, ``input_shape=(T, d)``, time-major,
-        shorter ones padded at the end with whole steps of NaN (see :class:`InputLayout`).
+        shorter ones padded at the end with whole steps of ``padding_value`` (see :class:`InputLayout`).
+    :param padding_value: the value of padding steps of sequences (default NaN).
     :return: ``(nngp, ntk)``, each ``(..., N1, N2)`` (or ``(..., N)`` with ``diag``).
     """
-    check_inputs(x1, x2, input_dim, allow_nan=sequence)
-    layout = input_layout(architecture, input_shape, x1.shape[-1], sequence)
+    check_inputs(x1, x2, input_dim, allow_nan=sequence and math.isnan(padding_value))
+    layout = input_layout(architecture, input_shape, x1.shape[-1], sequence, padding_value)
     if memory_budget is None:
         memory_budget = default_memory_budget(x1.device)
     elif memory_budget <= 0:
@@ -394,7 +408,10 @@ class _TilePlan:
             # At least 8 x 8 items even when each pair holds many numbers (all
             # pixel pairs of an image): per-item work is then a small share of a
             # tile's, however often the per-item cache has to be emptied.
-            tile_pairs = max(_MIN_TILE_PAIRS, target // layout.pair_elements)
+            # A recurrent recursion works on one step (of T) at a time, so
+            # sequences count the numbers of one step per pair.
+            per_operation = layout.pair_elements // (layout.positions[0] if layout.sequence else 1)
+            tile_pairs = max(_MIN_TILE_PAIRS, target // max(1, per_operation))
             workers = _tile_workers(2**30, x.device)
             pair_bytes = layout.pair_elements * x.element_size() * _LIVE_TILE_TENSORS
             tile_pairs = max(1, min(tile_pairs, int(budget / 2 / workers / pair_bytes)))

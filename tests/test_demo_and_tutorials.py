@@ -100,3 +100,38 @@ def test_cnn_digits_tutorial_smoke_beats_chance(tmp_path, capsys):
     assert len(cnn) == 3
     for r in cnn:
         assert r.accuracy[size] >= 0.4, (r.name, r.accuracy)
+
+
+def test_rnn_sequences_tutorial_smoke_beats_chance(tmp_path, capsys):
+    pytest.importorskip("matplotlib", reason="the tutorials need matplotlib")
+    import torch
+
+    tutorial = _load_tutorial("rnn_sequences")
+
+    run = tutorial.main(["--smoke", "--out", str(tmp_path), "--seed", "0"])
+
+    assert run["figure"] == tmp_path / "rnn_sequences.png"
+    assert run["figure"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    out = capsys.readouterr().out
+    assert "test accuracy on 40 digits" in out and "kernel wall/cpu s" in out
+    (size,) = run["sizes"]
+    names = [r.name for r in run["results"]]
+    assert names == [r.name for r in run["cut_results"]]
+    expected = {"RNN NNGP, last state", "RNN NNGP, mean over time", "RNN NTK, last state", "RBF (lengthscale by LOO)"}
+    assert expected <= set(names)
+    # The cut digits really are sequences of different lengths, NaN-padded at the end.
+    cut = run["cut_data"]
+    steps = cut.train_x.reshape(len(cut.train_x), 8, 8)
+    assert (torch.isnan(steps).all(-1).sum(-1) == 8 - cut.train_rows).all()
+    assert len(set(cut.train_rows.tolist())) > 1
+    # Chance is 0.1; on whole digits 16 or more of 40 right by guessing has probability below
+    # 1e-5, while the RNN kernels score about 0.8 on this split.
+    for r in run["results"]:
+        assert r.name in out
+        assert 0 <= r.accuracy[size] <= 1
+        if r.name.startswith("RNN"):
+            assert r.accuracy[size] >= 0.4, (r.name, r.accuracy)
+    # Digits cut after 3-8 rows are harder (0.35-0.58 on this split); 12 or more of 40 right by
+    # guessing has probability about 2e-4.
+    for r in run["cut_results"]:
+        assert r.accuracy[size] >= 0.3, (r.name, r.accuracy)

@@ -26,9 +26,13 @@ class RNNKernel(TensorProgramKernel):
 
     Inputs are sequences flattened time-major, ``(..., N, T * d)`` (a
     batch-first ``(N, T, d)`` tensor, reshaped).  Sequences shorter than ``T``
-    are padded at the end with whole steps of NaN; padding never changes a
-    kernel value (the sequences are aligned at their ends, and the states
-    before a sequence's first step are zero, as in an RNN that starts there).
+    are padded at the end with whole steps of ``padding_value`` (NaN by
+    default); padding never changes a kernel value (the sequences are aligned
+    at their ends, and the states before a sequence's first step are zero, as
+    in an RNN that starts there).  GPyTorch's ``ExactGP`` compares training
+    inputs with ``torch.equal`` in debug mode, which NaN never passes: to
+    train on padded sequences, pad with a finite sentinel
+    (``padding_value=-1e6``, say) or use ``gpytorch.settings.debug(False)``.
 
     :param input_shape: ``(T, d)``: maximum length and features per step.
     :param depth: number of stacked recurrent layers.
@@ -43,8 +47,8 @@ class RNNKernel(TensorProgramKernel):
     :param bidirectional: every layer also runs from the last step back (see
         :class:`~gpytorch_tp.layers.RNN`).
     :param weight_variance_prior: prior on every layer's recurrent weight variance.
-    :param kwargs: passed to :class:`TensorProgramKernel` (``batch_shape``,
-        ``active_dims``, ``memory_budget``, ``progress``, ``tile_pairs``).
+    :param kwargs: passed to :class:`TensorProgramKernel` (``padding_value``,
+        ``batch_shape``, ``active_dims``, ``memory_budget``, ``progress``, ``tile_pairs``).
 
     Example:
         >>> import torch

@@ -65,7 +65,9 @@ class TensorProgramKernel(Kernel):
     :param progress: progress bar over tiles (``None``: on a terminal, for
         evaluations longer than 2 s).
     :param sequence: the items are sequences: ``input_shape=(T, d)``, time-major,
-        shorter ones padded at the end with whole steps of NaN.
+        shorter ones padded at the end with whole steps of ``padding_value``.
+    :param padding_value: value of the padding steps (default NaN; a finite
+        sentinel keeps GPyTorch's debug checks of training inputs happy).
 
     Example:
         >>> import torch, gpytorch
@@ -92,6 +94,7 @@ class TensorProgramKernel(Kernel):
         memory_budget: int | None = None,
         progress: bool | None = None,
         sequence: bool = False,
+        padding_value: float = float("nan"),
         **kwargs,
     ):
         if not isinstance(architecture, Layer):
@@ -124,6 +127,7 @@ class TensorProgramKernel(Kernel):
             raise ValueError(f"sequence kernels need input_shape=(T, d), got {input_shape}")
         self.input_shape = input_shape
         self.sequence = bool(sequence)
+        self.padding_value = float(padding_value)
         self.tile_pairs = None if tile_pairs is None else int(tile_pairs)
         self.memory_budget = memory_budget
         self.progress = progress
@@ -164,6 +168,7 @@ class TensorProgramKernel(Kernel):
             "memory_budget": getattr(self, "memory_budget", None),
             "progress": getattr(self, "progress", None),
             "sequence": getattr(self, "sequence", False),
+            "padding_value": getattr(self, "padding_value", float("nan")),
         }
 
     def nngp_and_ntk(self, x1: Tensor, x2: Tensor | None = None, diag: bool = False) -> tuple[Tensor, Tensor]:
