@@ -1091,7 +1091,7 @@ def test_pooling_window_larger_than_the_grid():
 def test_architecture_without_a_readout():
     x = torch.randn(3, 16)
     for arch in (_net(Conv2d(), ReLU()), _net(Conv2d(), ReLU(), AvgPool2d(2))):
-        with pytest.raises(ValueError, match="end it with a readout layer"):
+        with pytest.raises(ValueError, match="end it with a readout"):
             evaluate(arch, x, input_shape=(1, 4, 4))
         with pytest.raises(ValueError, match="end it with a readout"):
             build_network(arch, (1, 4, 4), 8)
