@@ -109,7 +109,7 @@ def window_sum(tensor: Tensor, axes: tuple[int, ...], kernel: int, stride: int, 
             total = piece.clone() if full else tensor.new_zeros(shape)
             if full:
                 continue
-        total[tuple(index_out)] += piece
+        total[tuple(index_out)].add_(piece)  # in place on the view: no copy back
     return total
 
 
