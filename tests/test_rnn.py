@@ -856,7 +856,7 @@ def test_all_nan_sequence():
 def test_infinite_values(value):
     bad = _good_x()
     bad[0, 5] = value
-    with pytest.raises(ValueError, match="x1 contains infinite values"):
+    with pytest.raises(ValueError, match="x1 contains NaN or infinite values"):
         _bad_input_kernel()(bad).to_dense()
     step = _good_x()
     step[2, 6:] = value  # a whole step of infinities is not padding
