@@ -1,9 +1,12 @@
-"""Smoke test of the benchmark script (tiny N, no peers): it runs and reports sane numbers."""
+"""Smoke tests of the benchmark scripts (tiny sizes, no peers): they run and report sane numbers."""
 
 import importlib.util
+import json
+import math
 from pathlib import Path
 
 import pytest
+import torch
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "mlp_kernels.py"
 
@@ -30,3 +33,94 @@ def test_benchmark_main_runs_without_peers(script, capsys):
 def test_missing_neural_tangents_venv_is_reported_not_faked(script, tmp_path):
     result = script.run_neural_tangents(tmp_path / "no-such-python", [50], 1)
     assert "error" in result and "pip install neural-tangents==0.6.5" in result["error"]
+
+
+def test_bayesian_optimisation_smoke_writes_finite_regrets(tmp_path, capsys):
+    pytest.importorskip("botorch")
+    path = SCRIPT.parent / "bayesian_optimisation.py"
+    spec = importlib.util.spec_from_file_location("bayesian_optimisation_benchmark", path)
+    bo = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bo)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the script runs; spinning intra-op threads only slow tiny fits
+    try:
+        bo.main(["--smoke", "--out", str(tmp_path)])
+    finally:
+        torch.set_num_threads(threads)
+    results = json.loads((tmp_path / "bayesian_optimisation.json").read_text())
+    runs = results["runs"]
+    assert {r["kernel"] for r in runs} == {"default", "ntk1"}
+    for run in runs:
+        assert len(run["log10_regret"]) == 4  # the Sobol design, then 3 iterations
+        assert all(math.isfinite(v) for v in run["log10_regret"])
+        # Best-so-far never decreases, and regret is measured from the known optimum.
+        assert all(b <= a for a, b in zip(run["log10_regret"], run["log10_regret"][1:]))
+        assert all(b >= a for a, b in zip(run["best"], run["best"][1:]))
+        assert run["best"][-1] <= run["optimal_value"]
+        assert len(run["fits"]) == 3 and all(f["noise"] > 0 for f in run["fits"])
+    assert (tmp_path / "bo_hartmann6.png").stat().st_size > 0
+    assert "| Hartmann-6 |" in capsys.readouterr().out
+
+
+@pytest.fixture(scope="module")
+def cnn_script():
+    path = SCRIPT.parent / "cnn_kernels.py"
+    spec = importlib.util.spec_from_file_location("cnn_kernels_benchmark", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_cnn_benchmark_smoke_runs_without_neural_tangents(cnn_script, capsys):
+    results = cnn_script.main(["--smoke"])
+    groups = results["groups"]
+    assert {(g["readout"], g["size"]) for g in groups} == {("global_avg_pool", 4), ("flatten", 4)}
+    for group in groups:
+        assert [row["n"] for row in group["rows"]] == [6, 12]
+        for row in group["rows"]:
+            assert row["how"] == "measured" and "nt" not in row
+            assert 0 < row["ours"]["best"] <= row["ours"]["median"]
+    out = capsys.readouterr().out
+    assert "| flatten | 4x4x3 | 12 | measured |" in out and "not measured" in out
+
+
+def test_cnn_benchmark_inputs_match_neural_tangents_layout(cnn_script):
+    # Our channel-major flattening of the NHWC images neural-tangents receives.
+    x = cnn_script.images(2, 4)
+    ours = cnn_script.to_ours(x)
+    assert ours.shape == (2, 3 * 4 * 4)
+    assert float(ours[1].reshape(3, 4, 4)[2, 1, 3]) == x[1, 1, 3, 2]
+
+
+def test_cnn_benchmark_plan_extrapolates_expensive_sizes(cnn_script):
+    # 1 ms per entry: N=1000 would take 1000 s (over a 900 s budget), N=500 250 s.
+    plan = cnn_script.plan([200, 1000], {"ours": 1e-4, "nt": 1e-3}, 900.0, 20)
+    assert plan["rows"][200] == {"how": "measured"}
+    assert plan["rows"][1000] == {"how": "extrapolated", "from": [200, 500]}
+    assert plan["measure"] == [200, 500]
+    # 40 ms per entry: only N <= 150 fit; measure at the largest fallbacks that do.
+    plan = cnn_script.plan([200, 1000], {"ours": 1e-2, "nt": 4e-2}, 900.0, 20)
+    assert plan["rows"][200] == plan["rows"][1000] == {"how": "extrapolated", "from": [50, 100]}
+
+
+def test_cnn_benchmark_missing_neural_tangents_venv_is_reported(cnn_script, tmp_path):
+    result = cnn_script.run_neural_tangents(tmp_path / "no-such-python", "flatten", 4, [6], 1, [])
+    assert "error" in result and "pip install neural-tangents==0.6.5" in result["error"]
+
+
+def test_rnn_kernels_benchmark_smoke_times_both_readouts_and_agrees_with_the_loop(capsys):
+    path = SCRIPT.parent / "rnn_kernels.py"
+    spec = importlib.util.spec_from_file_location("rnn_kernels_benchmark", path)
+    rnn = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(rnn)
+    result = rnn.main(["--smoke"])
+    assert [(r["n"], r["t"], r["readout"]) for r in result["rows"]] == [(20, 4, "last"), (20, 4, "mean")]
+    for row in result["rows"]:
+        timing = row["ours_nngp_ntk"]
+        assert 0 < timing["best"] <= timing["median"]
+    assert {y["readout"] for y in result["yardstick"]} == {"last", "mean"}
+    for y in result["yardstick"]:
+        assert y["per_pair"] > 0
+        assert y["max_relative_difference"] < 1e-12  # the per-pair loop computes the same kernels
+    out = capsys.readouterr().out
+    assert "| 20 | 4 | last |" in out and "| 20 | 4 | mean |" in out and "yardstick" in out
