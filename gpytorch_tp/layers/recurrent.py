@@ -390,7 +390,7 @@ class TimeMean(Layer):
         else:
             n1, n2 = per_item(_lengths, v1), per_item(_lengths, v2)
             # Padding positions may hold non-zero values (a bias added after the last recurrent layer).
-            masked = per_item(torch.mul, v1, v2)
+            masked = v1 * v2  # per pair of items: not cached
         cross = state.cross if v1 is None else state.cross * masked
         ntk = state.ntk if (v1 is None or state.ntk is None) else state.ntk * masked
         var1 = state.var1 if v1 is None else per_item(_self_masked, state.var1, v1)
@@ -426,7 +426,4 @@ def _time_mean(t: Tensor, n1: Tensor | None, n2: Tensor | None, steps: int) -> T
 
 
 def _self_time_mean(t: Tensor, n: Tensor | None, steps: int) -> Tensor:
-    total = t.sum((-2, -1))
-    if n is None:
-        return total / steps**2
-    return total / (n * n)
+    return _time_mean(t, n, n, steps)
