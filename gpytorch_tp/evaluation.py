@@ -42,6 +42,8 @@ DEFAULT_CUDA_TILE_PAIRS = 4096 * 4096
 # (the NNGP, the NTK, a layer's intermediates), for the memory budget.
 _LIVE_TILE_TENSORS = 24
 _MIN_TILE_PAIRS = 64
+# Up to this many channels, aligned input covariances are summed channel by channel.
+_FEW_CHANNELS = 16
 
 
 def default_memory_budget(device: torch.device) -> int:
@@ -176,6 +178,13 @@ class InputLayout:
         if not self.positions:
             return x1 @ x2.transpose(-1, -2) / self.shape[0]
         g1, g2 = self._grid(x1), self._grid(x2)
+        if not self.all_position_pairs and self.shape[0] <= _FEW_CHANNELS:
+            # A few broadcast products beat einsum's batched matrix product of C-wide matrices.
+            a, b = g1.unsqueeze(-3), g2.unsqueeze(-4)
+            c = a[..., 0, :] * b[..., 0, :]
+            for channel in range(1, self.shape[0]):
+                c.addcmul_(a[..., channel, :], b[..., channel, :])
+            return self._unflatten(c.div_(self.shape[0]), x1.dim())
         pattern = "...icp,...jcq->...ijpq" if self.all_position_pairs else "...icp,...jcp->...ijp"
         c = torch.einsum(pattern, g1, g2) / self.shape[0]
         return self._unflatten(c.contiguous(), x1.dim())

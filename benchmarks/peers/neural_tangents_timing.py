@@ -158,7 +158,19 @@ def block(tree):
 
 
 def peak_rss_gib():
-    """Peak resident memory of this process so far (Linux reports KiB)."""
+    """Peak resident memory of this process so far, GiB.
+
+    VmHWM from /proc/self/status where available: ru_maxrss survives execve
+    on Linux, so a script started by a large parent process (fork + exec)
+    would report the parent's peak instead of its own.
+    """
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 2**20  # KiB
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
