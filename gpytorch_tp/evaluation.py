@@ -126,7 +126,9 @@ class InputLayout:
         missing = torch.isnan(x) if nan_padding else x == self.padding_value
         padded = missing.all(-1)
         if bool((missing.any(-1) & ~padded).any()):
-            raise ValueError(f"{name} has {pad_name} in some but not all features of a step; it marks whole padding steps")
+            raise ValueError(
+                f"{name} has {pad_name} in some but not all features of a step; it marks whole padding steps"
+            )
         if bool((padded[..., :-1] & ~padded[..., 1:]).any()):
             raise ValueError(f"{name} has a {pad_name} padding step before a real step; pad sequences at the end only")
         lengths = steps - padded.sum(-1)
