@@ -13,7 +13,7 @@ from torch import Tensor, nn
 
 from ..state import KernelState, per_item
 
-__all__ = ["Layer", "standard_deviation"]
+__all__ = ["Layer", "standard_deviation", "variance_property"]
 
 
 class Layer(Module):
@@ -165,6 +165,18 @@ class Layer(Module):
             shown = f"{value.item():.4g}" if value.numel() == 1 else f"shape {tuple(value.shape)}"
             parts.append(f"{name}={shown}")
         return ", ".join(parts)
+
+
+def variance_property(name: str) -> property:
+    """The property ``name`` of a variance registered with :meth:`Layer.register_variance` (get and set)."""
+
+    def get(layer: Layer) -> Tensor:
+        return layer.get_variance(name)
+
+    def set_(layer: Layer, value: float | Tensor) -> None:
+        layer._set_variance(name, value)
+
+    return property(get, set_, doc=f"The {name.replace('_', ' ')} (constrained, possibly batched).")
 
 
 def _prior_value(module: Layer, name: str) -> Tensor:

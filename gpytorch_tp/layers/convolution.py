@@ -30,7 +30,7 @@ from ..finite import GlobalAvgPool as FiniteGlobalAvgPool
 from ..finite import GridAvgPool, NTKConv
 from ..geometry import PADDING_MODES, Padding, grid_tuple, padding
 from ..state import KernelState, per_item
-from .base import Layer, standard_deviation
+from .base import Layer, standard_deviation, variance_property
 
 __all__ = ["AvgPool1d", "AvgPool2d", "Conv", "Conv1d", "Conv2d", "Flatten", "GlobalAvgPool"]
 
@@ -184,21 +184,9 @@ class Conv(Layer):
             learnable=learn_bias_variance,
         )
 
-    @property
-    def weight_variance(self) -> Tensor:
-        return self.get_variance("weight_variance")
+    weight_variance = variance_property("weight_variance")
 
-    @weight_variance.setter
-    def weight_variance(self, value: float | Tensor) -> None:
-        self._set_variance("weight_variance", value)
-
-    @property
-    def bias_variance(self) -> Tensor:
-        return self.get_variance("bias_variance")
-
-    @bias_variance.setter
-    def bias_variance(self, value: float | Tensor) -> None:
-        self._set_variance("bias_variance", value)
+    bias_variance = variance_property("bias_variance")
 
     def geometry(self, positions: tuple[int, ...]) -> tuple[tuple[int, ...], tuple[int, ...], tuple[Padding, ...]]:
         """``(kernel_size, stride, paddings)`` per axis of an input grid of shape ``positions``."""

@@ -9,7 +9,7 @@ from torch import Tensor, nn
 
 from ..finite import NTKConv, NTKLinear
 from ..state import KernelState, per_item
-from .base import Layer, standard_deviation
+from .base import Layer, standard_deviation, variance_property
 
 __all__ = ["Linear"]
 
@@ -80,21 +80,9 @@ class Linear(Layer):
             learnable=learn_bias_variance,
         )
 
-    @property
-    def weight_variance(self) -> Tensor:
-        return self.get_variance("weight_variance")
+    weight_variance = variance_property("weight_variance")
 
-    @weight_variance.setter
-    def weight_variance(self, value: float | Tensor) -> None:
-        self._set_variance("weight_variance", value)
-
-    @property
-    def bias_variance(self) -> Tensor:
-        return self.get_variance("bias_variance")
-
-    @bias_variance.setter
-    def bias_variance(self, value: float | Tensor) -> None:
-        self._set_variance("bias_variance", value)
+    bias_variance = variance_property("bias_variance")
 
     def forward(self, state: KernelState) -> KernelState:
         weight = state.broadcast_parameter(self.weight_variance)

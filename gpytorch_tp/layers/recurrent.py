@@ -38,7 +38,7 @@ from ..finite import NTKRNN, BidirectionalRNN
 from ..finite import GlobalAvgPool as FiniteGlobalAvgPool
 from ..finite import LastPosition as FiniteLastPosition
 from ..state import KernelState, per_item, unit_dims
-from .base import Layer, standard_deviation
+from .base import Layer, standard_deviation, variance_property
 from .elementwise import Nonlinearity, nonlinearity_from_name
 
 __all__ = ["RNN", "LastStep", "TimeMean"]
@@ -111,29 +111,11 @@ class RNN(Layer):
                 allow_zero=name == "bias_variance",
             )
 
-    @property
-    def weight_variance(self) -> Tensor:
-        return self.get_variance("weight_variance")
+    weight_variance = variance_property("weight_variance")
 
-    @weight_variance.setter
-    def weight_variance(self, value: float | Tensor) -> None:
-        self._set_variance("weight_variance", value)
+    input_variance = variance_property("input_variance")
 
-    @property
-    def input_variance(self) -> Tensor:
-        return self.get_variance("input_variance")
-
-    @input_variance.setter
-    def input_variance(self, value: float | Tensor) -> None:
-        self._set_variance("input_variance", value)
-
-    @property
-    def bias_variance(self) -> Tensor:
-        return self.get_variance("bias_variance")
-
-    @bias_variance.setter
-    def bias_variance(self, value: float | Tensor) -> None:
-        self._set_variance("bias_variance", value)
+    bias_variance = variance_property("bias_variance")
 
     # -- the recursion ---------------------------------------------------------------------------
 
