@@ -9,13 +9,10 @@ from gpytorch.priors import Prior
 from torch import Tensor
 
 from ..layers import Identity, Layer, LayerNorm, LeakyReLU, Linear, Sequential, Sign, Step, nonlinearity_from_name
+from ..layers.elementwise import variance_preserving_weight_variance
 from .tensor_program_kernel import TensorProgramKernel
 
 __all__ = ["MLPKernel"]
-
-# Weight variances that keep the pre-activation variance constant through depth
-# (He et al. 2015 for the ReLU family); 1 for everything else.
-_VARIANCE_PRESERVING = {"relu": 2.0, "abs": 1.0}
 
 # Positively homogeneous nonlinearities (phi(c u) = c^a phi(u), c > 0): rescaling a
 # layer's output only rescales the rest of the recursion (see ``normalize``).
@@ -140,7 +137,7 @@ class MLPKernel(TensorProgramKernel):
             raise ValueError(f"depth must be a non-negative integer, got {depth!r}")
         template = nonlinearity_from_name(nonlinearity, **(nonlinearity_kwargs or {}))
         if weight_variance is None:
-            weight_variance = _VARIANCE_PRESERVING.get(getattr(template, "name", ""), 1.0)
+            weight_variance = variance_preserving_weight_variance(template)
         batch_shape = torch.Size(kwargs.get("batch_shape") or [])
 
         normalize = bool(normalize)
