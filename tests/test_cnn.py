@@ -1147,6 +1147,7 @@ def test_preset_arguments():
 # 6. Progress bar.
 # =============================================================================================
 
+
 def _progress_case():
     spec, shape = TILING_CASES["2d-same-flatten"]
     return build(spec, 2), _images(8, shape, 16), shape
@@ -1166,3 +1167,19 @@ def test_progress_false_and_default_write_nothing(capsys):
     CNNKernel(shape, depth=1, tile_pairs=1, progress=False)(x).to_dense()
     captured = capsys.readouterr()
     assert captured.err == "" and captured.out == ""
+
+
+def test_tiles_are_ordered_in_column_panels_that_fit_the_per_item_cache():
+    from gpytorch_tp.evaluation import _in_column_panels
+
+    tasks = [(r, c) for r in range(0, 12, 2) for c in range(0, 12, 2) if c >= r]
+    # 10 bytes of per-item work per item, 80 bytes of cache: panels of 4 columns (2 tiles)
+    ordered = _in_column_panels(tasks, col_side=2, limit_bytes=80, per_item_bytes=10)
+    assert sorted(ordered) == sorted(tasks)
+    panels = [c // 4 for _, c in ordered]
+    assert panels == sorted(panels)  # every tile of a panel before any tile of the next
+    first_panel = [t for t in ordered if t[1] < 4]
+    assert first_panel == [(0, 0), (0, 2), (2, 2)]
+    # everything fits (or nothing is known): the row-by-row order is kept
+    assert _in_column_panels(tasks, 2, float("inf"), 10) == tasks
+    assert _in_column_panels(tasks, 2, 80, 0) == tasks
