@@ -16,7 +16,11 @@ equal and independent otherwise:
 either adds the embedding to the features (``mode="add"``: kernels add) or
 appends it as as many extra channels as the features have
 (``mode="concat"``: the next layer sees both halves, so the kernels
-average).  Added to Gaussian features the result is Gaussian.
+average).  The table must be as wide as the network: the layer acts on the
+Gaussian features of a wide layer (after the token embedding
+:class:`~gpytorch_tp.layers.Linear`), never on the network input, whose
+:math:`d` features would make a table of finitely many rows and a kernel that
+stays random at infinite width.  The result is Gaussian.
 """
 
 from __future__ import annotations
@@ -80,6 +84,12 @@ class PositionalEmbedding(Layer):
             raise ValueError(
                 f"PositionalEmbedding needs sequence features (a 1-d grid of tokens), got grid "
                 f"{state.positions or 'none'}: give the kernel input_shape=(T, d) with sequence inputs"
+            )
+        if not state.gaussian:
+            raise ValueError(
+                "PositionalEmbedding needs the Gaussian features of a wide layer, e.g. after the token embedding "
+                "Linear: on the network input (d features) the table would have d rows, a finite number, and "
+                "its kernel would stay random as the width grows; after a nonlinearity put a Linear layer first"
             )
         all_pairs = state.all_position_pairs
         steps = state.positions[0]
