@@ -301,17 +301,17 @@ class NTKSelfAttention(nn.Module):
         self.output = nn.Parameter(torch.randn(out_channels, num_heads * head_width))
         self.bias = nn.Parameter(torch.randn(out_channels)) if bias_std > 0 else None
 
+    def logits(self, x: Tensor) -> Tensor:
+        """The attention logits ``<q_t, k_s> / n_k`` of every head: ``(..., H, L, L)``."""
+        scale = self.query_key_std / math.sqrt(self.in_channels)
+        queries = torch.einsum("hkc,...ct->...htk", self.query, x) * scale
+        keys = queries if self.key is None else torch.einsum("hkc,...ct->...htk", self.key, x) * scale
+        return queries @ keys.transpose(-1, -2) / self.head_width  # 1/n scaling, not 1/sqrt(n)
+
     def forward(self, x: Tensor) -> Tensor:
         tokens = x.shape[-1]
-        root_c = math.sqrt(self.in_channels)
-        values = torch.einsum("hvc,...ct->...htv", self.value, x) * (self.value_std / root_c)
-        queries = torch.einsum("hkc,...ct->...htk", self.query, x) * (self.query_key_std / root_c)
-        keys = (
-            queries
-            if self.key is None
-            else torch.einsum("hkc,...ct->...htk", self.key, x) * (self.query_key_std / root_c)
-        )
-        logits = queries @ keys.transpose(-1, -2) / self.head_width  # 1/n scaling
+        values = torch.einsum("hvc,...ct->...htv", self.value, x) * (self.value_std / math.sqrt(self.in_channels))
+        logits = self.logits(x)
         if self.causal:
             future = torch.ones(tokens, tokens, dtype=torch.bool, device=x.device).triu(1)
             if self.mechanism == "softmax":
