@@ -32,7 +32,7 @@ from gpytorch_tp.empirical import build_network
 from gpytorch_tp.finite import NTKSelfAttention
 from gpytorch_tp.layers import (
     GELU,
-    Conv1d,
+    Conv2d,
     FirstStep,
     LastStep,
     LayerNorm,
@@ -592,7 +592,9 @@ def test_diag_tiles_and_other_sequences_change_nothing(name):
     whole = _transformer(6, tile_pairs=10**9, **options)
     x1, x2 = _padded(PAD_SEQS, 6), _padded(PAD_OTHER, 6)
     full = _both(whole, x1, x2)
-    torch.testing.assert_close(_both(whole, x1, x2, diag=True)[..., :4], full[:, :4, :4].diagonal(dim1=-2, dim2=-1))
+    torch.testing.assert_close(
+        _both(whole, x1[:4], x2, diag=True), full[:, :4, :4].diagonal(dim1=-2, dim2=-1), rtol=1e-12, atol=1e-12
+    )
     own = _both(whole, x1)
     torch.testing.assert_close(_both(whole, x1, diag=True), own.diagonal(dim1=-2, dim2=-1), rtol=1e-12, atol=1e-12)
     tiled = _transformer(6, tile_pairs=2, **options)
@@ -643,10 +645,10 @@ class TestTransformerKernelCausalNTK(_SequenceData, BaseKernelTestCase, unittest
 
 def test_exact_gp_with_a_transformer_kernel_trains_and_gradients_are_finite():
     g = torch.Generator().manual_seed(41)
-    x = torch.randn(20, 4, 2, generator=g, dtype=DTYPE)
+    x = torch.randn(14, 4, 2, generator=g, dtype=DTYPE)
     y = torch.tanh(x[..., 0].mean(-1) * 2)
     x[::3, 3:] = NAN
-    x = x.reshape(20, 8)
+    x = x.reshape(14, 8)
 
     class GP(gpytorch.models.ExactGP):
         def __init__(self):
@@ -664,7 +666,7 @@ def test_exact_gp_with_a_transformer_kernel_trains_and_gradients_are_finite():
     model.train()
     losses = []
     with gpytorch.settings.debug(False):
-        for _ in range(10):
+        for _ in range(6):
             optimizer.zero_grad()
             loss = -mll(model(x), y)
             loss.backward()
@@ -698,7 +700,7 @@ def test_float32_agrees_with_float64_and_input_gradients_are_finite():
 
 def test_bad_input_gets_clear_messages():
     with pytest.raises(ValueError, match="9 features but the kernel expects 8"):
-        TransformerKernel((4, 2))(torch.randn(3, 9))
+        TransformerKernel((4, 2))(torch.randn(3, 9)).to_dense()
     with pytest.raises(ValueError, match=r"input_shape=\(T, d\)"):
         TransformerKernel((8,))
     with pytest.raises(ValueError, match="readout"):
@@ -722,20 +724,20 @@ def test_bad_input_gets_clear_messages():
     with pytest.raises(ValueError, match="sequence features"):
         evaluate(Sequential(Linear(), SelfAttention(), Linear()), x, x)
     with pytest.raises(ValueError, match="sequence features"):
-        evaluate(Sequential(Conv1d(), SelfAttention(), TimeMean(), Linear()), x, x, input_shape=(2, 4))
+        evaluate(Sequential(Conv2d(), SelfAttention(), TimeMean(), Linear()), x, x, input_shape=(1, 2, 4))
     # A positional table on the raw inputs would be finite.
     with pytest.raises(ValueError, match="Gaussian features of a wide layer"):
         TensorProgramKernel(
             Sequential(PositionalEmbedding(), Linear(), TimeMean(), Linear()), input_shape=(4, 2), sequence=True
-        )(x)
+        )(x).to_dense()
     # NaN inside a token, padding before a token.
     bad = torch.randn(2, 4, 2)
     bad[0, 1, 0] = NAN
     with pytest.raises(ValueError, match="some but not all features"):
-        TransformerKernel((4, 2))(bad.reshape(2, 8))
+        TransformerKernel((4, 2))(bad.reshape(2, 8)).to_dense()
     bad = torch.randn(2, 4, 2)
     bad[0, 1] = NAN
     with pytest.raises(ValueError, match="pad sequences at the end"):
-        TransformerKernel((4, 2))(bad.reshape(2, 8))
+        TransformerKernel((4, 2))(bad.reshape(2, 8)).to_dense()
     with pytest.raises(TypeError, match="floating point"):
-        TransformerKernel((4, 2))(torch.ones(2, 8, dtype=torch.long))
+        TransformerKernel((4, 2))(torch.ones(2, 8, dtype=torch.long)).to_dense()
