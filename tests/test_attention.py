@@ -287,7 +287,11 @@ def _block(attention: tuple, w: float = 2.0) -> list:
 # name -> (layers, readout, head (w, b))
 REFERENCE_CASES = {
     "tied-softmax-mean": ([("linear", 1.3, 0.1), _attention(qk=1.7, v=1.2, o=0.9, b=0.2)], "mean", (1.0, 0.1)),
-    "independent-softmax-last": ([("linear", 1.0, 0.2), _attention(query_key="independent", b=0.1)], "last", (1.5, 0.1)),
+    "independent-softmax-last": (
+        [("linear", 1.0, 0.2), _attention(query_key="independent", b=0.1)],
+        "last",
+        (1.5, 0.1),
+    ),
     "tied-causal-first": ([("linear", 1.1, 0.1), _attention(causal=True, qk=2.5, v=0.8)], "first", (1.0, 0.2)),
     "tied-causal-last": ([_attention(causal=True, qk=0.7, b=0.3)], "last", (1.2, 0.0)),
     "identity-causal-mean": (
@@ -452,9 +456,9 @@ FINITE_CASES = {
     "independent-causal-last": lambda: Sequential(
         Linear(), SelfAttention("independent", causal=True), LastStep(), Linear()
     ),
-    "identity-causal-two-heads": lambda: Sequential(
+    "tied-causal-two-heads-mean": lambda: Sequential(
         Linear(),
-        SelfAttention("tied", "identity", causal=True, num_heads=2, query_key_variance=0.5),
+        SelfAttention("tied", causal=True, num_heads=2, query_key_variance=1.0, bias_variance=0.1),
         TimeMean(),
         Linear(),
     ),
@@ -471,7 +475,7 @@ FINITE_CASES = {
     "transformer-gelu-concat-first": lambda: Sequential(
         Linear(),
         PositionalEmbedding(1.0, mode="concat"),
-        Residual(SelfAttention("tied", num_heads=2, bias_variance=0.1)),
+        Residual(SelfAttention("tied", bias_variance=0.1)),
         LayerNorm(),
         Residual(Linear(), GELU(), Linear()),
         LayerNorm(),
@@ -531,7 +535,13 @@ def _finite_errors(name: str, kind: str, seed_set: int = 0) -> dict:
     }
 
 
-# Calibration: every case with 6 seed sets (seed_set 0..5).  See the comment in the report.
+# Calibration: every case with 5 seed sets (seed_set 0..4 of _finite_errors), widths 64 and 512.
+# Largest error at width 512: NNGP 0.120 (independent-causal-last; the transformer cases
+# 0.014-0.047), NTK 0.111 (independent-causal-last).  Smallest ratio (mean error at 64) / (error
+# at 512): 1.00 once (tied-softmax-mean NTK, seed set 3), otherwise 1.68 or more (about
+# sqrt(512 / 64) = 2.8 expected).  The identity mechanism converges too (NTK, mean of 4 networks:
+# 0.17 at width 128, 0.03-0.05 at 512 and 2048) but its networks scatter too much for a cheap
+# test; it is checked exactly by the reference and through its logits.
 FINITE_BOUNDS = {"nngp": 0.15, "ntk": 0.12}
 FINITE_RATIO = {"nngp": 1.4, "ntk": 1.4}
 
@@ -544,6 +554,33 @@ def test_finite_width_networks_on_unpadded_sequences_converge_to_the_kernel(name
     message = f"{name} {kind}: width {NARROW} {narrow:.4f} (mean), {WIDE} {errors[WIDE]:.4f}"
     assert errors[WIDE] < FINITE_BOUNDS[kind], message
     assert errors[WIDE] < narrow / FINITE_RATIO[kind], message
+
+
+def _gram(named, grads, keep) -> torch.Tensor:
+    """The NTK block of the parameters whose names ``keep`` accepts."""
+    jacobian = torch.stack(
+        [torch.cat([g.reshape(-1) for (name, _), g in zip(named, row) if keep(name)]) for row in grads]
+    )
+    return jacobian @ jacobian.T
+
+
+def test_query_key_gradients_are_negligible_in_the_ntk():
+    # The modelling assumption of the NTK: the parameters of the logits (the tied W_QK, or W_Q
+    # and W_K) contribute O(1/n) to the NTK (a logit is an average over n units).  Measured
+    # (6 networks each, Frobenius norm of their NTK block): mean 3.8e-3 at width 64, 2.5e-3 at
+    # 256, 6.0e-4 at 1024, against a total NTK of norm ~20; the block is heavy-tailed from
+    # network to network, so the test bounds its share of the NTK instead of its rate.  With
+    # the usual 1/sqrt(n) scaling the share would be of order one.
+    shares = []
+    for query_key in ("tied", "independent"):
+        arch = Sequential(Linear(), SelfAttention(query_key, query_key_variance=2.0), TimeMean(), Linear())
+        for seed in range(2):
+            network = _finite_network(arch, 256, 1, seed)
+            named = list(network.named_parameters())
+            grads = [torch.autograd.grad(network(s.T).sum(), [p for _, p in named]) for s in FIN_SEQS]
+            logits_parameters = _gram(named, grads, lambda name: "query" in name or "key" in name)
+            shares.append((logits_parameters.norm() / _gram(named, grads, lambda name: True).norm()).item())
+    assert max(shares) < 1e-2, shares
 
 
 # =============================================================================================
