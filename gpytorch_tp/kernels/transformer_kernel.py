@@ -68,6 +68,8 @@ class TransformerKernel(TensorProgramKernel):
     :param weight_variance: starting weight variance of the embedding, MLP and readout layers (default 1;
         2 for ReLU keeps the MLP's scale).
     :param bias_variance: starting bias variance of those layers (default 0.1).
+    :param mlp_weight_variance: starting weight variance of the MLP's first layer, the
+        one feeding the nonlinearity (default: ``weight_variance``; 2 suits ReLU).
     :param query_key_variance: starting scale :math:`\sigma_{qk}^2` of the limiting logits (default 1).
     :param positional_variance: starting variance of the positional embedding (default 1).
     :param layer_norm_affine: the LayerNorms have trained per-unit gains and biases
@@ -100,6 +102,7 @@ class TransformerKernel(TensorProgramKernel):
         num_heads: int = 1,
         weight_variance: float = 1.0,
         bias_variance: float = 0.1,
+        mlp_weight_variance: float | None = None,
         query_key_variance: float = 1.0,
         positional_variance: float = 1.0,
         layer_norm_affine: bool = False,
@@ -120,8 +123,10 @@ class TransformerKernel(TensorProgramKernel):
         batch_shape = torch.Size(kwargs.get("batch_shape") or [])
         nonlinearity_from_name(nonlinearity)  # a clear error for an unknown name, before building anything
 
-        def dense() -> Linear:
-            return Linear(weight_variance, bias_variance, batch_shape=batch_shape)
+        def dense(variance: float = weight_variance) -> Linear:
+            return Linear(variance, bias_variance, batch_shape=batch_shape)
+
+        hidden_variance = weight_variance if mlp_weight_variance is None else mlp_weight_variance
 
         layers: list[Layer] = [dense()]
         if positional != "none":
@@ -140,7 +145,7 @@ class TransformerKernel(TensorProgramKernel):
             layers += [
                 Residual(attention),
                 LayerNorm(elementwise_affine=layer_norm_affine),
-                Residual(dense(), phi, dense()),
+                Residual(dense(hidden_variance), phi, dense()),
                 LayerNorm(elementwise_affine=layer_norm_affine),
             ]
         layers += [{"mean": TimeMean, "last": LastStep, "first": FirstStep}[readout](), dense()]
