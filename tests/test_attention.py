@@ -537,11 +537,13 @@ def _finite_errors(name: str, kind: str, seed_set: int = 0) -> dict:
 
 # Calibration: every case with 5 seed sets (seed_set 0..4 of _finite_errors), widths 64 and 512.
 # Largest error at width 512: NNGP 0.120 (independent-causal-last; the transformer cases
-# 0.014-0.047), NTK 0.111 (independent-causal-last).  Smallest ratio (mean error at 64) / (error
-# at 512): 1.00 once (tied-softmax-mean NTK, seed set 3), otherwise 1.68 or more (about
-# sqrt(512 / 64) = 2.8 expected).  The identity mechanism converges too (NTK, mean of 4 networks:
-# 0.17 at width 128, 0.03-0.05 at 512 and 2048) but its networks scatter too much for a cheap
-# test; it is checked exactly by the reference and through its logits.
+# 0.014-0.079), NTK 0.111 (independent-causal-last).  Ratio (mean error at 64) / (error at 512),
+# about sqrt(512 / 64) = 2.8 expected: at least 1.5 in 47 of the 50 (case, kind, seed set), but
+# 0.79 (transformer-gelu-concat-first NNGP), 1.00 (tied-softmax-mean NTK) and 1.33 once each:
+# with LayerNorm the error at width 64 is already near the sampling floor of 4 networks.  With
+# the seeds fixed (seed set 0) the smallest ratio is 1.68.  The identity mechanism converges too
+# (NTK, mean of 4 networks: 0.17 at width 128, 0.03-0.05 at 512 and 2048), but single networks
+# scatter too much for a cheap test; it is checked exactly by the reference and through its logits.
 FINITE_BOUNDS = {"nngp": 0.15, "ntk": 0.12}
 FINITE_RATIO = {"nngp": 1.4, "ntk": 1.4}
 
