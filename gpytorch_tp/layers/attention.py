@@ -138,6 +138,7 @@ class SelfAttention(Layer):
     """
 
     needs_all_position_pairs = True
+    acts_on_position_blocks = True
 
     def __init__(
         self,

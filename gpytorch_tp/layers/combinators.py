@@ -49,6 +49,10 @@ class Sequential(Layer):
     def needs_all_position_pairs(self) -> bool:
         return any(layer.needs_all_position_pairs for layer in self.layers)
 
+    @property
+    def acts_on_position_blocks(self) -> bool:
+        return any(layer.acts_on_position_blocks for layer in self.layers)
+
     def finite_module(
         self,
         in_shape: tuple[int, ...],
@@ -132,6 +136,10 @@ class Residual(Layer):
     @property
     def needs_all_position_pairs(self) -> bool:
         return self.block.needs_all_position_pairs or (self.skip is not None and self.skip.needs_all_position_pairs)
+
+    @property
+    def acts_on_position_blocks(self) -> bool:
+        return self.block.acts_on_position_blocks or (self.skip is not None and self.skip.acts_on_position_blocks)
 
     def finite_module(self, in_shape: tuple[int, ...], width: int):
         in_shape = tuple(in_shape)
