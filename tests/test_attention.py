@@ -576,7 +576,7 @@ def test_query_key_gradients_are_negligible_in_the_ntk():
     shares = []
     for query_key in ("tied", "independent"):
         arch = Sequential(Linear(), SelfAttention(query_key, query_key_variance=2.0), TimeMean(), Linear())
-        for seed in range(2):
+        for seed in range(1):
             network = _finite_network(arch, 256, 1, seed)
             named = list(network.named_parameters())
             grads = [torch.autograd.grad(network(s.T).sum(), [p for _, p in named]) for s in FIN_SEQS]
@@ -780,3 +780,17 @@ def test_bad_input_gets_clear_messages():
         TransformerKernel((4, 2))(bad.reshape(2, 8)).to_dense()
     with pytest.raises(TypeError, match="floating point"):
         TransformerKernel((4, 2))(torch.ones(2, 8, dtype=torch.long)).to_dense()
+
+
+def test_benchmark_script_smoke(capsys):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "transformer_kernels.py"
+    spec = importlib.util.spec_from_file_location("transformer_kernels_benchmark", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    result = module.main(["--smoke"])
+    (row,) = result["rows"]
+    assert 0 < row["best"] <= row["median"] and row["peak_growth_mib"] >= 0
+    assert "| 6 | 5 | mean |" in capsys.readouterr().out
