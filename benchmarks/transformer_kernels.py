@@ -10,7 +10,9 @@ sequence pairs: O(N^2 T^2) numbers, O(N^2 T^3) operations (two T x T matrix
 products per pair and attention layer).
 
 Every timed call follows one untimed warm-up call; times are the best and the
-median of ``--repeats`` calls under ``torch.no_grad()``.  Peak memory is the
+median of ``--repeats`` calls under ``torch.no_grad()``, with the CPU time of
+the process during the fastest call (less sensitive to other processes on a
+shared machine than wall time).  Peak memory is the
 growth of the process's peak resident set (``ru_maxrss``) over its value
 before the first evaluation, so it counts the evaluation's tiles, its
 per-sequence work and the outputs.  The machine's load average is printed:
@@ -60,13 +62,15 @@ def peak_rss_mib() -> float:
 
 
 def time_call(fn, repeats: int) -> dict:
+    """Wall-clock best and median, and the CPU time of the process for the best-wall call."""
     fn()  # warm-up
-    times = []
+    times, cpu = [], []
     for _ in range(repeats):
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         fn()
         times.append(time.perf_counter() - start)
-    return {"best": min(times), "median": statistics.median(times)}
+        cpu.append(time.process_time() - cpu_start)
+    return {"best": min(times), "median": statistics.median(times), "cpu": cpu[times.index(min(times))]}
 
 
 def benchmark(sizes, steps_list, d: int, depth: int, readouts, repeats: int, padded: bool) -> list[dict]:
@@ -108,13 +112,13 @@ def benchmark(sizes, steps_list, d: int, depth: int, readouts, repeats: int, pad
 
 def format_table(rows: list[dict], d: int, depth: int) -> str:
     lines = [
-        "| N | T | readout | NNGP + NTK best (s) | median (s) | peak RSS growth (MiB) |",
-        "|---|---|---|---|---|---|",
+        "| N | T | readout | NNGP + NTK best (s) | median (s) | CPU (s) | peak RSS growth (MiB) |",
+        "|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         readout = r["readout"] + (" (causal)" if r["causal"] else "")
         lines.append(
-            f"| {r['n']} | {r['steps']} | {readout} | {r['best']:.3f} | {r['median']:.3f} | "
+            f"| {r['n']} | {r['steps']} | {readout} | {r['best']:.3f} | {r['median']:.3f} | {r['cpu']:.3f} | "
             f"{r['peak_growth_mib']:.0f} |"
         )
     lines.append(f"(d = {d}, depth {depth}, float64, x1 is x2; peak growth is cumulative over the rows above)")
