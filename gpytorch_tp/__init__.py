@@ -10,7 +10,7 @@ Gaussian process of a wide network during gradient-descent training.
 from . import layers
 from .dynamics import TrainedNetworkGP
 from .evaluation import evaluate
-from .kernels import CNNKernel, MLPKernel, MyrtleKernel, RNNKernel, TensorProgramKernel
+from .kernels import CNNKernel, MLPKernel, MyrtleKernel, RNNKernel, TensorProgramKernel, TransformerKernel
 from .state import KernelState
 
 __version__ = "0.1.0"
@@ -23,6 +23,7 @@ __all__ = [
     "RNNKernel",
     "TensorProgramKernel",
     "TrainedNetworkGP",
+    "TransformerKernel",
     "__version__",
     "evaluate",
     "layers",

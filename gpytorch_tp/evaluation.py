@@ -399,7 +399,9 @@ def evaluate(
         memory_budget = default_memory_budget(x1.device)
     elif memory_budget <= 0:
         raise ValueError(f"memory_budget must be a positive number of bytes, got {memory_budget}")
-    plan = _TilePlan.make(layout, x1, tile_pairs, memory_budget, progress)
+    plan = _TilePlan.make(
+        layout, x1, tile_pairs, memory_budget, progress, getattr(architecture, "acts_on_position_blocks", False)
+    )
     with shared_per_item_work(limit_bytes=memory_budget / 4):
         return _evaluate(architecture, x1, x2, diag, ntk, plan)
 
@@ -413,7 +415,15 @@ class _TilePlan:
     progress: bool | None
 
     @classmethod
-    def make(cls, layout: InputLayout, x: Tensor, tile_pairs: int | None, budget: int, progress: bool | None):
+    def make(
+        cls,
+        layout: InputLayout,
+        x: Tensor,
+        tile_pairs: int | None,
+        budget: int,
+        progress: bool | None,
+        position_blocks: bool = False,
+    ):
         if tile_pairs is None:
             target = DEFAULT_CUDA_TILE_PAIRS if x.device.type == "cuda" else DEFAULT_TILE_PAIRS
             # Items with all pixel pairs hold many numbers per pair: a tile of
@@ -424,8 +434,10 @@ class _TilePlan:
             # in tiles of 64, 1.0 ms in tiles of 4).  The per-item work is
             # reused across tiles (see _in_column_panels).
             # A recurrent recursion works on one step (of T) at a time, so
-            # sequences count the numbers of one step per pair.
-            per_operation = layout.pair_elements // (layout.positions[0] if layout.sequence else 1)
+            # sequences count the numbers of one step per pair, unless a layer
+            # works on whole blocks of step pairs (attention).
+            stepwise = layout.sequence and not position_blocks
+            per_operation = layout.pair_elements // (layout.positions[0] if stepwise else 1)
             tile_pairs = max(_MIN_TILE_PAIRS, target // max(1, per_operation))
             workers = _tile_workers(2**30, x.device)
             pair_bytes = layout.pair_elements * x.element_size() * _LIVE_TILE_TENSORS

@@ -19,11 +19,14 @@ __all__ = [
     "NTKRNN",
     "BidirectionalRNN",
     "CorrelationNorm",
+    "FirstPosition",
     "GlobalAvgPool",
     "GridAvgPool",
     "LastPosition",
+    "LearnedPositions",
     "NTKConv",
     "NTKLinear",
+    "NTKSelfAttention",
     "Pointwise",
     "ResidualSum",
 ]
@@ -257,3 +260,97 @@ class LastPosition(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return x[..., -1]
+
+
+class NTKSelfAttention(nn.Module):
+    r"""Finite multi-head self-attention with :math:`1/n_k` logit scaling, NTK parameterisation.
+
+    Inputs ``(..., C, L)`` (channels first, one unpadded sequence of ``L``
+    tokens per leading index), outputs ``(..., out_channels, L)``; see the
+    module docstring of :mod:`gpytorch_tp.layers.attention` for the formulas.
+    All weights and the bias are standard normal and trained as such.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        *,
+        num_heads: int,
+        head_width: int,
+        query_key: str,
+        mechanism: str,
+        causal: bool,
+        value_std: float,
+        output_std: float,
+        bias_std: float,
+        query_key_std: float,
+    ):
+        super().__init__()
+        self.in_channels, self.num_heads, self.head_width = in_channels, num_heads, head_width
+        self.query_key, self.mechanism, self.causal = query_key, mechanism, causal
+        self.value_std, self.output_std, self.bias_std, self.query_key_std = (
+            value_std,
+            output_std,
+            bias_std,
+            query_key_std,
+        )
+        self.value = nn.Parameter(torch.randn(num_heads, head_width, in_channels))
+        self.query = nn.Parameter(torch.randn(num_heads, head_width, in_channels))
+        self.key = nn.Parameter(torch.randn(num_heads, head_width, in_channels)) if query_key == "independent" else None
+        self.output = nn.Parameter(torch.randn(out_channels, num_heads * head_width))
+        self.bias = nn.Parameter(torch.randn(out_channels)) if bias_std > 0 else None
+
+    def logits(self, x: Tensor) -> Tensor:
+        """The attention logits ``<q_t, k_s> / n_k`` of every head: ``(..., H, L, L)``."""
+        scale = self.query_key_std / math.sqrt(self.in_channels)
+        queries = torch.einsum("hkc,...ct->...htk", self.query, x) * scale
+        keys = queries if self.key is None else torch.einsum("hkc,...ct->...htk", self.key, x) * scale
+        return queries @ keys.transpose(-1, -2) / self.head_width  # 1/n scaling, not 1/sqrt(n)
+
+    def forward(self, x: Tensor) -> Tensor:
+        tokens = x.shape[-1]
+        values = torch.einsum("hvc,...ct->...htv", self.value, x) * (self.value_std / math.sqrt(self.in_channels))
+        logits = self.logits(x)
+        if self.causal:
+            future = torch.ones(tokens, tokens, dtype=torch.bool, device=x.device).triu(1)
+            if self.mechanism == "softmax":
+                logits = logits.masked_fill(future, float("-inf"))
+            else:
+                logits = logits.masked_fill(future, 0.0)
+        weights = torch.softmax(logits, -1) if self.mechanism == "softmax" else logits
+        heads = weights @ values  # (..., H, T, n_v)
+        joined = heads.movedim(-3, -2).reshape(*heads.shape[:-3], tokens, self.num_heads * self.head_width)
+        out = joined @ self.output.T * (self.output_std / math.sqrt(self.num_heads * self.head_width))
+        if self.bias is not None:
+            out = out + self.bias_std * self.bias
+        return out.transpose(-1, -2)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_channels={self.in_channels}, out_channels={self.output.shape[0]}, heads={self.num_heads}, "
+            f"head_width={self.head_width}, query_key={self.query_key!r}, mechanism={self.mechanism!r}, "
+            f"causal={self.causal}"
+        )
+
+
+class LearnedPositions(nn.Module):
+    """A learned positional embedding ``std * P[:, :L]`` (``P ~ N(0, 1)``), added to or stacked under ``(..., C, L)``."""
+
+    def __init__(self, channels: int, max_steps: int, std: float, mode: str):
+        super().__init__()
+        self.std, self.mode = std, mode
+        self.table = nn.Parameter(torch.randn(channels, max_steps))
+
+    def forward(self, x: Tensor) -> Tensor:
+        embedding = self.std * self.table[:, : x.shape[-1]]
+        if self.mode == "add":
+            return x + embedding
+        return torch.cat([x, embedding.expand(*x.shape[:-2], *embedding.shape)], -2)
+
+
+class FirstPosition(nn.Module):
+    """The features at the first position of a 1-d grid: ``(..., C, T) -> (..., C)``."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x[..., 0]

@@ -135,3 +135,27 @@ def test_rnn_sequences_tutorial_smoke_beats_chance(tmp_path, capsys):
     # guessing has probability about 2e-4.
     for r in run["cut_results"]:
         assert r.accuracy[size] >= 0.3, (r.name, r.accuracy)
+
+
+def test_transformer_sequences_tutorial_smoke_beats_chance(tmp_path, capsys):
+    pytest.importorskip("matplotlib", reason="the tutorials need matplotlib")
+    import torch
+
+    tutorial = _load_tutorial("transformer_sequences")
+
+    run = tutorial.main(["--smoke", "--out", str(tmp_path), "--seed", "0"])
+
+    assert run["figure"] == tmp_path / "transformer_sequences.png"
+    assert run["figure"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    out = capsys.readouterr().out
+    assert "whole digits, test accuracy" in out and "test accuracy by rows seen" in out
+    (size,) = run["sizes"]
+    names = [r.name for r in run["results"]]
+    assert names == [r.name for r in run["cut_results"]]
+    assert {"tied NNGP", "tied NTK", "uniform NNGP", "causal NTK", "RBF (pixels)"} <= set(names)
+    for r in run["results"]:
+        if r.name.startswith("tied"):
+            assert r.accuracy[size] >= 0.5, (r.name, r.accuracy)  # chance is 0.1
+    cut = run["cut_data"]
+    steps = cut.test_x.reshape(len(cut.test_x), 8, 8)
+    assert (torch.isnan(steps).all(-1).sum(-1) == 8 - cut.test_rows).all()

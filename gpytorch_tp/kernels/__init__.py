@@ -4,5 +4,6 @@ from .cnn_kernel import CNNKernel, MyrtleKernel
 from .mlp_kernel import MLPKernel
 from .rnn_kernel import RNNKernel
 from .tensor_program_kernel import KINDS, TensorProgramKernel
+from .transformer_kernel import TransformerKernel
 
-__all__ = ["KINDS", "CNNKernel", "MLPKernel", "MyrtleKernel", "RNNKernel", "TensorProgramKernel"]
+__all__ = ["KINDS", "CNNKernel", "MLPKernel", "MyrtleKernel", "RNNKernel", "TensorProgramKernel", "TransformerKernel"]

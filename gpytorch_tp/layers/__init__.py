@@ -1,5 +1,6 @@
 """Layers of infinitely wide networks: each maps a :class:`~gpytorch_tp.state.KernelState` to another."""
 
+from .attention import SelfAttention
 from .base import Layer
 from .combinators import Residual, Sequential
 from .convolution import AvgPool1d, AvgPool2d, Conv, Conv1d, Conv2d, Flatten, GlobalAvgPool
@@ -25,7 +26,8 @@ from .elementwise import (
     nonlinearity_from_name,
 )
 from .normalization import LayerNorm
-from .recurrent import RNN, LastStep, TimeMean
+from .positional import PositionalEmbedding
+from .recurrent import RNN, FirstStep, LastStep, TimeMean
 
 __all__ = [
     "GELU",
@@ -40,6 +42,7 @@ __all__ = [
     "Cos",
     "Elementwise",
     "Erf",
+    "FirstStep",
     "Flatten",
     "GlobalAvgPool",
     "Identity",
@@ -49,8 +52,10 @@ __all__ = [
     "LeakyReLU",
     "Linear",
     "Nonlinearity",
+    "PositionalEmbedding",
     "ReLU",
     "Residual",
+    "SelfAttention",
     "Sequential",
     "SiLU",
     "Sigmoid",

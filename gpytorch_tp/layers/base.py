@@ -40,6 +40,12 @@ class Layer(Module):
     #: mixes positions), not only aligned ones; see :class:`~gpytorch_tp.state.KernelState`.
     needs_all_position_pairs: bool = False
 
+    #: Whether the layer's operations act on whole blocks of position pairs at
+    #: once (attention multiplies T x T' matrices), so that a tile of the
+    #: kernel matrix should count every position pair of a pair of sequences
+    #: (rather than one step's, as the step-by-step recurrent layers).
+    acts_on_position_blocks: bool = False
+
     def finite_module(self, in_shape: tuple[int, ...], width: int) -> tuple[nn.Module, tuple[int, ...]]:
         """A finite-width torch module with this layer's initialisation.
 

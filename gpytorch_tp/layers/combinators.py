@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 
+import torch
 from torch import nn
 
 from ..finite import ResidualSum
-from ..state import KernelState
+from ..state import KernelState, per_item
 from .base import Layer
 
 __all__ = ["Residual", "Sequential"]
@@ -48,6 +49,10 @@ class Sequential(Layer):
     @property
     def needs_all_position_pairs(self) -> bool:
         return any(layer.needs_all_position_pairs for layer in self.layers)
+
+    @property
+    def acts_on_position_blocks(self) -> bool:
+        return any(layer.acts_on_position_blocks for layer in self.layers)
 
     def finite_module(
         self,
@@ -121,8 +126,10 @@ class Residual(Layer):
             ntk = None
         return block.replace(
             cross=block.cross + skip.cross,
-            var1=block.var1 + skip.var1,
-            var2=block.var2 + skip.var2,
+            # Per-item work (see ``state.per_item``): a new tensor per tile would
+            # make every later per-item result a cache miss held until the end.
+            var1=per_item(torch.add, block.var1, skip.var1),
+            var2=per_item(torch.add, block.var2, skip.var2),
             ntk=ntk,
             gaussian=block.gaussian and skip.gaussian,
             fresh=block.fresh and skip.fresh,
@@ -132,6 +139,10 @@ class Residual(Layer):
     @property
     def needs_all_position_pairs(self) -> bool:
         return self.block.needs_all_position_pairs or (self.skip is not None and self.skip.needs_all_position_pairs)
+
+    @property
+    def acts_on_position_blocks(self) -> bool:
+        return self.block.acts_on_position_blocks or (self.skip is not None and self.skip.acts_on_position_blocks)
 
     def finite_module(self, in_shape: tuple[int, ...], width: int):
         in_shape = tuple(in_shape)

@@ -35,13 +35,14 @@ from gpytorch.priors import Prior
 from torch import Tensor, nn
 
 from ..finite import NTKRNN, BidirectionalRNN
+from ..finite import FirstPosition as FiniteFirstPosition
 from ..finite import GlobalAvgPool as FiniteGlobalAvgPool
 from ..finite import LastPosition as FiniteLastPosition
 from ..state import KernelState, per_item, unit_dims
 from .base import Layer, standard_deviation, variance_property
 from .elementwise import Nonlinearity, nonlinearity_from_name
 
-__all__ = ["RNN", "LastStep", "TimeMean"]
+__all__ = ["RNN", "FirstStep", "LastStep", "TimeMean"]
 
 
 def _check_sequence(layer: Layer, state: KernelState) -> None:
@@ -348,6 +349,66 @@ def _last_step(t: Tensor) -> Tensor:
 
 def _last_pair(t: Tensor) -> Tensor:
     return t[..., -1, -1]
+
+
+class FirstStep(Layer):
+    r"""Readout: the features at each sequence's own first step (the first token, as BERT's ``[CLS]``).
+
+    Padded sequences are aligned at their ends, so the first steps of two
+    sequences of different lengths sit at different positions: this readout
+    needs every step pair.
+    """
+
+    needs_all_position_pairs = True
+
+    def forward(self, state: KernelState) -> KernelState:
+        _check_sequence(self, state)
+        if not state.all_position_pairs:
+            raise RuntimeError("FirstStep needs all step pairs; evaluate through gpytorch_tp.evaluate or a kernel")
+        if state.valid1 is None:
+            cross, ntk = _first_pair(state.cross), None if state.ntk is None else _first_pair(state.ntk)
+            var1, var2 = per_item(_first_pair, state.var1), per_item(_first_pair, state.var2)
+        else:
+            first1, first2 = per_item(_first_of_rows, state.valid1), per_item(_first_of_columns, state.valid2)
+            selector = first1 * first2  # per pair of items: not cached
+            cross = (state.cross * selector).sum((-2, -1))
+            ntk = None if state.ntk is None else (state.ntk * selector).sum((-2, -1))
+            var1 = per_item(_pick_own_first, state.var1, first1)
+            var2 = per_item(_pick_own_first, state.var2, per_item(_columns_as_rows, first2))
+        return state.replace(
+            cross=cross,
+            var1=var1,
+            var2=var2,
+            ntk=ntk,
+            positions=(),
+            all_position_pairs=False,
+            valid1=None,
+            valid2=None,
+        )
+
+    def finite_module(self, in_shape: tuple[int, ...], width: int) -> tuple[nn.Module, tuple[int, ...]]:
+        return FiniteFirstPosition(), (in_shape[0],)
+
+
+def _first_pair(t: Tensor) -> Tensor:
+    return t[..., 0, 0]
+
+
+def _first_of_rows(valid: Tensor) -> Tensor:
+    """1 at the first valid position of a column of positions ``(..., T, 1)``."""
+    return valid * (valid.cumsum(-2) == 1)
+
+
+def _first_of_columns(valid: Tensor) -> Tensor:
+    return valid * (valid.cumsum(-1) == 1)
+
+
+def _columns_as_rows(t: Tensor) -> Tensor:
+    return t.transpose(-1, -2)
+
+
+def _pick_own_first(self_covariance: Tensor, first_rows: Tensor) -> Tensor:
+    return (self_covariance * first_rows * first_rows.transpose(-1, -2)).sum((-2, -1))
 
 
 class TimeMean(Layer):
