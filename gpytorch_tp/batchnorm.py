@@ -1,0 +1,358 @@
+r"""Infinite-width kernels of BatchNorm + ReLU networks (Yang et al. 2019, arXiv 1902.08129).
+
+A BatchNorm layer normalises each unit over the *batch*, so the output for one
+point depends on every point of its batch and the network is a Gaussian
+process over batches, not over points.  This module gives the recursion for
+the MLP
+
+.. math::
+
+    f = L_{D+1} \circ \mathrm{ReLU} \circ \mathrm{BN} \circ L_D \circ \cdots
+        \circ \mathrm{ReLU} \circ \mathrm{BN} \circ L_1, \qquad
+    L_\ell(z) = \sigma_{w,\ell} W_\ell z / \sqrt{n_{\ell-1}} + \sigma_{b,\ell} b_\ell,
+
+with BatchNorm in training mode, without affine parameters:
+:math:`\mathrm{BN}(h)_i = (h_i - \bar h) / \sqrt{\frac1B \sum_j (h_j - \bar h)^2 + \epsilon}`
+per unit over the :math:`B` points of the batch.
+
+**Single batch.**  With :math:`h \sim N(0, \Sigma)` over the batch (one unit),
+:math:`G = I - \mathbf 1 \mathbf 1^T / B`, :math:`z = G h \sim N(0, S)`,
+:math:`S = G \Sigma G`, the normalised unit is
+:math:`y = \sqrt B\, z / \sqrt{\|z\|^2 + B\epsilon}`.  Writing
+:math:`1/(\|z\|^2 + B\epsilon) = \int_0^\infty e^{-s(\|z\|^2 + B\epsilon)} ds`,
+the factor :math:`e^{-s\|z\|^2}` tilts :math:`N(0, S)` into
+:math:`N(0, M_s)` with :math:`M_s = S (I + 2 s S)^{-1}` and mass
+:math:`\det(I + 2 s S)^{-1/2}` (valid for the singular :math:`S`: the tilt
+acts on the range of :math:`S` only), and ReLU is positively homogeneous, so
+
+.. math::
+
+    V(\Sigma)_{ij} = E[\mathrm{relu}(y_i)\,\mathrm{relu}(y_j)]
+    = B \int_0^\infty \frac{e^{-s B \epsilon}}{\sqrt{\det(I + 2 s S)}}\,
+      J_1\big((M_s)_{ii}, (M_s)_{jj}, (M_s)_{ij}\big)\, ds,
+
+with :math:`J_1` the arc-cosine kernel of degree 1 (``E[relu(u) relu(v)]``).
+
+**Two batches** (same weights, own normalisation statistics), of sizes
+:math:`B_1, B_2`, with joint pre-activation covariance
+:math:`\Sigma = [[\Sigma_{11}, \Sigma_{12}], [\Sigma_{21}, \Sigma_{22}]]`:
+:math:`1/\sqrt{a} = \pi^{-1/2} \int_0^\infty s^{-1/2} e^{-s a} ds` for each
+norm gives
+
+.. math::
+
+    V_{12}(\Sigma)_{ij} = \frac{\sqrt{B_1 B_2}}{\pi} \int_0^\infty \int_0^\infty
+      \frac{e^{-(s B_1 + t B_2)\epsilon}}{\sqrt{s t \det(I + 2 \Delta S \Delta)}}\,
+      J_1\big((M)_{ii}, (M)_{B_1 + j, B_1 + j}, (M)_{i, B_1 + j}\big)\, ds\, dt,
+
+with :math:`S = \mathrm{diag}(G_1, G_2)\, \Sigma\, \mathrm{diag}(G_1, G_2)`,
+:math:`\Delta = \mathrm{diag}(\sqrt s I_{B_1}, \sqrt t I_{B_2})` and the
+tilted covariance :math:`M = \Delta^{-1} (I + 2 \Delta S \Delta)^{-1} \Delta S`.
+After each BatchNorm + ReLU the next dense layer gives
+:math:`\Sigma \leftarrow \sigma_w^2 V + \sigma_b^2`.
+
+**Quadrature.**  In :math:`\tau = \log s` the integrands are analytic in a
+strip around the real axis (the nearest singularities are the zeros of
+:math:`1 + 2 e^\tau \lambda_k` at :math:`\operatorname{Im} \tau = \pi`), so
+the trapezoidal rule in :math:`\tau` converges geometrically in the node
+spacing, uniformly over the spread of the eigenvalues :math:`\lambda_k` of
+:math:`S`.  The grid of each batch starts at
+:math:`s_0 = \text{tol}^{1/(1+\alpha)} / (2 \lambda_\max)` (with
+:math:`\alpha = 1` for the single batch, :math:`1/2` for each variable of
+the cross-batch integral) and the part below :math:`s_0`, where the
+integrand is :math:`\propto s^{\alpha}` to first order, is summed in closed
+form as the geometric continuation of the grid; it stops where the factor
+:math:`\det(I + 2 s S)^{-1/2}` bounds what is left by the tolerance.  The
+nodes of a batch depend on that batch only, so a kernel value never depends
+on the other points of a kernel matrix.  All linear algebra is Cholesky
+factorisations of :math:`I + 2 \Delta S \Delta` (eigenvalues :math:`\ge 1`),
+which stay differentiable when :math:`S` is singular (unlike an
+eigendecomposition, whose gradient is undefined at repeated eigenvalues);
+eigenvalues are only used, without gradient, to place the nodes.
+
+**Epsilon.**  The kernel has PyTorch's ``eps`` as a parameter (default 0, the
+exact normalisation).  With ``eps = 0`` a batch whose points all have the same
+pre-activation (zero centred variance) has no normalisation, and the functions
+raise ``ValueError``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .numerics import arccos_moments
+
+__all__ = [
+    "QuadratureRule",
+    "batchnorm_mlp_nngp",
+    "batchnorm_mlp_nngp_cross",
+    "batchnorm_relu_cross",
+    "batchnorm_relu_single",
+    "quadrature_rule",
+]
+
+# Most nodes one batch's grid may have (a rank-1 centred covariance decays slowest).
+_MAX_NODES = 400
+
+
+@dataclass(frozen=True)
+class QuadratureRule:
+    """Trapezoidal rule in ``log s``.
+
+    :param step: node spacing in ``log s``.
+    :param tolerance: relative size of what the truncation of the grid may leave out.
+    """
+
+    step: float
+    tolerance: float
+
+
+def quadrature_rule(dtype: torch.dtype, accuracy: str = "default") -> QuadratureRule:
+    """The rule for a dtype: ``"default"`` (about 1e-9 relative in float64, 1e-6 in float32) or ``"fine"``.
+
+    The spacing ``step`` sets the discretisation error of the trapezoidal rule,
+    about ``exp(-2 pi d / step)`` for a strip of analyticity of half-width
+    ``d`` (measured in ``tests/test_batchnorm.py`` against a rule with half the
+    spacing); ``tolerance`` sets where the grid is cut.
+    """
+    if accuracy not in ("default", "fine"):
+        raise ValueError(f"accuracy must be 'default' or 'fine', got {accuracy!r}")
+    if dtype == torch.float64:
+        return QuadratureRule(0.5, 1e-10) if accuracy == "default" else QuadratureRule(0.25, 1e-14)
+    return QuadratureRule(0.8, 1e-7) if accuracy == "default" else QuadratureRule(0.5, 1e-8)
+
+
+def _centred(cov: Tensor) -> Tensor:
+    """``G cov G`` with ``G = I - 11^T / B``: remove row and column means."""
+    cov = cov - cov.mean(-1, keepdim=True)
+    return cov - cov.mean(-2, keepdim=True)
+
+
+def _check_covariance(cov: Tensor, name: str) -> None:
+    if cov.dim() < 2 or cov.shape[-1] != cov.shape[-2]:
+        raise ValueError(f"{name} must be a (..., B, B) covariance over the batch, got shape {tuple(cov.shape)}")
+    if cov.shape[-1] < 2:
+        raise ValueError(f"BatchNorm needs a batch of at least 2 points, got a batch of {cov.shape[-1]}")
+    if not cov.is_floating_point():
+        raise TypeError(f"{name} must be float32 or float64, got {cov.dtype}")
+    if not bool(torch.isfinite(cov).all()):
+        raise ValueError(f"{name} contains NaN or infinite values")
+
+
+def _grid(
+    centred: Tensor, exponent: float, rule: QuadratureRule, eps: float, scale: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Nodes ``s`` (``(..., Q)``), weights and a validity mask for ``int_0^inf s^(exponent-1) F(s) ds``.
+
+    The integrand in ``tau = log s`` is ``s^exponent F(s)``; ``scale`` bounds
+    ``F`` (times the constant in front of the integral) relative to the result,
+    to cut the grid.  Nodes past a batch's own cut get weight 0 and ``valid``
+    False (so that batches of different cuts share one tensor).
+    """
+    with torch.no_grad():
+        eigenvalues = torch.linalg.eigvalsh(centred.detach()).clamp_min(0.0)
+        largest = eigenvalues[..., -1]
+        variance = centred.detach().diagonal(dim1=-2, dim2=-1).sum(-1)
+        if eps == 0 and bool((largest <= 1e-12 * variance.clamp_min(torch.finfo(variance.dtype).tiny)).any()):
+            raise ValueError(
+                "BatchNorm over a batch whose points all have the same pre-activation (zero centred variance) "
+                "divides by zero; give distinct points (or eps > 0)"
+            )
+        largest = largest.clamp_min(torch.finfo(largest.dtype).tiny)
+        start = -torch.log(2 * largest) + math.log(rule.tolerance) / (1 + exponent)
+        offsets = torch.arange(_MAX_NODES, dtype=centred.dtype, device=centred.device) * rule.step
+        log_s = start.unsqueeze(-1) + offsets
+        # What is left beyond a node is bounded by det(I + 2 s S)^(-1/2) (times ``scale``).
+        log_det = 0.5 * torch.log1p(2 * torch.exp(log_s).unsqueeze(-1) * eigenvalues.unsqueeze(-2)).sum(-1)
+        if eps > 0:
+            log_det = log_det + torch.exp(log_s) * eps
+        needed = (math.log(scale) - log_det) > math.log(rule.tolerance) - 2.0
+        count = needed.sum(-1) + 1
+        if bool((count >= _MAX_NODES).any()):
+            raise ValueError(
+                f"the BatchNorm quadrature needs more than {_MAX_NODES} nodes (a nearly rank-deficient batch)"
+            )
+        nodes = int(count.max())
+        log_s = log_s[..., :nodes]
+        valid = torch.arange(nodes, device=centred.device) < count.unsqueeze(-1)
+        weights = torch.full_like(log_s, rule.step)
+        # Below the first node the integrand is ~ s^exponent: the grid continued there is a geometric series.
+        weights[..., 0] = rule.step / -math.expm1(-exponent * rule.step)
+        weights = torch.where(valid, weights * torch.exp(exponent * log_s), 0.0)
+    return torch.exp(log_s), weights, valid
+
+
+def batchnorm_relu_single(cov: Tensor, eps: float = 0.0, rule: QuadratureRule | None = None) -> Tensor:
+    r"""``E[relu(BN(h)) relu(BN(h))^T]`` for one batch, :math:`h \sim N(0, \Sigma)` (see the module docstring).
+
+    :param cov: :math:`\Sigma`, ``(..., B, B)``, the pre-activation covariance over the batch.
+    :param eps: BatchNorm's :math:`\epsilon` (default 0).
+    :param rule: quadrature rule (default :func:`quadrature_rule` of the dtype).
+    :return: ``(..., B, B)``.
+    """
+    _check_covariance(cov, "cov")
+    size = cov.shape[-1]
+    rule = rule or quadrature_rule(cov.dtype)
+    centred = _centred(cov)
+    s, weights, _ = _grid(centred, 1.0, rule, eps * size, size / 4)
+    # One Cholesky factorisation of I + 2 s S per node; M_s = (I + 2 s S)^(-1) S.
+    s_ = s.unsqueeze(-1).unsqueeze(-1)
+    identity = torch.eye(size, dtype=cov.dtype, device=cov.device)
+    factor = torch.linalg.cholesky(identity + 2 * s_ * centred.unsqueeze(-3))
+    tilted = torch.cholesky_solve(centred.unsqueeze(-3).expand_as(factor), factor)
+    tilted = (tilted + tilted.transpose(-1, -2)) / 2
+    log_det = 2 * torch.log(factor.diagonal(dim1=-2, dim2=-1)).sum(-1)
+    mass = weights * torch.exp(-0.5 * log_det - s * (eps * size))
+    # Round-off can leave a variance of a point at its batch mean a hair below 0.
+    variances = tilted.diagonal(dim1=-2, dim2=-1).clamp_min(0.0)
+    j1, _ = arccos_moments(variances.unsqueeze(-1), variances.unsqueeze(-2), tilted)
+    return size * torch.einsum("...q,...qij->...ij", mass, j1)
+
+
+def batchnorm_relu_cross(
+    cov11: Tensor, cov12: Tensor, cov22: Tensor, eps: float = 0.0, rule: QuadratureRule | None = None
+) -> Tensor:
+    r"""``E[relu(BN_1(h_1)) relu(BN_2(h_2))^T]`` for two batches normalised separately.
+
+    :math:`(h_1, h_2)` are jointly Gaussian (the same units, i.e. the same
+    weights, seen by two batches) with covariance blocks ``cov11``
+    (``(..., B1, B1)``), ``cov12`` (``(..., B1, B2)``) and ``cov22``; each batch
+    is normalised with its own statistics.  Two-dimensional quadrature (see
+    the module docstring).
+
+    :return: ``(..., B1, B2)``.
+    """
+    _check_covariance(cov11, "cov11")
+    _check_covariance(cov22, "cov22")
+    b1, b2 = cov11.shape[-1], cov22.shape[-1]
+    if cov12.shape[-2:] != (b1, b2):
+        raise ValueError(f"cov12 must be (..., {b1}, {b2}) for batches of {b1} and {b2}, got {tuple(cov12.shape)}")
+    if not bool(torch.isfinite(cov12).all()):
+        raise ValueError("cov12 contains NaN or infinite values")
+    rule = rule or quadrature_rule(cov11.dtype)
+    centred_joint = torch.cat(
+        [
+            torch.cat([_centred(cov11), _centred(cov12)], -1),
+            torch.cat([_centred(cov12.transpose(-1, -2)), _centred(cov22)], -1),
+        ],
+        -2,
+    )
+    s, weight_s, _ = _grid(centred_joint[..., :b1, :b1], 0.5, rule, eps * b1, math.sqrt(b1 * b2) / 2)
+    t, weight_t, _ = _grid(centred_joint[..., b1:, b1:], 0.5, rule, eps * b2, math.sqrt(b1 * b2) / 2)
+    # Root tilts on the 2-d grid: (..., Qs, Qt, B1 + B2).
+    roots = torch.cat(
+        [
+            torch.sqrt(s)[..., :, None, None].expand(*s.shape, t.shape[-1], b1),
+            torch.sqrt(t)[..., None, :, None].expand(*s.shape[:-1], s.shape[-1], t.shape[-1], b2),
+        ],
+        -1,
+    )
+    joint_ = centred_joint.unsqueeze(-3).unsqueeze(-3)
+    scaled = roots.unsqueeze(-1) * joint_  # Delta S
+    identity = torch.eye(b1 + b2, dtype=cov11.dtype, device=cov11.device)
+    factor = torch.linalg.cholesky(identity + 2 * scaled * roots.unsqueeze(-2))
+    tilted = torch.cholesky_solve(scaled, factor) / roots.unsqueeze(-1)
+    log_det = 2 * torch.log(factor.diagonal(dim1=-2, dim2=-1)).sum(-1)
+    mass = (
+        weight_s.unsqueeze(-1)
+        * weight_t.unsqueeze(-2)
+        * torch.exp(-0.5 * log_det - eps * (s.unsqueeze(-1) * b1 + t.unsqueeze(-2) * b2))
+    )
+    variances = tilted.diagonal(dim1=-2, dim2=-1).clamp_min(0.0)
+    cross = (tilted[..., :b1, b1:] + tilted[..., b1:, :b1].transpose(-1, -2)) / 2
+    j1, _ = arccos_moments(variances[..., :b1].unsqueeze(-1), variances[..., b1:].unsqueeze(-2), cross)
+    return math.sqrt(b1 * b2) / math.pi * torch.einsum("...ab,...abij->...ij", mass, j1)
+
+
+def _per_layer(value: float | Tensor | Sequence, depth: int, name: str) -> list:
+    if isinstance(value, (list, tuple)):
+        if len(value) != depth + 1:
+            raise ValueError(f"{name} needs one value per dense layer ({depth + 1}), got {len(value)}")
+        values = list(value)
+    else:
+        values = [value] * (depth + 1)
+    for v in values:
+        v_ = torch.as_tensor(v)
+        if not bool(torch.isfinite(v_).all()) or bool((v_ < 0).any()):
+            raise ValueError(f"{name} must be finite and non-negative, got {v_.tolist()}")
+    return values
+
+
+def _input_covariance(x1: Tensor, x2: Tensor) -> Tensor:
+    return x1 @ x2.transpose(-1, -2) / x1.shape[-1]
+
+
+def _check_batch(x: Tensor, name: str) -> None:
+    if not torch.is_tensor(x) or not x.is_floating_point():
+        raise TypeError(f"{name} must be a float32 or float64 tensor")
+    if x.dim() < 2:
+        raise ValueError(f"{name} must be a batch (..., B, d), got shape {tuple(x.shape)}")
+    if x.shape[-2] < 2:
+        raise ValueError(f"BatchNorm needs a batch of at least 2 points, {name} has {x.shape[-2]}")
+    if not bool(torch.isfinite(x).all()):
+        raise ValueError(f"{name} contains NaN or infinite values")
+
+
+def batchnorm_mlp_nngp(
+    x: Tensor,
+    depth: int = 2,
+    weight_variance: float | Tensor | Sequence = 2.0,
+    bias_variance: float | Tensor | Sequence = 0.1,
+    eps: float = 0.0,
+    rule: QuadratureRule | None = None,
+) -> Tensor:
+    r"""NNGP kernel (``B x B``) of a BatchNorm + ReLU MLP on one batch ``x`` (``(..., B, d)``).
+
+    ``depth`` blocks ``Linear -> BatchNorm -> ReLU`` and a linear readout (see
+    the module docstring); ``weight_variance``/``bias_variance`` are one value
+    for every dense layer or a list of ``depth + 1``.
+
+    Example:
+        >>> x = torch.randn(8, 3, dtype=torch.float64)
+        >>> batchnorm_mlp_nngp(x, depth=2).shape
+        torch.Size([8, 8])
+    """
+    _check_batch(x, "x")
+    weights = _per_layer(weight_variance, depth, "weight_variance")
+    biases = _per_layer(bias_variance, depth, "bias_variance")
+    cov = weights[0] * _input_covariance(x, x) + biases[0]
+    for layer in range(1, depth + 1):
+        cov = weights[layer] * batchnorm_relu_single(cov, eps, rule) + biases[layer]
+    return cov
+
+
+def batchnorm_mlp_nngp_cross(
+    x1: Tensor,
+    x2: Tensor,
+    depth: int = 2,
+    weight_variance: float | Tensor | Sequence = 2.0,
+    bias_variance: float | Tensor | Sequence = 0.1,
+    eps: float = 0.0,
+    rule: QuadratureRule | None = None,
+) -> Tensor:
+    r"""Cross-batch NNGP kernel (``B1 x B2``): the covariance of the network's outputs on two batches.
+
+    The same network (same weights) is applied to batch ``x1`` (``(..., B1, d)``)
+    and, separately, to batch ``x2`` (``(..., B2, d)``), each normalised with its
+    own batch statistics; the result is
+    :math:`\lim \operatorname{Cov}[f_{x_1}(x_{1,i}), f_{x_2}(x_{2,j})]`.
+    """
+    _check_batch(x1, "x1")
+    _check_batch(x2, "x2")
+    if x1.shape[-1] != x2.shape[-1]:
+        raise ValueError(f"x1 has {x1.shape[-1]} features but x2 has {x2.shape[-1]}")
+    weights = _per_layer(weight_variance, depth, "weight_variance")
+    biases = _per_layer(bias_variance, depth, "bias_variance")
+    cov11 = weights[0] * _input_covariance(x1, x1) + biases[0]
+    cov22 = weights[0] * _input_covariance(x2, x2) + biases[0]
+    cov12 = weights[0] * _input_covariance(x1, x2) + biases[0]
+    for layer in range(1, depth + 1):
+        cov12 = weights[layer] * batchnorm_relu_cross(cov11, cov12, cov22, eps, rule) + biases[layer]
+        cov11 = weights[layer] * batchnorm_relu_single(cov11, eps, rule) + biases[layer]
+        cov22 = weights[layer] * batchnorm_relu_single(cov22, eps, rule) + biases[layer]
+    return cov12
