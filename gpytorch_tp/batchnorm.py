@@ -57,18 +57,24 @@ strip around the real axis (the nearest singularities are the zeros of
 the trapezoidal rule in :math:`\tau` converges geometrically in the node
 spacing, uniformly over the spread of the eigenvalues :math:`\lambda_k` of
 :math:`S`.  The grid of each batch starts at
-:math:`s_0 = \text{tol}^{1/(1+\alpha)} / (2 \lambda_\max)` (with
+:math:`s_0 = \text{tol}^{1/(2+\alpha)} / (2 \lambda_\max)` (with
 :math:`\alpha = 1` for the single batch, :math:`1/2` for each variable of
-the cross-batch integral) and the part below :math:`s_0`, where the
-integrand is :math:`\propto s^{\alpha}` to first order, is summed in closed
-form as the geometric continuation of the grid; it stops where the factor
-:math:`\det(I + 2 s S)^{-1/2}` bounds what is left by the tolerance.  The
-nodes of a batch depend on that batch only, so a kernel value never depends
-on the other points of a kernel matrix.  All linear algebra is Cholesky
-factorisations of :math:`I + 2 \Delta S \Delta` (eigenvalues :math:`\ge 1`),
-which stay differentiable when :math:`S` is singular (unlike an
-eigendecomposition, whose gradient is undefined at repeated eigenvalues);
-eigenvalues are only used, without gradient, to place the nodes.
+the cross-batch integral, whose integrand in :math:`\tau` is
+:math:`s^\alpha F(s)` with :math:`F` analytic at 0); below :math:`s_0` the
+integrand is :math:`a s^\alpha + b s^{\alpha+1} + O(s^{\alpha + 2})`, with
+:math:`a, b` fitted to the first two nodes, and the grid continued there is
+summed in closed form (two geometric series).  The grid stops where the
+factor :math:`\det(I + 2 s S)^{-1/2}` bounds what is left by the tolerance.
+The nodes of a batch depend on that batch only, so a kernel value never
+depends on the other points of a kernel matrix.  The linear algebra is
+Cholesky factorisations of :math:`I + 2 \Delta S \Delta` (eigenvalues
+:math:`\ge 1`), which stay differentiable when :math:`S` is singular
+(unlike an eigendecomposition, whose gradient is undefined at repeated
+eigenvalues); eigenvalues are only used, without gradient, to place the
+nodes.  Measured accuracy (``tests/test_batchnorm.py``, against a rule of
+half the spacing and a far smaller tolerance, and against Monte Carlo):
+about :math:`10^{-8}` relative in float64 and :math:`10^{-5}` in float32
+with the default rules of :func:`quadrature_rule`.
 
 **Epsilon.**  The kernel has PyTorch's ``eps`` as a parameter (default 0, the
 exact normalisation).  With ``eps = 0`` a batch whose points all have the same
@@ -113,7 +119,7 @@ class QuadratureRule:
 
 
 def quadrature_rule(dtype: torch.dtype, accuracy: str = "default") -> QuadratureRule:
-    """The rule for a dtype: ``"default"`` (about 1e-9 relative in float64, 1e-6 in float32) or ``"fine"``.
+    """The rule for a dtype: ``"default"`` (about 1e-8 relative in float64, 1e-5 in float32) or ``"fine"``.
 
     The spacing ``step`` sets the discretisation error of the trapezoidal rule,
     about ``exp(-2 pi d / step)`` for a strip of analyticity of half-width
@@ -123,8 +129,8 @@ def quadrature_rule(dtype: torch.dtype, accuracy: str = "default") -> Quadrature
     if accuracy not in ("default", "fine"):
         raise ValueError(f"accuracy must be 'default' or 'fine', got {accuracy!r}")
     if dtype == torch.float64:
-        return QuadratureRule(0.5, 1e-10) if accuracy == "default" else QuadratureRule(0.25, 1e-14)
-    return QuadratureRule(0.8, 1e-7) if accuracy == "default" else QuadratureRule(0.5, 1e-8)
+        return QuadratureRule(0.75, 1e-9) if accuracy == "default" else QuadratureRule(0.4, 1e-13)
+    return QuadratureRule(1.0, 1e-6) if accuracy == "default" else QuadratureRule(0.75, 1e-7)
 
 
 def _centred(cov: Tensor) -> Tensor:
@@ -164,14 +170,14 @@ def _grid(
                 "divides by zero; give distinct points (or eps > 0)"
             )
         largest = largest.clamp_min(torch.finfo(largest.dtype).tiny)
-        start = -torch.log(2 * largest) + math.log(rule.tolerance) / (1 + exponent)
+        start = -torch.log(2 * largest) + math.log(rule.tolerance) / (2 + exponent)
         offsets = torch.arange(_MAX_NODES, dtype=centred.dtype, device=centred.device) * rule.step
         log_s = start.unsqueeze(-1) + offsets
         # What is left beyond a node is bounded by det(I + 2 s S)^(-1/2) (times ``scale``).
         log_det = 0.5 * torch.log1p(2 * torch.exp(log_s).unsqueeze(-1) * eigenvalues.unsqueeze(-2)).sum(-1)
         if eps > 0:
             log_det = log_det + torch.exp(log_s) * eps
-        needed = (math.log(scale) - log_det) > math.log(rule.tolerance) - 2.0
+        needed = (math.log(scale) - log_det) > math.log(rule.tolerance) - 4.0
         count = needed.sum(-1) + 1
         if bool((count >= _MAX_NODES).any()):
             raise ValueError(
@@ -181,10 +187,26 @@ def _grid(
         log_s = log_s[..., :nodes]
         valid = torch.arange(nodes, device=centred.device) < count.unsqueeze(-1)
         weights = torch.full_like(log_s, rule.step)
-        # Below the first node the integrand is ~ s^exponent: the grid continued there is a geometric series.
-        weights[..., 0] = rule.step / -math.expm1(-exponent * rule.step)
+        first, second = _lower_tail_weights(exponent, rule.step)
+        weights[..., 0] += first
+        weights[..., 1] += second
         weights = torch.where(valid, weights * torch.exp(exponent * log_s), 0.0)
     return torch.exp(log_s), weights, valid
+
+
+def _lower_tail_weights(exponent: float, step: float) -> tuple[float, float]:
+    """Extra weights of the first two nodes that sum the grid continued below the first node.
+
+    Below the grid the integrand in ``tau`` is ``a e^(exponent tau) + b e^((exponent + 1) tau)``
+    up to ``O(s^2)`` (``F`` is analytic at ``s = 0``); ``a`` and ``b`` fitted to
+    the first two nodes, the trapezoidal sum over the continued grid is two
+    geometric series.  The first node is placed where the neglected
+    ``O(s^(exponent + 2))`` is below the tolerance.
+    """
+    ratio_a = math.exp(-exponent * step) / -math.expm1(-exponent * step)
+    ratio_b = math.exp(-(exponent + 1) * step) / -math.expm1(-(exponent + 1) * step)
+    coupling = (ratio_b - ratio_a) / (math.exp(exponent * step) * math.expm1(step))
+    return step * (ratio_a - coupling * math.exp(exponent * step)), step * coupling
 
 
 def batchnorm_relu_single(cov: Tensor, eps: float = 0.0, rule: QuadratureRule | None = None) -> Tensor:
@@ -204,7 +226,8 @@ def batchnorm_relu_single(cov: Tensor, eps: float = 0.0, rule: QuadratureRule | 
     s_ = s.unsqueeze(-1).unsqueeze(-1)
     identity = torch.eye(size, dtype=cov.dtype, device=cov.device)
     factor = torch.linalg.cholesky(identity + 2 * s_ * centred.unsqueeze(-3))
-    tilted = torch.cholesky_solve(centred.unsqueeze(-3).expand_as(factor), factor)
+    # cholesky_inverse and a product: much faster than cholesky_solve on many small matrices.
+    tilted = torch.cholesky_inverse(factor) @ centred.unsqueeze(-3)
     tilted = (tilted + tilted.transpose(-1, -2)) / 2
     log_det = 2 * torch.log(factor.diagonal(dim1=-2, dim2=-1)).sum(-1)
     mass = weights * torch.exp(-0.5 * log_det - s * (eps * size))
@@ -256,7 +279,7 @@ def batchnorm_relu_cross(
     scaled = roots.unsqueeze(-1) * joint_  # Delta S
     identity = torch.eye(b1 + b2, dtype=cov11.dtype, device=cov11.device)
     factor = torch.linalg.cholesky(identity + 2 * scaled * roots.unsqueeze(-2))
-    tilted = torch.cholesky_solve(scaled, factor) / roots.unsqueeze(-1)
+    tilted = (torch.cholesky_inverse(factor) @ scaled) / roots.unsqueeze(-1)
     log_det = 2 * torch.log(factor.diagonal(dim1=-2, dim2=-1)).sum(-1)
     mass = (
         weight_s.unsqueeze(-1)
