@@ -148,8 +148,11 @@ class BatchNormMLPKernel(Kernel):
         x2 = x2.expand(*batch, *x2.shape[-2:]).reshape(-1, *x2.shape[-2:])
         if diag and x1.shape[-2] != x2.shape[-2]:
             raise ValueError(f"diag=True needs as many x1 as x2 points, got {x1.shape[-2]} and {x2.shape[-2]}")
+        # The quadrature works in float64 (see gpytorch_tp.batchnorm); so does the whole recursion.
+        dtype = x1.dtype
+        x1, x2 = x1.to(torch.float64), x2.to(torch.float64)
         results = [self._one(a, b, diag, same) for a, b in zip(x1, x2)]
-        result = torch.stack(results)
+        result = torch.stack(results).to(dtype)
         return result.reshape(*batch, *result.shape[1:])
 
     def _variances(self, dtype: torch.dtype) -> list[tuple[Tensor, Tensor]]:
@@ -163,7 +166,7 @@ class BatchNormMLPKernel(Kernel):
     def _item_covariances(self, batches: Tensor) -> list[Tensor]:
         """Per item: the pre-activation covariance over its batch at each BatchNorm, and the output's."""
         variances = self._variances(batches.dtype)
-        rule = quadrature_rule(batches.dtype, self.accuracy)
+        rule = quadrature_rule(torch.float64, self.accuracy)
         weight, bias = variances[0]
         cov = weight * (batches @ batches.transpose(-1, -2)) / batches.shape[-1] + bias
         layers = [cov]
@@ -175,7 +178,7 @@ class BatchNormMLPKernel(Kernel):
     def _pairs(self, batches1: Tensor, batches2: Tensor, items1: list[Tensor], items2: list[Tensor], i, j) -> Tensor:
         """``k`` for the pairs ``(i[p], j[p])`` by the cross-batch recursion, in chunks."""
         variances = self._variances(batches1.dtype)
-        rule = quadrature_rule(batches1.dtype, self.accuracy)
+        rule = quadrature_rule(torch.float64, self.accuracy)
         values = []
         for start in range(0, len(i), _PAIRS_PER_CHUNK):
             a, b = i[start : start + _PAIRS_PER_CHUNK], j[start : start + _PAIRS_PER_CHUNK]
