@@ -66,7 +66,7 @@ class BatchNormMLPKernel(Kernel):
         the hidden layers' biases are removed by the BatchNorm that follows).
     :param eps: BatchNorm's :math:`\epsilon` (default 0: exact normalisation; a
         batch of identical points then raises ``ValueError``).
-    :param accuracy: ``"default"`` or ``"fine"`` (see :func:`gpytorch_tp.batchnorm.quadrature_rule`).
+    :param accuracy: ``"fast"`` (about 1e-6 relative, 4x faster), ``"default"`` (1e-9) or ``"fine"`` (see :func:`gpytorch_tp.batchnorm.quadrature_rule`).
     :param weight_variance_prior: prior on every dense layer's :math:`\sigma_w^2`.
     :param bias_variance_prior: prior on every dense layer's :math:`\sigma_b^2`.
     :param kind: ``"nngp"`` (only).
