@@ -138,6 +138,8 @@ def test_rnn_sequences_tutorial_smoke_beats_chance(tmp_path, capsys):
 
 
 def test_batchnorm_tutorial_smoke_writes_a_figure(tmp_path, capsys):
+    import itertools
+
     pytest.importorskip("matplotlib", reason="the tutorials need matplotlib")
     tutorial = _load_tutorial("batchnorm_mlp")
 
@@ -150,7 +152,7 @@ def test_batchnorm_tutorial_smoke_writes_a_figure(tmp_path, capsys):
     # Without BatchNorm the outputs at distinct points grow more correlated with every layer;
     # BatchNorm keeps them apart (Yang et al. 2019): below the plain MLP's from depth 2 on.
     plain, batchnorm = run["correlations"]["ReLU MLP"], run["correlations"]["BatchNorm + ReLU MLP"]
-    assert all(a < b for a, b in zip(plain[:-1], plain[1:], strict=True))
+    assert all(a < b for a, b in itertools.pairwise(plain))
     assert all(bn < p for bn, p in zip(batchnorm[1:], plain[1:]))
     assert len(run["results"]) == 3
     for r in run["results"]:
