@@ -107,7 +107,11 @@ __all__ = [
     "batchnorm_mlp_nngp",
     "batchnorm_mlp_nngp_cross",
     "batchnorm_relu_cross",
+    "batchnorm_relu_cross_ntk",
+    "batchnorm_mlp_ntk",
+    "batchnorm_mlp_ntk_cross",
     "batchnorm_relu_single",
+    "batchnorm_relu_single_ntk",
     "finite_batchnorm_mlp",
     "quadrature_rule",
 ]
@@ -181,7 +185,13 @@ def _check_covariance(cov: Tensor, name: str) -> None:
 
 
 def _grid(
-    centred: Tensor, magnitude: Tensor, exponent: float, rule: QuadratureRule, eps: float, scale: float
+    centred: Tensor,
+    magnitude: Tensor,
+    exponent: float,
+    rule: QuadratureRule,
+    eps: float,
+    scale: float,
+    growth: float = 0.0,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Nodes ``s`` (``(..., Q)``), weights and node counts for ``int_0^inf s^(exponent-1) F(s) ds``.
 
@@ -214,7 +224,9 @@ def _grid(
         log_det = 0.5 * torch.log1p(2 * torch.exp(log_s).unsqueeze(-1) * eigenvalues.unsqueeze(-2)).sum(-1)
         if eps > 0:
             log_det = log_det + torch.exp(log_s) * eps
-        needed = (math.log(scale) - log_det) > math.log(rule.tolerance) - 4.0
+        # ``growth``: the integrand may grow like (s lambda_max)^growth on top of the determinant's decay.
+        growth_term = growth * (log_s + torch.log(2 * largest).unsqueeze(-1)).clamp_min(0.0)
+        needed = (math.log(scale) + growth_term - log_det) > math.log(rule.tolerance) - 4.0
         needed &= torch.exp(log_s) * floor.unsqueeze(-1) < 0.025
         count = (needed.sum(-1) + 1).clamp_min(4)
         nodes = int(count.max())
@@ -291,6 +303,85 @@ def batchnorm_relu_single(cov: Tensor, eps: float = 0.0, rule: QuadratureRule | 
     return (size * _sum_with_tail(mass.unsqueeze(-1).unsqueeze(-1) * j1, count, count.dim())).to(dtype)
 
 
+def _safe_divide(numerator: Tensor, denominator: Tensor) -> Tensor:
+    positive = denominator > 0
+    return torch.where(positive, numerator / torch.where(positive, denominator, 1.0), 0.0)
+
+
+def _safe_sqrt(value: Tensor) -> Tensor:
+    """``sqrt(max(value, 0))`` with a finite (zero) gradient at 0."""
+    positive = value > 0
+    return torch.where(positive, torch.sqrt(torch.where(positive, value, 1.0)), 0.0)
+
+
+def batchnorm_relu_single_ntk(
+    cov: Tensor, ntk: Tensor, eps: float = 0.0, rule: QuadratureRule | None = None
+) -> tuple[Tensor, Tensor]:
+    r"""NNGP map and NTK map of BatchNorm + ReLU on one batch: ``(V(Sigma), E[J Theta J^T])``.
+
+    ``J = d relu(BN(h)) / dh`` is the ``B x B`` Jacobian of one unit over the
+    batch.  With :math:`u = G h`, :math:`r^2 = \|u\|^2 + B\epsilon`,
+    :math:`J = \sqrt B\, D (I / r - u u^T / r^3) G`, :math:`D = \mathrm{diag}(1[u > 0])`,
+    and with :math:`\Theta' = G \Theta G`
+
+    .. math::
+
+        E[J\Theta J^T]_{ij} = B\, E\Big[1_i 1_j \Big(\frac{\Theta'_{ij}}{r^2}
+            - \frac{u_i (\Theta' u)_j + (\Theta' u)_i u_j}{r^4}
+            + \frac{u_i u_j\, u^T \Theta' u}{r^6}\Big)\Big].
+
+    :math:`1/r^{2k} = \int_0^\infty s^{k-1} e^{-s r^2} ds / (k-1)!` tilts
+    :math:`N(0, S)` into :math:`N(0, M_s)` as for the NNGP, and Gaussian
+    integration by parts (Stein's lemma) gives the tilted moments in closed
+    form from :math:`J_1, J_0` and :math:`q = \sqrt{ab - c^2} / 2\pi` of each
+    pair (:math:`a = M_{ii}, b = M_{jj}, c = M_{ij}`), with :math:`P = \Theta' M`,
+    :math:`R = M \Theta' M`:
+    :math:`E[1_i 1_j u_i (\Theta' u)_j] = P_{ji} J_0 + P_{jj} q / b`,
+    :math:`E[1_i 1_j u_i u_j u^T \Theta' u] = \operatorname{tr}(P) J_1 + R_{ii} q/a + R_{jj} q/b + 2 R_{ij} J_0`.
+
+    The NTK is finite only when every centred covariance has rank at least 3
+    (:math:`E[1/\|u\|^2] = \infty` for :math:`u` in a space of dimension 1 or 2:
+    BatchNorm's gradients explode for nearly collinear batches); the
+    integrand then decays like :math:`s^{1 - r/2}`.
+
+    :param cov: :math:`\Sigma`, ``(..., B, B)``.
+    :param ntk: :math:`\Theta`, the NTK of the pre-activations, ``(..., B, B)``.
+    """
+    _check_covariance(cov, "cov")
+    _check_covariance(ntk, "ntk")
+    size = cov.shape[-1]
+    rule = rule or quadrature_rule(torch.float64)
+    dtype, cov, ntk = cov.dtype, cov.to(torch.float64), ntk.to(torch.float64)
+    centred = _centred(cov)
+    centred_ntk = _centred(ntk)
+    magnitude = cov.detach().abs().amax((-2, -1))
+    s, weights, count = _grid(centred, magnitude, 1.0, rule, eps * size, size / 4, growth=1.0)
+    s_ = s.unsqueeze(-1).unsqueeze(-1)
+    identity = torch.eye(size, dtype=cov.dtype, device=cov.device)
+    factor = torch.linalg.cholesky(identity + 2 * s_ * centred.unsqueeze(-3))
+    tilted = torch.cholesky_inverse(factor) @ centred.unsqueeze(-3)
+    tilted = (tilted + tilted.transpose(-1, -2)) / 2
+    log_det = 2 * torch.log(factor.diagonal(dim1=-2, dim2=-1)).sum(-1)
+    mass = weights * torch.exp(-0.5 * log_det - s * (eps * size))
+    variances = tilted.diagonal(dim1=-2, dim2=-1).clamp_min(0.0)
+    a, b = variances.unsqueeze(-1), variances.unsqueeze(-2)
+    j1, j0 = arccos_moments(a, b, tilted)
+    q = _safe_sqrt(a * b - tilted * tilted) / (2 * math.pi)
+    q_a, q_b = _safe_divide(q, a), _safe_divide(q, b)
+    p = centred_ntk.unsqueeze(-3) @ tilted  # P = Theta' M
+    r = tilted @ p  # R = M Theta' M
+    p_diag, r_diag = p.diagonal(dim1=-2, dim2=-1), r.diagonal(dim1=-2, dim2=-1)
+    first = centred_ntk.unsqueeze(-3) * j0
+    second = (p + p.transpose(-1, -2)) * j0 + p_diag.unsqueeze(-2) * q_b + p_diag.unsqueeze(-1) * q_a
+    trace = p_diag.sum(-1).unsqueeze(-1).unsqueeze(-1)
+    third = trace * j1 + r_diag.unsqueeze(-1) * q_a + r_diag.unsqueeze(-2) * q_b + 2 * r * j0
+    integrand = first - s_ * second + (s_ * s_ / 2) * third
+    mass_ = mass.unsqueeze(-1).unsqueeze(-1)
+    nngp = size * _sum_with_tail(mass_ * j1, count, count.dim())
+    derivative = size * _sum_with_tail(mass_ * integrand, count, count.dim())
+    return nngp.to(dtype), derivative.to(dtype)
+
+
 def batchnorm_relu_cross(
     cov11: Tensor, cov12: Tensor, cov22: Tensor, eps: float = 0.0, rule: QuadratureRule | None = None
 ) -> Tensor:
@@ -355,6 +446,96 @@ def batchnorm_relu_cross(
     return (math.sqrt(b1 * b2) / math.pi * _sum_with_tail(over_t, count_s, batch_ndim)).to(dtype)
 
 
+def batchnorm_relu_cross_ntk(
+    cov11: Tensor,
+    cov12: Tensor,
+    cov22: Tensor,
+    ntk12: Tensor,
+    eps: float = 0.0,
+    rule: QuadratureRule | None = None,
+) -> tuple[Tensor, Tensor]:
+    r"""Cross-batch NNGP map and NTK map: ``(V_12, E[J_1 Theta_12 J_2^T])`` for two batches.
+
+    As :func:`batchnorm_relu_single_ntk` with one norm per batch:
+    :math:`(I/r_1 - u_1 u_1^T/r_1^3)\,\Theta'_{12}\,(I/r_2 - u_2 u_2^T/r_2^3)`, where
+    :math:`1/r = \pi^{-1/2}\int s^{-1/2} e^{-s r^2} ds` and
+    :math:`1/r^3 = 2\pi^{-1/2}\int s^{1/2} e^{-s r^2} ds`; the integrand of the
+    two-dimensional quadrature is
+    :math:`\Theta'_{ij} J_0 - 2s\, E[1 1 u_{1i} (\Theta'^T u_1)_j] - 2t\, E[1 1 (\Theta' u_2)_i u_{2j}]
+    + 4st\, E[1 1 u_{1i} u_{2j}\, u_1^T \Theta' u_2]`, each moment by Stein's lemma.
+
+    :param ntk12: :math:`\Theta_{12}`, the cross NTK of the pre-activations, ``(..., B1, B2)``.
+    """
+    _check_covariance(cov11, "cov11")
+    _check_covariance(cov22, "cov22")
+    b1, b2 = cov11.shape[-1], cov22.shape[-1]
+    for name, block in (("cov12", cov12), ("ntk12", ntk12)):
+        if block.shape[-2:] != (b1, b2):
+            raise ValueError(f"{name} must be (..., {b1}, {b2}) for batches of {b1} and {b2}, got {tuple(block.shape)}")
+        if not bool(torch.isfinite(block).all()):
+            raise ValueError(f"{name} contains NaN or infinite values")
+    rule = rule or quadrature_rule(torch.float64)
+    dtype = cov11.dtype
+    cov11, cov12, cov22 = cov11.to(torch.float64), cov12.to(torch.float64), cov22.to(torch.float64)
+    theta = _centred(ntk12.to(torch.float64))
+    centred_joint = torch.cat(
+        [
+            torch.cat([_centred(cov11), _centred(cov12)], -1),
+            torch.cat([_centred(cov12.transpose(-1, -2)), _centred(cov22)], -1),
+        ],
+        -2,
+    )
+    magnitude = torch.maximum(cov11.detach().abs().amax((-2, -1)), cov22.detach().abs().amax((-2, -1)))
+    magnitude = torch.maximum(magnitude, cov12.detach().abs().amax((-2, -1)))
+    bound = math.sqrt(b1 * b2) / 2
+    s, weight_s, count_s = _grid(centred_joint[..., :b1, :b1], magnitude, 0.5, rule, eps * b1, bound, growth=1.0)
+    t, weight_t, count_t = _grid(centred_joint[..., b1:, b1:], magnitude, 0.5, rule, eps * b2, bound, growth=1.0)
+    roots = torch.cat(
+        [
+            torch.sqrt(s)[..., :, None, None].expand(*s.shape, t.shape[-1], b1),
+            torch.sqrt(t)[..., None, :, None].expand(*s.shape[:-1], s.shape[-1], t.shape[-1], b2),
+        ],
+        -1,
+    )
+    scaled = roots.unsqueeze(-1) * centred_joint.unsqueeze(-3).unsqueeze(-3)
+    identity = torch.eye(b1 + b2, dtype=cov11.dtype, device=cov11.device)
+    factor = torch.linalg.cholesky(identity + 2 * scaled * roots.unsqueeze(-2))
+    tilted = (torch.cholesky_inverse(factor) @ scaled) / roots.unsqueeze(-1)
+    tilted = (tilted + tilted.transpose(-1, -2)) / 2
+    log_det = 2 * torch.log(factor.diagonal(dim1=-2, dim2=-1)).sum(-1)
+    s_, t_ = s[..., :, None], t[..., None, :]
+    mass = weight_s.unsqueeze(-1) * weight_t.unsqueeze(-2) * torch.exp(-0.5 * log_det - eps * (s_ * b1 + t_ * b2))
+    m11, m12, m22 = tilted[..., :b1, :b1], tilted[..., :b1, b1:], tilted[..., b1:, b1:]
+    a = m11.diagonal(dim1=-2, dim2=-1).clamp_min(0.0).unsqueeze(-1)
+    b = m22.diagonal(dim1=-2, dim2=-1).clamp_min(0.0).unsqueeze(-2)
+    j1, j0 = arccos_moments(a, b, m12)
+    q = _safe_sqrt(a * b - m12 * m12) / (2 * math.pi)
+    q_a, q_b = _safe_divide(q, a), _safe_divide(q, b)
+    theta_ = theta.unsqueeze(-3).unsqueeze(-3)
+    m11_theta = m11 @ theta_  # (M11 Theta')_ij
+    theta_m22 = theta_ @ m22  # (Theta' M22)_ij
+    diag_b = (theta_.transpose(-1, -2) @ m12).diagonal(dim1=-2, dim2=-1)  # (Theta'^T M12)_jj
+    diag_a = (theta_ @ m12.transpose(-1, -2)).diagonal(dim1=-2, dim2=-1)  # (Theta' M12^T)_ii
+    second_s = m11_theta * j0 + diag_b.unsqueeze(-2) * q_b
+    second_t = theta_m22 * j0 + diag_a.unsqueeze(-1) * q_a
+    trace = (theta_ * m12).sum((-2, -1)).unsqueeze(-1).unsqueeze(-1)
+    outer_a = (m11_theta @ m12.transpose(-1, -2)).diagonal(dim1=-2, dim2=-1)  # (M11 Theta' M12^T)_ii
+    outer_b = (m12.transpose(-1, -2) @ theta_m22).diagonal(dim1=-2, dim2=-1)  # (M12^T Theta' M22)_jj
+    both = m11_theta @ m22 + m12 @ theta_.transpose(-1, -2) @ m12
+    third = trace * j1 + outer_a.unsqueeze(-1) * q_a + outer_b.unsqueeze(-2) * q_b + both * j0
+    s4, t4 = s_.unsqueeze(-1).unsqueeze(-1), t_.unsqueeze(-1).unsqueeze(-1)
+    integrand = theta_ * j0 - 2 * s4 * second_s - 2 * t4 * second_t + 4 * s4 * t4 * third
+    batch_ndim = count_s.dim()
+    mass_ = mass.unsqueeze(-1).unsqueeze(-1)
+    constant = math.sqrt(b1 * b2) / math.pi
+
+    def total(values: Tensor) -> Tensor:
+        over_t = _sum_with_tail(mass_ * values, count_t, batch_ndim + 1)
+        return (constant * _sum_with_tail(over_t, count_s, batch_ndim)).to(dtype)
+
+    return total(j1), total(integrand)
+
+
 def _per_layer(value: float | Tensor | Sequence, depth: int, name: str) -> list:
     if isinstance(value, (list, tuple)):
         if len(value) != depth + 1:
@@ -410,6 +591,35 @@ def batchnorm_mlp_nngp(
     for layer in range(1, depth + 1):
         cov = weights[layer] * batchnorm_relu_single(cov, eps, rule) + biases[layer]
     return cov
+
+
+def batchnorm_mlp_ntk(
+    x: Tensor,
+    depth: int = 2,
+    weight_variance: float | Tensor | Sequence = 2.0,
+    bias_variance: float | Tensor | Sequence = 0.1,
+    eps: float = 0.0,
+    rule: QuadratureRule | None = None,
+) -> tuple[Tensor, Tensor]:
+    r"""NNGP kernel and NTK (each ``B x B``) of a BatchNorm + ReLU MLP on one batch ``x``.
+
+    :math:`\Theta_1 = K_1`; after each BatchNorm + ReLU block and dense layer,
+    :math:`K \leftarrow \sigma_w^2 V + \sigma_b^2`,
+    :math:`\Theta \leftarrow K + \sigma_w^2 E[J \Theta J^T]`
+    (:func:`batchnorm_relu_single_ntk`; gradient independence, as for every NTK).
+    NTK parameterisation.  Needs batches whose centred first-layer covariance has
+    rank at least 3 (input dimension at least 3); see :func:`batchnorm_relu_single_ntk`.
+    """
+    _check_batch(x, "x")
+    weights = _per_layer(weight_variance, depth, "weight_variance")
+    biases = _per_layer(bias_variance, depth, "bias_variance")
+    cov = weights[0] * _input_covariance(x, x) + biases[0]
+    ntk = cov
+    for layer in range(1, depth + 1):
+        value, derivative = batchnorm_relu_single_ntk(cov, ntk, eps, rule)
+        cov = weights[layer] * value + biases[layer]
+        ntk = cov + weights[layer] * derivative
+    return cov, ntk
 
 
 def batchnorm_mlp_nngp_cross(
@@ -489,3 +699,37 @@ class BatchNormOverBatch(nn.Module):
 
     def extra_repr(self) -> str:
         return f"eps={self.eps:g}"
+
+
+def batchnorm_mlp_ntk_cross(
+    x1: Tensor,
+    x2: Tensor,
+    depth: int = 2,
+    weight_variance: float | Tensor | Sequence = 2.0,
+    bias_variance: float | Tensor | Sequence = 0.1,
+    eps: float = 0.0,
+    rule: QuadratureRule | None = None,
+) -> tuple[Tensor, Tensor]:
+    r"""Cross-batch NNGP kernel and NTK (each ``B1 x B2``) of a BatchNorm + ReLU MLP on batches ``x1``, ``x2``.
+
+    The NTK is :math:`\lim \langle \nabla_\theta f_{x_1}(x_{1,i}), \nabla_\theta f_{x_2}(x_{2,j}) \rangle`
+    for the same network applied to each batch (see :func:`batchnorm_mlp_ntk`).
+    """
+    _check_batch(x1, "x1")
+    _check_batch(x2, "x2")
+    if x1.shape[-1] != x2.shape[-1]:
+        raise ValueError(f"x1 has {x1.shape[-1]} features but x2 has {x2.shape[-1]}")
+    weights = _per_layer(weight_variance, depth, "weight_variance")
+    biases = _per_layer(bias_variance, depth, "bias_variance")
+    cov11 = weights[0] * _input_covariance(x1, x1) + biases[0]
+    cov22 = weights[0] * _input_covariance(x2, x2) + biases[0]
+    cov12 = weights[0] * _input_covariance(x1, x2) + biases[0]
+    ntk11, ntk12, ntk22 = cov11, cov12, cov22
+    for layer in range(1, depth + 1):
+        w, b = weights[layer], biases[layer]
+        value12, derivative12 = batchnorm_relu_cross_ntk(cov11, cov12, cov22, ntk12, eps, rule)
+        value11, derivative11 = batchnorm_relu_single_ntk(cov11, ntk11, eps, rule)
+        value22, derivative22 = batchnorm_relu_single_ntk(cov22, ntk22, eps, rule)
+        cov11, cov12, cov22 = w * value11 + b, w * value12 + b, w * value22 + b
+        ntk11, ntk12, ntk22 = cov11 + w * derivative11, cov12 + w * derivative12, cov22 + w * derivative22
+    return cov12, ntk12

@@ -9,7 +9,13 @@ from gpytorch.kernels import Kernel
 from gpytorch.priors import Prior
 from torch import Tensor, nn
 
-from ..batchnorm import batchnorm_relu_cross, batchnorm_relu_single, quadrature_rule
+from ..batchnorm import (
+    batchnorm_relu_cross,
+    batchnorm_relu_cross_ntk,
+    batchnorm_relu_single,
+    batchnorm_relu_single_ntk,
+    quadrature_rule,
+)
 from ..evaluation import check_inputs
 from ..layers import Linear
 
@@ -20,7 +26,7 @@ _PAIRS_PER_CHUNK = 16
 
 
 class BatchNormMLPKernel(Kernel):
-    r"""NNGP kernel of an infinitely wide BatchNorm + ReLU MLP, made pairwise by a reference set.
+    r"""NNGP kernel or NTK of an infinitely wide BatchNorm + ReLU MLP, made pairwise by a reference set.
 
     The network (:mod:`gpytorch_tp.batchnorm`) has ``depth`` blocks
     ``Linear -> BatchNorm -> ReLU`` and a linear readout, NTK-parameterised
@@ -57,7 +63,13 @@ class BatchNormMLPKernel(Kernel):
     **Cost.**  Per pair and layer, a two-dimensional quadrature of roughly
     :math:`20^2`-:math:`40^2` nodes, each a Cholesky factorisation of size
     :math:`2(m + 1)`: keep :math:`m` small (a handful to a few tens of points).
-    The NTK is not implemented (``kind="ntk"`` raises).
+    The NTK (``kind="ntk"``, NTK parameterisation) is
+    :math:`\lim \langle \nabla_\theta f_{\{x\} \cup R}(x), \nabla_\theta f_{\{x'\} \cup R}(x') \rangle`,
+    an inner product of features, hence PSD too; it is finite only when every
+    batch's centred covariance has rank at least 3 (inputs of dimension at
+    least 3 and a reference set of at least 3 points; see
+    :func:`gpytorch_tp.batchnorm.batchnorm_relu_single_ntk`), and costs about
+    twice the NNGP.
 
     :param reference_points: :math:`R`, ``(m, d)`` with :math:`m \ge 1`.
     :param depth: number of BatchNorm + ReLU blocks.
@@ -69,7 +81,7 @@ class BatchNormMLPKernel(Kernel):
     :param accuracy: ``"fast"`` (about 1e-6 relative, 4x faster), ``"default"`` (1e-9) or ``"fine"`` (see :func:`gpytorch_tp.batchnorm.quadrature_rule`).
     :param weight_variance_prior: prior on every dense layer's :math:`\sigma_w^2`.
     :param bias_variance_prior: prior on every dense layer's :math:`\sigma_b^2`.
-    :param kind: ``"nngp"`` (only).
+    :param kind: ``"nngp"`` or ``"ntk"``.
 
     Example:
         >>> import torch, gpytorch
@@ -96,10 +108,8 @@ class BatchNormMLPKernel(Kernel):
         kind: str = "nngp",
         **kwargs,
     ):
-        if kind == "ntk":
-            raise NotImplementedError("the NTK of BatchNorm networks is not implemented yet; use kind='nngp'")
-        if kind != "nngp":
-            raise ValueError(f"kind must be 'nngp', got {kind!r}")
+        if kind not in ("nngp", "ntk"):
+            raise ValueError(f"kind must be 'nngp' or 'ntk', got {kind!r}")
         if isinstance(depth, bool) or not isinstance(depth, int) or depth < 1:
             raise ValueError(f"depth must be a positive integer (BatchNorm blocks), got {depth!r}")
         if kwargs.get("batch_shape"):
@@ -163,19 +173,25 @@ class BatchNormMLPKernel(Kernel):
         reference = self.reference_points.to(dtype=x.dtype, device=x.device)
         return torch.cat([x.unsqueeze(-2), reference.expand(x.shape[0], *reference.shape)], -2)
 
-    def _item_covariances(self, batches: Tensor) -> list[Tensor]:
-        """Per item: the pre-activation covariance over its batch at each BatchNorm, and the output's."""
+    def _item_covariances(self, batches: Tensor) -> list[tuple[Tensor, Tensor | None]]:
+        """Per item, at each BatchNorm and at the output: the covariance over its batch (and the NTK)."""
         variances = self._variances(batches.dtype)
         rule = quadrature_rule(torch.float64, self.accuracy)
         weight, bias = variances[0]
         cov = weight * (batches @ batches.transpose(-1, -2)) / batches.shape[-1] + bias
-        layers = [cov]
+        ntk = cov if self.kind == "ntk" else None
+        layers = [(cov, ntk)]
         for weight, bias in variances[1:]:
-            cov = weight * batchnorm_relu_single(cov, self.eps, rule) + bias
-            layers.append(cov)
+            if ntk is None:
+                cov = weight * batchnorm_relu_single(cov, self.eps, rule) + bias
+            else:
+                value, derivative = batchnorm_relu_single_ntk(cov, ntk, self.eps, rule)
+                cov = weight * value + bias
+                ntk = cov + weight * derivative
+            layers.append((cov, ntk))
         return layers
 
-    def _pairs(self, batches1: Tensor, batches2: Tensor, items1: list[Tensor], items2: list[Tensor], i, j) -> Tensor:
+    def _pairs(self, batches1: Tensor, batches2: Tensor, items1: list, items2: list, i, j) -> Tensor:
         """``k`` for the pairs ``(i[p], j[p])`` by the cross-batch recursion, in chunks."""
         variances = self._variances(batches1.dtype)
         rule = quadrature_rule(torch.float64, self.accuracy)
@@ -184,9 +200,16 @@ class BatchNormMLPKernel(Kernel):
             a, b = i[start : start + _PAIRS_PER_CHUNK], j[start : start + _PAIRS_PER_CHUNK]
             weight, bias = variances[0]
             cross = weight * (batches1[a] @ batches2[b].transpose(-1, -2)) / batches1.shape[-1] + bias
+            ntk = cross
             for layer, (weight, bias) in enumerate(variances[1:]):
-                cross = weight * batchnorm_relu_cross(items1[layer][a], cross, items2[layer][b], self.eps, rule) + bias
-            values.append(cross[:, 0, 0])
+                cov11, cov22 = items1[layer][0][a], items2[layer][0][b]
+                if self.kind == "nngp":
+                    cross = weight * batchnorm_relu_cross(cov11, cross, cov22, self.eps, rule) + bias
+                else:
+                    value, derivative = batchnorm_relu_cross_ntk(cov11, cross, cov22, ntk, self.eps, rule)
+                    cross = weight * value + bias
+                    ntk = cross + weight * derivative
+            values.append((cross if self.kind == "nngp" else ntk)[:, 0, 0])
         if not values:
             return batches1.new_zeros(0)
         return torch.cat(values)
@@ -210,7 +233,8 @@ class BatchNormMLPKernel(Kernel):
         # A pair of identical points is one batch: the single-batch value (exactly; the cross-batch
         # quadrature of two identical batches agrees to its tolerance).
         identical = (x1[i] == x2[j]).all(-1)
-        self1 = items1[-1][:, 0, 0]
+        output = 0 if self.kind == "nngp" else 1
+        self1 = items1[-1][output][:, 0, 0]
         values = torch.where(identical, self1[i], 0.0 * self1[i])
         distinct = (~identical).nonzero().squeeze(-1)
         if len(distinct):
