@@ -126,7 +126,9 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def torch_threads_default() -> int:
-    return min(os.cpu_count() or 1, 2)
+    # One thread: the per-node linear algebra is small (B <= a few hundred), and on a shared machine
+    # two OpenMP threads made LAPACK 20-40x slower (spin-waiting at barriers) than one.
+    return 1
 
 
 if __name__ == "__main__":
