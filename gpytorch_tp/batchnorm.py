@@ -50,6 +50,9 @@ with :math:`S = \mathrm{diag}(G_1, G_2)\, \Sigma\, \mathrm{diag}(G_1, G_2)`,
 tilted covariance :math:`M = \Delta^{-1} (I + 2 \Delta S \Delta)^{-1} \Delta S`.
 After each BatchNorm + ReLU the next dense layer gives
 :math:`\Sigma \leftarrow \sigma_w^2 V + \sigma_b^2`.
+The NTK adds the backward pass through BatchNorm
+(:func:`batchnorm_relu_single_ntk`, :func:`batchnorm_relu_cross_ntk`): the same
+tilting with weights :math:`1, s, s^2/2` and Gaussian moments by Stein's lemma.
 
 **Quadrature.**  In :math:`\tau = \log s` the integrands are analytic in a
 strip around the real axis (the nearest singularities are the zeros of
