@@ -10,12 +10,21 @@ Gaussian process of a wide network during gradient-descent training.
 from . import layers
 from .dynamics import TrainedNetworkGP
 from .evaluation import evaluate
-from .kernels import CNNKernel, MLPKernel, MyrtleKernel, RNNKernel, TensorProgramKernel, TransformerKernel
+from .kernels import (
+    BatchNormMLPKernel,
+    CNNKernel,
+    MLPKernel,
+    MyrtleKernel,
+    RNNKernel,
+    TensorProgramKernel,
+    TransformerKernel,
+)
 from .state import KernelState
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "BatchNormMLPKernel",
     "CNNKernel",
     "KernelState",
     "MLPKernel",

@@ -159,3 +159,25 @@ def test_transformer_sequences_tutorial_smoke_beats_chance(tmp_path, capsys):
     cut = run["cut_data"]
     steps = cut.test_x.reshape(len(cut.test_x), 8, 8)
     assert (torch.isnan(steps).all(-1).sum(-1) == 8 - cut.test_rows).all()
+
+def test_batchnorm_tutorial_smoke_writes_a_figure(tmp_path, capsys):
+    import itertools
+
+    pytest.importorskip("matplotlib", reason="the tutorials need matplotlib")
+    tutorial = _load_tutorial("batchnorm_mlp")
+
+    run = tutorial.main(["--smoke", "--out", str(tmp_path), "--seed", "0"])
+
+    assert run["figure"] == tmp_path / "batchnorm_mlp.png"
+    assert run["figure"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    out = capsys.readouterr().out
+    assert "mean correlation of distinct points" in out and "test RMSE" in out
+    # Without BatchNorm the outputs at distinct points grow more correlated with every layer;
+    # BatchNorm keeps them apart (Yang et al. 2019): below the plain MLP's from depth 2 on.
+    plain, batchnorm = run["correlations"]["ReLU MLP"], run["correlations"]["BatchNorm + ReLU MLP"]
+    assert all(a < b for a, b in itertools.pairwise(plain))
+    assert all(bn < p for bn, p in zip(batchnorm[1:], plain[1:]))
+    assert len(run["results"]) == 3
+    for r in run["results"]:
+        assert r.name in out
+        assert math.isfinite(r.rmse) and r.rmse > 0 and math.isfinite(r.nlpd)

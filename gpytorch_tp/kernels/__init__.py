@@ -1,9 +1,19 @@
 """GPyTorch kernels: :class:`TensorProgramKernel` and presets."""
 
+from .batchnorm_kernel import BatchNormMLPKernel
 from .cnn_kernel import CNNKernel, MyrtleKernel
 from .mlp_kernel import MLPKernel
 from .rnn_kernel import RNNKernel
 from .tensor_program_kernel import KINDS, TensorProgramKernel
 from .transformer_kernel import TransformerKernel
 
-__all__ = ["KINDS", "CNNKernel", "MLPKernel", "MyrtleKernel", "RNNKernel", "TensorProgramKernel", "TransformerKernel"]
+__all__ = [
+    "KINDS",
+    "BatchNormMLPKernel",
+    "CNNKernel",
+    "MLPKernel",
+    "MyrtleKernel",
+    "RNNKernel",
+    "TensorProgramKernel",
+    "TransformerKernel",
+]
