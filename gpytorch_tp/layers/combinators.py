@@ -55,7 +55,7 @@ class Sequential(Layer):
         width: int,
         out_shape: tuple[int, ...] | None = None,
         last_width: int | None = None,
-    ):
+    ) -> tuple[nn.Module, tuple[int, ...]]:
         """Finite network; the last layer gets output shape ``out_shape`` when given (a readout).
 
         ``last_width`` only sets the last layer's width, without checking the output shape.
@@ -133,7 +133,7 @@ class Residual(Layer):
     def needs_all_position_pairs(self) -> bool:
         return self.block.needs_all_position_pairs or (self.skip is not None and self.skip.needs_all_position_pairs)
 
-    def finite_module(self, in_shape: tuple[int, ...], width: int):
+    def finite_module(self, in_shape: tuple[int, ...], width: int) -> tuple[nn.Module, tuple[int, ...]]:
         in_shape = tuple(in_shape)
         if self.skip is None:
             skip, skip_out = None, in_shape
