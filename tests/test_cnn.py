@@ -1147,6 +1147,7 @@ def test_preset_arguments():
 # 6. Progress bar.
 # =============================================================================================
 
+
 def _progress_case():
     spec, shape = TILING_CASES["2d-same-flatten"]
     return build(spec, 2), _images(8, shape, 16), shape
