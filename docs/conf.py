@@ -15,6 +15,7 @@ How to add a page: ``docs/README.md``.
 
 from __future__ import annotations
 
+import shutil
 import sys
 from pathlib import Path
 
@@ -49,6 +50,9 @@ myst_enable_extensions = ["dollarmath", "amsmath", "colon_fence"]
 myst_heading_anchors = 3
 
 # API reference: one page per module (template in _templates/autosummary).
+# The stubs are regenerated on every build; a stale one (a module since renamed)
+# would fail to import, so start from none.
+shutil.rmtree(Path(__file__).resolve().parent / "api" / "generated", ignore_errors=True)
 autosummary_generate = True
 autosummary_imported_members = False
 autodoc_member_order = "bysource"

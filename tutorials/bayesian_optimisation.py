@@ -28,7 +28,7 @@ measurements behind them):
 
 Run it from the repository root::
 
-    python tutorials/bayesian_optimisation.py            # about 6 CPU minutes; figure in docs/figures/
+    python tutorials/bayesian_optimisation.py            # about 3 CPU minutes; figure in docs/figures/
     python tutorials/bayesian_optimisation.py --smoke    # a few seconds, for the tests
 
 It needs BoTorch and matplotlib (``pip install -e ".[botorch,tutorials]"``).
