@@ -2,7 +2,7 @@
 
 The build reads the Markdown pages of ``docs/``, generates the API reference
 from the docstrings and copies the tutorials' figures; it never runs a
-tutorial.  About 15-20 s on one core.
+tutorial.  About 20 s of CPU time (single-threaded); much longer in wall time on a busy machine.
 """
 
 from __future__ import annotations
