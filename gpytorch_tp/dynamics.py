@@ -499,7 +499,12 @@ class TrainedNetworkGP:
         return self._check_x(x, "x", self.train_x.shape[1]).to(self.train_x.device)
 
     def mean_and_covariance(
-        self, x: Tensor | None = None, t=None, *, steps=None, diag: bool = False
+        self,
+        x: Tensor | None = None,
+        t: float | Tensor | None = None,
+        *,
+        steps: float | Tensor | None = None,
+        diag: bool = False,
     ) -> tuple[Tensor, Tensor]:
         """Mean ``(*S, N, m)`` and covariance ``(*S, N, N)`` (``(*S, N)`` with ``diag``) as tensors.
 
@@ -536,7 +541,14 @@ class TrainedNetworkGP:
         mean, cov = _assemble(a.unsqueeze(0), self.train_y, c, k_Xx, k_xx, diag)
         return mean[0], cov[0]
 
-    def __call__(self, x: Tensor | None = None, t=None, *, steps=None, diag: bool = False):
+    def __call__(
+        self,
+        x: Tensor | None = None,
+        t: float | Tensor | None = None,
+        *,
+        steps: float | Tensor | None = None,
+        diag: bool = False,
+    ) -> MultivariateNormal:
         r"""Distribution of the network function on ``x`` after training for ``t`` (or ``steps``).
 
         :param x: inputs ``(N, d)``; ``None`` means the training inputs (using the cached kernels).
@@ -563,7 +575,14 @@ class TrainedNetworkGP:
 
     # ------------------------------------------------------------------ losses
 
-    def expected_loss(self, t=None, *, steps=None, x: Tensor | None = None, y: Tensor | None = None) -> ExpectedLoss:
+    def expected_loss(
+        self,
+        t: float | Tensor | None = None,
+        *,
+        steps: float | Tensor | None = None,
+        x: Tensor | None = None,
+        y: Tensor | None = None,
+    ) -> ExpectedLoss:
         r"""Expected loss of one trained network, ``E[L](t) = bias + variance``, for each time.
 
         The loss is the training loss's data term (``loss="half_sum"``:

@@ -216,7 +216,14 @@ class InputLayout:
             valid1, valid2 = valid1.unsqueeze(-1), valid2.unsqueeze(-2)
         return valid1, valid2
 
-    def state(self, var1: Tensor, var2: Tensor, cross: Tensor, valid=(None, None), **flags) -> KernelState:
+    def state(
+        self,
+        var1: Tensor,
+        var2: Tensor,
+        cross: Tensor,
+        valid: tuple[Tensor | None, Tensor | None] = (None, None),
+        **flags: bool,
+    ) -> KernelState:
         """The input state from the variances (shaped for the pairing) and the pairs' ``cross``."""
         return KernelState(
             cross=cross,

@@ -18,6 +18,7 @@ Two places need care:
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from functools import lru_cache
 
 import numpy as np
@@ -293,10 +294,10 @@ def gaussian_pair_moment(
     k11: Tensor,
     k22: Tensor,
     k12: Tensor,
-    fn,
+    fn: Callable[[Tensor], Tensor],
     *,
-    derivative_fn=None,
-    derivatives=None,
+    derivative_fn: Callable[[Tensor], Tensor] | None = None,
+    derivatives: Callable[[Tensor, int], Tensor | None] | None = None,
     order: int = 0,
     num_points: int = 96,
 ) -> Tensor:

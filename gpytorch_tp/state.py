@@ -92,7 +92,7 @@ def per_item_cache() -> PerItemCache | None:
     return getattr(_local, "cache", None)
 
 
-def per_item(fn: Callable[..., object], *tensors: Tensor):
+def per_item(fn: Callable[..., object], *tensors: Tensor) -> object:
     """``fn(*tensors)``, computed once per evaluation for per-item statistics.
 
     The per-item statistics of a tile (``var1``, ``var2`` and everything a

@@ -85,7 +85,7 @@ def test_fantasize_shapes():
 def test_batched_multi_output_model():
     torch.manual_seed(1)
     train_x = torch.rand(15, 3, dtype=torch.float64)
-    train_y = torch.cat([_branin_like(train_x), -_branin_like(train_x) ** 2], dim=-1)
+    train_y = torch.cat([_branin_like(train_x), -(_branin_like(train_x) ** 2)], dim=-1)
     model = SingleTaskGP(
         train_x,
         train_y,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import itertools
 import math
 import sys
 from pathlib import Path
@@ -181,3 +182,47 @@ def test_batchnorm_tutorial_smoke_writes_a_figure(tmp_path, capsys):
     for r in run["results"]:
         assert r.name in out
         assert math.isfinite(r.rmse) and r.rmse > 0 and math.isfinite(r.nlpd)
+
+def test_bayesian_optimisation_tutorial_smoke(tmp_path, capsys):
+    pytest.importorskip("matplotlib", reason="the tutorials need matplotlib")
+    pytest.importorskip("botorch", reason="the Bayesian optimisation tutorial needs BoTorch")
+    tutorial = _load_tutorial("bayesian_optimisation")
+
+    run = tutorial.main(["--smoke", "--out", str(tmp_path)])
+
+    assert run["figure"] == tmp_path / "bo_tutorial_branin.png"
+    assert run["figure"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert {r["kernel"] for r in run["runs"]} == set(tutorial.KERNELS)
+    optimum = -0.397887  # Branin's minimum value, negated (Dixon and Szego 1978)
+    bounds = tutorial.BOUNDS
+    for r in run["runs"]:
+        best = r["best"]
+        assert len(best) == run["iterations"] + 1 and len(r["x"]) == 5 + run["iterations"]
+        assert all(math.isfinite(b) and b <= optimum + 1e-6 for b in best)
+        assert all(later >= earlier for earlier, later in itertools.pairwise(best))
+        assert ((r["x"] >= bounds[0]) & (r["x"] <= bounds[1])).all()  # candidates stay in the box
+        assert best[-1] == r["y"].max().item()
+    out = capsys.readouterr().out
+    assert "median final log10 regret" in out
+
+
+def test_wide_networks_tutorial_smoke_errors_fall_with_width(tmp_path, capsys):
+    pytest.importorskip("matplotlib", reason="the tutorials need matplotlib")
+    tutorial = _load_tutorial("wide_networks_are_gps")
+
+    run = tutorial.main(["--smoke", "--out", str(tmp_path)])
+
+    assert run["figure"] == tmp_path / "wide_networks_are_gps.png"
+    assert run["figure"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert run["widths"] == [8, 128]
+    families = [name for name in run["errors"] if not name.startswith("Transformer")]
+    assert [name.split()[0] for name in families] == ["MLP", "CNN", "RNN"]
+    for name in families:
+        for kind in ("nngp", "ntk"):
+            typical = tutorial.rms(run["errors"][name][kind])
+            # The error of a width-n estimate scatters like n^-1/2: from width 8 to 128 it
+            # should fall about 4-fold (1.7-6.7 seen); at 128 the typical error is 0.04-0.31.
+            assert typical[1] < typical[0] / 1.3, (name, kind, typical)
+            assert typical[1] < 0.5, (name, kind, typical)
+            assert math.isfinite(run["slopes"][name][kind]) and run["slopes"][name][kind] < 0
+    assert "rms relative error" in capsys.readouterr().out

@@ -60,6 +60,7 @@ from neural_tangents import stax
 # own options, add them in `add_family_arguments`.
 # --------------------------------------------------------------------------
 
+
 def build_mlp(args):
     """Depth-`depth` ReLU MLP in NTK parameterisation with a scalar readout.
 
@@ -70,15 +71,17 @@ def build_mlp(args):
     w_std, b_std = math.sqrt(2.0), args.b_std
     layers = []
     for _ in range(args.depth):
-        layers += [stax.Dense(args.width, W_std=w_std, b_std=b_std,
-                              parameterization="ntk"),
-                   stax.Relu()]
-    layers.append(stax.Dense(1, W_std=w_std, b_std=b_std,
-                             parameterization="ntk"))
+        layers += [stax.Dense(args.width, W_std=w_std, b_std=b_std, parameterization="ntk"), stax.Relu()]
+    layers.append(stax.Dense(1, W_std=w_std, b_std=b_std, parameterization="ntk"))
     _, _, kernel_fn = stax.serial(*layers)
-    desc = {"depth": args.depth, "dim": args.dim, "W_std": w_std,
-            "b_std": b_std, "parameterization": "ntk",
-            "nonlinearity": "relu"}
+    desc = {
+        "depth": args.depth,
+        "dim": args.dim,
+        "W_std": w_std,
+        "b_std": b_std,
+        "parameterization": "ntk",
+        "nonlinearity": "relu",
+    }
     return kernel_fn, (args.dim,), desc
 
 
@@ -93,25 +96,30 @@ def build_cnn(args):
     k = args.filter_size
     layers = []
     for _ in range(args.depth):
-        layers += [stax.Conv(args.width, (k, k), padding="SAME", W_std=w_std,
-                             b_std=b_std, parameterization="ntk"),
-                   stax.Relu()]
-    readout = {"global_avg_pool": stax.GlobalAvgPool,
-               "flatten": stax.Flatten}[args.readout]
-    layers += [readout(),
-               stax.Dense(1, W_std=w_std, b_std=b_std,
-                          parameterization="ntk")]
+        layers += [
+            stax.Conv(args.width, (k, k), padding="SAME", W_std=w_std, b_std=b_std, parameterization="ntk"),
+            stax.Relu(),
+        ]
+    readout = {"global_avg_pool": stax.GlobalAvgPool, "flatten": stax.Flatten}[args.readout]
+    layers += [readout(), stax.Dense(1, W_std=w_std, b_std=b_std, parameterization="ntk")]
     _, _, kernel_fn = stax.serial(*layers)
-    pixels = args.image_size ** 2
-    desc = {"depth": args.depth, "image_size": args.image_size,
-            "channels": args.channels, "filter_size": k,
-            "padding": "SAME", "readout": args.readout, "W_std": w_std,
-            "b_std": b_std, "parameterization": "ntk",
-            "nonlinearity": "relu", "layout": "NHWC",
-            # Numbers neural-tangents stores per pair of images: all pixel
-            # pairs with pooling, aligned pixels only with Flatten.
-            "numbers_per_pair": pixels ** 2 if args.readout == "global_avg_pool"
-            else pixels}
+    pixels = args.image_size**2
+    desc = {
+        "depth": args.depth,
+        "image_size": args.image_size,
+        "channels": args.channels,
+        "filter_size": k,
+        "padding": "SAME",
+        "readout": args.readout,
+        "W_std": w_std,
+        "b_std": b_std,
+        "parameterization": "ntk",
+        "nonlinearity": "relu",
+        "layout": "NHWC",
+        # Numbers neural-tangents stores per pair of images: all pixel
+        # pairs with pooling, aligned pixels only with Flatten.
+        "numbers_per_pair": pixels**2 if args.readout == "global_avg_pool" else pixels,
+    }
     return kernel_fn, (args.image_size, args.image_size, args.channels), desc
 
 
@@ -124,31 +132,35 @@ FAMILIES = {
 def add_family_arguments(parser):
     """Options used by one or more families (ignored by the others)."""
     g = parser.add_argument_group("architecture")
-    g.add_argument("--depth", type=int, default=None,
-                   help="number of hidden/conv blocks = nonlinearities "
-                        "(default 5 for mlp, 3 for cnn)")
-    g.add_argument("--dim", type=int, default=32,
-                   help="input dimension (default 32)")
-    g.add_argument("--width", type=int, default=512,
-                   help="nominal finite width given to stax (no effect on "
-                        "the infinite-width kernel)")
-    g.add_argument("--b-std", type=float, default=0.1,
-                   help="bias standard deviation (default 0.1)")
-    g.add_argument("--image-size", type=int, default=8,
-                   help="cnn: images are image-size x image-size (default 8)")
-    g.add_argument("--channels", type=int, default=3,
-                   help="cnn: input channels (default 3)")
-    g.add_argument("--filter-size", type=int, default=3,
-                   help="cnn: filters are filter-size x filter-size "
-                        "(default 3)")
-    g.add_argument("--readout", choices=["global_avg_pool", "flatten"],
-                   default="global_avg_pool",
-                   help="cnn: readout before the dense output layer")
+    g.add_argument(
+        "--depth",
+        type=int,
+        default=None,
+        help="number of hidden/conv blocks = nonlinearities (default 5 for mlp, 3 for cnn)",
+    )
+    g.add_argument("--dim", type=int, default=32, help="input dimension (default 32)")
+    g.add_argument(
+        "--width",
+        type=int,
+        default=512,
+        help="nominal finite width given to stax (no effect on the infinite-width kernel)",
+    )
+    g.add_argument("--b-std", type=float, default=0.1, help="bias standard deviation (default 0.1)")
+    g.add_argument("--image-size", type=int, default=8, help="cnn: images are image-size x image-size (default 8)")
+    g.add_argument("--channels", type=int, default=3, help="cnn: input channels (default 3)")
+    g.add_argument("--filter-size", type=int, default=3, help="cnn: filters are filter-size x filter-size (default 3)")
+    g.add_argument(
+        "--readout",
+        choices=["global_avg_pool", "flatten"],
+        default="global_avg_pool",
+        help="cnn: readout before the dense output layer",
+    )
 
 
 # --------------------------------------------------------------------------
 # Timing helpers.
 # --------------------------------------------------------------------------
+
 
 def block(tree):
     """Wait until every array in a pytree of jax arrays has been computed."""
@@ -181,11 +193,10 @@ LIVE_BLOCK_TENSORS = 8
 
 def block_gib(items, numbers_per_pair):
     """Estimated memory of an items x items kernel block, GiB."""
-    return items ** 2 * numbers_per_pair * 8 * LIVE_BLOCK_TENSORS / 2**30
+    return items**2 * numbers_per_pair * 8 * LIVE_BLOCK_TENSORS / 2**30
 
 
-def make_configs(kernel_fn, n, batch_sizes, numbers_per_pair=1,
-                 max_block_gib=float("inf")):
+def make_configs(kernel_fn, n, batch_sizes, numbers_per_pair=1, max_block_gib=float("inf")):
     """Named callables f(x, get) computing the symmetric kernel of x.
 
     Returns (configs, skipped): configurations whose blocks are estimated to
@@ -213,10 +224,8 @@ def make_configs(kernel_fn, n, batch_sizes, numbers_per_pair=1,
             continue
         # nt.batch jits the per-block kernel itself; device_count=0 means no
         # pmap (a single CPU device here).
-        batched = nt.batch(kernel_fn, batch_size=bs, device_count=0,
-                           store_on_device=True)
-        configs.append((name,
-                        lambda x, get, f=batched: f(x, None, get=get)))
+        batched = nt.batch(kernel_fn, batch_size=bs, device_count=0, store_on_device=True)
+        configs.append((name, lambda x, get, f=batched: f(x, None, get=get)))
     return configs, skipped
 
 
@@ -242,29 +251,41 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--family", choices=sorted(FAMILIES), default="mlp")
     add_family_arguments(p)
-    p.add_argument("--n", type=int, nargs="+", default=[1000, 4000],
-                   help="numbers of inputs to time (default 1000 4000)")
+    p.add_argument(
+        "--n", type=int, nargs="+", default=[1000, 4000], help="numbers of inputs to time (default 1000 4000)"
+    )
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--kinds", nargs="+", choices=["nngp", "ntk"],
-                   default=["nngp", "ntk"], help="kernels to compute")
-    p.add_argument("--seed", type=int, default=0,
-                   help="numpy seed for X ~ N(0, 1); X for a smaller n is "
-                        "the leading rows of X for a larger n")
-    p.add_argument("--batch-sizes", type=int, nargs="*",
-                   default=[250, 500, 1000, 2000],
-                   help="nt.batch sizes to try besides plain jit (those not "
-                        "dividing n are skipped); pass none to disable")
-    p.add_argument("--save-kernel", metavar="PATH.npz",
-                   help="save X and the kernels for the first n")
-    p.add_argument("--warmup-n", type=int, default=None,
-                   help="warm nt.batch configurations up on the first "
-                        "warmup-n inputs only (rounded up to whole batches; "
-                        "compilation is per block shape, so this compiles "
-                        "the same function at a fraction of the cost); "
-                        "plain jit always warms up on all n (default: all n)")
-    p.add_argument("--max-block-gib", type=float, default=4.0,
-                   help="skip configurations whose kernel blocks are "
-                        "estimated to need more memory than this (default 4)")
+    p.add_argument("--kinds", nargs="+", choices=["nngp", "ntk"], default=["nngp", "ntk"], help="kernels to compute")
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="numpy seed for X ~ N(0, 1); X for a smaller n is the leading rows of X for a larger n",
+    )
+    p.add_argument(
+        "--batch-sizes",
+        type=int,
+        nargs="*",
+        default=[250, 500, 1000, 2000],
+        help="nt.batch sizes to try besides plain jit (those not dividing n are skipped); pass none to disable",
+    )
+    p.add_argument("--save-kernel", metavar="PATH.npz", help="save X and the kernels for the first n")
+    p.add_argument(
+        "--warmup-n",
+        type=int,
+        default=None,
+        help="warm nt.batch configurations up on the first "
+        "warmup-n inputs only (rounded up to whole batches; "
+        "compilation is per block shape, so this compiles "
+        "the same function at a fraction of the cost); "
+        "plain jit always warms up on all n (default: all n)",
+    )
+    p.add_argument(
+        "--max-block-gib",
+        type=float,
+        default=4.0,
+        help="skip configurations whose kernel blocks are estimated to need more memory than this (default 4)",
+    )
     return p.parse_args(argv)
 
 
@@ -278,18 +299,15 @@ def main(argv=None):
 
     results = []
     for i, n in enumerate(args.n):
-        x = np.random.default_rng(rng_seed).standard_normal(
-            (n,) + input_shape)
+        x = np.random.default_rng(rng_seed).standard_normal((n,) + input_shape)
         per_config = []
         configs, skipped = make_configs(
-            kernel_fn, n, args.batch_sizes,
-            desc.get("numbers_per_pair", 1), args.max_block_gib)
+            kernel_fn, n, args.batch_sizes, desc.get("numbers_per_pair", 1), args.max_block_gib
+        )
         for name in skipped:
-            print(f"[n={n}] skipped {name}: over --max-block-gib "
-                  f"{args.max_block_gib}", file=sys.stderr, flush=True)
+            print(f"[n={n}] skipped {name}: over --max-block-gib {args.max_block_gib}", file=sys.stderr, flush=True)
         if not configs:
-            raise SystemExit(f"n={n}: every configuration is over "
-                             f"--max-block-gib; pass smaller --batch-sizes")
+            raise SystemExit(f"n={n}: every configuration is over --max-block-gib; pass smaller --batch-sizes")
         for name, fn in configs:
             warmup_x = None
             if args.warmup_n is not None and name != "jit":
@@ -297,51 +315,66 @@ def main(argv=None):
                 m = min(n, bs * max(1, -(-args.warmup_n // bs)))
                 warmup_x = x[:m] if m < n else None
             first, times = time_config(fn, x, get, args.repeats, warmup_x)
-            rec = {"config": name,
-                   "seconds_first_call": first,
-                   "warmup_n": n if warmup_x is None else len(warmup_x),
-                   "seconds_best": min(times),
-                   "seconds_median": statistics.median(times),
-                   "seconds_all": times}
+            rec = {
+                "config": name,
+                "seconds_first_call": first,
+                "warmup_n": n if warmup_x is None else len(warmup_x),
+                "seconds_best": min(times),
+                "seconds_median": statistics.median(times),
+                "seconds_all": times,
+            }
             per_config.append(rec)
-            print(f"[n={n}] {name}: first {first:.3f}s, best "
-                  f"{rec['seconds_best']:.3f}s, median "
-                  f"{rec['seconds_median']:.3f}s, peak RSS so far "
-                  f"{peak_rss_gib():.2f} GiB", file=sys.stderr, flush=True)
+            print(
+                f"[n={n}] {name}: first {first:.3f}s, best "
+                f"{rec['seconds_best']:.3f}s, median "
+                f"{rec['seconds_median']:.3f}s, peak RSS so far "
+                f"{peak_rss_gib():.2f} GiB",
+                file=sys.stderr,
+                flush=True,
+            )
 
         if i == 0 and args.save_kernel:
             # The plain jit, or where it does not fit the fastest nt.batch.
             by_name = dict(configs)
-            name = "jit" if "jit" in by_name else min(
-                per_config, key=lambda r: r["seconds_median"])["config"]
+            name = "jit" if "jit" in by_name else min(per_config, key=lambda r: r["seconds_median"])["config"]
             out = block(by_name[name](x, get))
-            np.savez(args.save_kernel, X=x, seed=rng_seed,
-                     family=args.family, config_json=json.dumps(desc),
-                     **{k: np.asarray(getattr(out, k)) for k in get})
-            print(f"saved kernels for n={n} to {args.save_kernel}",
-                  file=sys.stderr)
+            np.savez(
+                args.save_kernel,
+                X=x,
+                seed=rng_seed,
+                family=args.family,
+                config_json=json.dumps(desc),
+                **{k: np.asarray(getattr(out, k)) for k in get},
+            )
+            print(f"saved kernels for n={n} to {args.save_kernel}", file=sys.stderr)
 
         fastest = min(per_config, key=lambda r: r["seconds_median"])
-        results.append({"n": n,
-                        "seconds_best": fastest["seconds_best"],
-                        "seconds_median": fastest["seconds_median"],
-                        "config": fastest["config"],
-                        "peak_rss_gib_so_far": round(peak_rss_gib(), 3),
-                        "all_configs": per_config,
-                        "skipped_configs": skipped})
+        results.append(
+            {
+                "n": n,
+                "seconds_best": fastest["seconds_best"],
+                "seconds_median": fastest["seconds_median"],
+                "config": fastest["config"],
+                "peak_rss_gib_so_far": round(peak_rss_gib(), 3),
+                "all_configs": per_config,
+                "skipped_configs": skipped,
+            }
+        )
 
-    summary = {"library": "neural-tangents",
-               "version": nt.__version__,
-               "jax": jax.__version__,
-               "jaxlib": importlib.metadata.version("jaxlib"),
-               "backend": jax.default_backend(),
-               "dtype": "float64",
-               "family": args.family,
-               "kinds": list(get),
-               "repeats": args.repeats,
-               "cpu_count": os.cpu_count(),
-               "model": desc,
-               "results": results}
+    summary = {
+        "library": "neural-tangents",
+        "version": nt.__version__,
+        "jax": jax.__version__,
+        "jaxlib": importlib.metadata.version("jaxlib"),
+        "backend": jax.default_backend(),
+        "dtype": "float64",
+        "family": args.family,
+        "kinds": list(get),
+        "repeats": args.repeats,
+        "cpu_count": os.cpu_count(),
+        "model": desc,
+        "results": results,
+    }
     print(json.dumps(summary))
 
 

@@ -60,7 +60,7 @@ class Sequential(Layer):
         width: int,
         out_shape: tuple[int, ...] | None = None,
         last_width: int | None = None,
-    ):
+    ) -> tuple[nn.Module, tuple[int, ...]]:
         """Finite network; the last layer gets output shape ``out_shape`` when given (a readout).
 
         ``last_width`` only sets the last layer's width, without checking the output shape.
@@ -144,7 +144,7 @@ class Residual(Layer):
     def acts_on_position_blocks(self) -> bool:
         return self.block.acts_on_position_blocks or (self.skip is not None and self.skip.acts_on_position_blocks)
 
-    def finite_module(self, in_shape: tuple[int, ...], width: int):
+    def finite_module(self, in_shape: tuple[int, ...], width: int) -> tuple[nn.Module, tuple[int, ...]]:
         in_shape = tuple(in_shape)
         if self.skip is None:
             skip, skip_out = None, in_shape

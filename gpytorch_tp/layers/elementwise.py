@@ -145,7 +145,7 @@ class LeakyReLU(Nonlinearity):
     def function(self, x: Tensor) -> Tensor:
         return torch.where(x > 0, x, self.negative_slope * x)
 
-    def pair_moments(self, k11, k22, k12, derivative):
+    def pair_moments(self, k11: Tensor, k22: Tensor, k12: Tensor, derivative: bool) -> tuple[Tensor, Tensor | None]:
         a = self.negative_slope
         j1, j0 = arccos_moments(k11, k22, k12)
         value = j1 if a == 0 else (1 - a) ** 2 * j1 + a * k12
@@ -153,7 +153,7 @@ class LeakyReLU(Nonlinearity):
             return value, None
         return value, (j0 if a == 0 else (1 - a) ** 2 * j0 + a)
 
-    def self_moment(self, k):
+    def self_moment(self, k: Tensor) -> Tensor:
         return (1 + self.negative_slope**2) / 2 * k
 
     def extra_repr(self) -> str:
@@ -209,12 +209,12 @@ class Step(Nonlinearity):
     def function(self, x: Tensor) -> Tensor:
         return (x > 0).to(x.dtype)
 
-    def pair_moments(self, k11, k22, k12, derivative):
+    def pair_moments(self, k11: Tensor, k22: Tensor, k12: Tensor, derivative: bool) -> tuple[Tensor, Tensor | None]:
         _, j0 = arccos_moments(k11, k22, k12)
         degenerate = (k11 == 0) | (k22 == 0)
         return torch.where(degenerate, torch.zeros_like(j0), j0), None
 
-    def self_moment(self, k):
+    def self_moment(self, k: Tensor) -> Tensor:
         return torch.where(k > 0, torch.full_like(k, 0.5), torch.zeros_like(k))
 
 
@@ -230,11 +230,11 @@ class Sign(Nonlinearity):
     def function(self, x: Tensor) -> Tensor:
         return torch.sign(x)
 
-    def pair_moments(self, k11, k22, k12, derivative):
+    def pair_moments(self, k11: Tensor, k22: Tensor, k12: Tensor, derivative: bool) -> tuple[Tensor, Tensor | None]:
         _, j0 = arccos_moments(k11, k22, k12)
         return 4 * j0 - 1, None
 
-    def self_moment(self, k):
+    def self_moment(self, k: Tensor) -> Tensor:
         return (k > 0).to(k.dtype)
 
 
@@ -252,14 +252,14 @@ class Erf(Nonlinearity):
     def function(self, x: Tensor) -> Tensor:
         return torch.erf(x)
 
-    def pair_moments(self, k11, k22, k12, derivative):
+    def pair_moments(self, k11: Tensor, k22: Tensor, k12: Tensor, derivative: bool) -> tuple[Tensor, Tensor | None]:
         norm = (1 + 2 * k11) * (1 + 2 * k22)
         value = (2 / math.pi) * torch.asin(2 * k12 / torch.sqrt(norm))
         if not derivative:
             return value, None
         return value, (4 / math.pi) / torch.sqrt(norm - 4 * k12 * k12)
 
-    def self_moment(self, k):
+    def self_moment(self, k: Tensor) -> Tensor:
         return (2 / math.pi) * torch.asin(2 * k / (1 + 2 * k))
 
 
@@ -284,7 +284,7 @@ class GELU(Nonlinearity):
     def function(self, x: Tensor) -> Tensor:
         return nn.functional.gelu(x)
 
-    def pair_moments(self, k11, k22, k12, derivative):
+    def pair_moments(self, k11: Tensor, k22: Tensor, k12: Tensor, derivative: bool) -> tuple[Tensor, Tensor | None]:
         a1, b1 = 1 + k11, 1 + k22
         d = a1 * b1 - k12 * k12
         root_d = torch.sqrt(d)
@@ -305,13 +305,13 @@ class Sin(Nonlinearity):
     def function(self, x: Tensor) -> Tensor:
         return torch.sin(x)
 
-    def pair_moments(self, k11, k22, k12, derivative):
+    def pair_moments(self, k11: Tensor, k22: Tensor, k12: Tensor, derivative: bool) -> tuple[Tensor, Tensor | None]:
         half = (k11 + k22) / 2
         plus, minus = torch.exp(k12 - half), torch.exp(-k12 - half)
         value = (plus - minus) / 2
         return value, ((plus + minus) / 2 if derivative else None)
 
-    def self_moment(self, k):
+    def self_moment(self, k: Tensor) -> Tensor:
         return -torch.expm1(-2 * k) / 2
 
 
@@ -323,13 +323,13 @@ class Cos(Nonlinearity):
     def function(self, x: Tensor) -> Tensor:
         return torch.cos(x)
 
-    def pair_moments(self, k11, k22, k12, derivative):
+    def pair_moments(self, k11: Tensor, k22: Tensor, k12: Tensor, derivative: bool) -> tuple[Tensor, Tensor | None]:
         half = (k11 + k22) / 2
         plus, minus = torch.exp(k12 - half), torch.exp(-k12 - half)
         value = (plus + minus) / 2
         return value, ((plus - minus) / 2 if derivative else None)
 
-    def self_moment(self, k):
+    def self_moment(self, k: Tensor) -> Tensor:
         return (1 + torch.exp(-2 * k)) / 2
 
 
@@ -419,7 +419,7 @@ class Elementwise(Nonlinearity):
         """Closed-form ``order``-th derivative of ``fn`` at ``x``, or ``None`` to use autograd."""
         return None
 
-    def pair_moments(self, k11, k22, k12, derivative):
+    def pair_moments(self, k11: Tensor, k22: Tensor, k12: Tensor, derivative: bool) -> tuple[Tensor, Tensor | None]:
         options = {
             "derivative_fn": self.derivative,
             "derivatives": self.derivatives,
@@ -467,7 +467,7 @@ class Tanh(Elementwise):
     def __init__(self, num_quadrature_points: int = 96):
         super().__init__(torch.tanh, num_quadrature_points=num_quadrature_points)
 
-    def derivatives(self, x, order):
+    def derivatives(self, x: Tensor, order: int) -> Tensor | None:
         t = torch.tanh(x)
         if order == 0:
             return t
@@ -491,7 +491,7 @@ class Sigmoid(Elementwise):
     def __init__(self, num_quadrature_points: int = 96):
         super().__init__(torch.sigmoid, num_quadrature_points=num_quadrature_points)
 
-    def derivatives(self, x, order):
+    def derivatives(self, x: Tensor, order: int) -> Tensor | None:
         return _sigmoid_derivatives(x, order)
 
 
@@ -503,7 +503,7 @@ class SiLU(Elementwise):
     def __init__(self, num_quadrature_points: int = 96):
         super().__init__(_silu, num_quadrature_points=num_quadrature_points)
 
-    def derivatives(self, x, order):
+    def derivatives(self, x: Tensor, order: int) -> Tensor | None:
         # (x s)^(n) = n s^(n-1) + x s^(n)
         if order == 0:
             return _silu(x)
@@ -520,7 +520,7 @@ class Softplus(Elementwise):
     def __init__(self, num_quadrature_points: int = 96):
         super().__init__(_softplus, num_quadrature_points=num_quadrature_points)
 
-    def derivatives(self, x, order):
+    def derivatives(self, x: Tensor, order: int) -> Tensor | None:
         if order == 0:
             return _softplus(x)
         return _sigmoid_derivatives(x, order - 1)
