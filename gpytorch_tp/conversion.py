@@ -652,6 +652,11 @@ class _GraphConverter:
     def call_module(self, node, tensors, args, kwargs, out_shape) -> Value:
         module = self.graph.get_submodule(node.target)
         what = f"{type(module).__name__} {node.target!r}"
+        converter = next((CONVERTERS[t] for t in type(module).__mro__ if t in CONVERTERS), None)
+        if converter is None:
+            raise UnsupportedModuleError(what)
+        if hasattr(converter, "unsupported_reason"):
+            raise UnsupportedModuleError(what, converter.unsupported_reason)
         if len(tensors) != 1 or len(args) != 1 or kwargs:
             raise UnsupportedModuleError(f"{what} called with {len(args) + len(kwargs)} arguments", "only one input")
         if any(True for _ in module.parameters()):
@@ -660,9 +665,6 @@ class _GraphConverter:
                     f"{what} called twice", "weights shared between layers are not a layer of these kernels"
                 )
             self.called[node.target] = node.name
-        converter = next((CONVERTERS[t] for t in type(module).__mro__ if t in CONVERTERS), None)
-        if converter is None:
-            raise UnsupportedModuleError(what)
         (value,) = tensors
         context = ConversionContext(node.target, value, out_shape, scales=self.scales, **self.options)
         layers, layout = converter(module, context)
