@@ -211,6 +211,7 @@ def not_supported_yet(reason: str) -> Converter:
     def convert(module: nn.Module, context: ConversionContext):
         raise UnsupportedModuleError(context.describe(module), reason)
 
+    convert.unsupported_reason = reason
     return convert
 
 
