@@ -96,8 +96,8 @@ def test_deterministic_psd_and_consistent(kind):
     torch.testing.assert_close(out[1], k(2 * x).to_dense())
     # Memory-bounded evaluation (one item per forward / Jacobian, so tiles of 1 x 1) changes nothing.
     tiny = MonteCarloKernel(lambda: _mlp(16, 4), kind, n_samples=3, seed=7, chunk_size=1)
-    torch.testing.assert_close(tiny(x, y).to_dense(), k(x, y).to_dense())
-    torch.testing.assert_close(tiny(x, diag=True), full.diagonal())
+    torch.testing.assert_close(tiny(x[:3], y[:2]).to_dense(), k(x, y).to_dense()[:3, :2])
+    torch.testing.assert_close(tiny(x[:3], diag=True), full.diagonal()[:3])
 
 
 def test_float32_and_input_gradients():
