@@ -348,11 +348,11 @@ def test_monte_carlo_kernel_of_the_real_module_approaches_the_converted_kernel(f
     x = _inputs(4, math.prod(shape), seed=1)
     exact = kernel_from_module(make(8, 1), kind, shape, **options).double()(x).to_dense().detach()
 
-    # The factors depend on the module's sizes and init scheme only, not on its random values.
-    scales = {f"module.{name}": value for name, value in ntk_parameter_scales(make(8, 1), shape, **options).items()}
-
     def estimate(width):
         out = width if kind == "nngp" else 1  # a wide readout averages the NNGP over i.i.d. outputs
+        # The factors (variance / fan-in) depend on the module's sizes and init scheme, not on its values.
+        scales = ntk_parameter_scales(make(width, out), shape, **options) if kind == "ntk" else {}
+        scales = {f"module.{name}": value for name, value in scales.items()}
         kernel = MonteCarloKernel(
             lambda: _Flattened(make(width, out), shape),
             kind,
