@@ -4,13 +4,15 @@ Layout: :mod:`gpytorch_tp.state` (the kernel state) -> :mod:`gpytorch_tp.layers`
 (maps of states) -> :mod:`gpytorch_tp.kernels` (GPyTorch kernels), with
 :mod:`gpytorch_tp.finite` and :mod:`gpytorch_tp.empirical` for the finite-width
 networks the kernels are the limits of, and :mod:`gpytorch_tp.dynamics` for the
-Gaussian process of a wide network during gradient-descent training.
+Gaussian process of a wide network during gradient-descent training, and
+:mod:`gpytorch_tp.conversion` for the kernels of ``torch.nn`` modules.
 """
 
 from . import layers
+from .conversion import from_module, kernel_from_module
 from .dynamics import TrainedNetworkGP
 from .evaluation import evaluate
-from .kernels import CNNKernel, MLPKernel, MyrtleKernel, RNNKernel, TensorProgramKernel
+from .kernels import CNNKernel, MLPKernel, MonteCarloKernel, MyrtleKernel, RNNKernel, TensorProgramKernel
 from .state import KernelState
 
 __version__ = "0.1.0"
@@ -19,11 +21,14 @@ __all__ = [
     "CNNKernel",
     "KernelState",
     "MLPKernel",
+    "MonteCarloKernel",
     "MyrtleKernel",
     "RNNKernel",
     "TensorProgramKernel",
     "TrainedNetworkGP",
     "__version__",
     "evaluate",
+    "from_module",
+    "kernel_from_module",
     "layers",
 ]

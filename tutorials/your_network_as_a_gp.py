@@ -282,7 +282,13 @@ def main(argv: list[str] | None = None) -> dict[str, Path]:
     fig.savefig(path, dpi=120)
     plt.close(fig)
     print(f"figure: {path}")
-    return {"figure": path, "kernel_error": error, "ensemble_gap": gap, "infinite_sd": spread}
+    return {
+        "figure": path,
+        "kernel_error": error,
+        "ensemble_gap": gap,
+        "infinite_sd": spread,
+        "prediction_rms": inf_mean.pow(2).mean().sqrt().item(),
+    }
 
 
 if __name__ == "__main__":
