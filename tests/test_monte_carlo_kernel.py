@@ -194,3 +194,13 @@ def test_bad_input():
         MonteCarloKernel(lambda: "not a network")(x).to_dense()
     with pytest.raises(ValueError, match="outputs"):
         MonteCarloKernel(lambda: nn.Unflatten(1, (3, 1)))(x).to_dense()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("kind", ["nngp", "ntk"])
+def test_cuda_inputs_give_the_cpu_kernel(kind):
+    x = _x(5)
+    k = MonteCarloKernel(lambda: _mlp(16, 2), kind, n_samples=2, seed=3)
+    on_gpu = k(x.cuda()).to_dense()
+    assert on_gpu.device.type == "cuda"
+    torch.testing.assert_close(on_gpu.cpu(), k(x).to_dense(), rtol=1e-10, atol=1e-12)
