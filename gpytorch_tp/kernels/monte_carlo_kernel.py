@@ -70,8 +70,9 @@ class MonteCarloKernel(Kernel):
         >>> import torch
         >>> from torch import nn
         >>> from gpytorch_tp.kernels import MonteCarloKernel
-        >>> def net():
-        ...     return nn.Sequential(nn.Linear(3, 256), nn.ReLU(), nn.MaxPool1d(1), nn.Linear(256, 1))
+        >>> def net():  # max pooling over pairs of units: no closed-form kernel
+        ...     return nn.Sequential(nn.Linear(3, 256), nn.Unflatten(1, (128, 2)), nn.AdaptiveMaxPool1d(1),
+        ...                          nn.Flatten(), nn.Linear(128, 1))
         >>> k = MonteCarloKernel(net, n_samples=8)
         >>> k(torch.randn(5, 3)).to_dense().shape
         torch.Size([5, 5])
