@@ -89,7 +89,7 @@ class UnsupportedModuleError(NotImplementedError):
 
     def __init__(self, what: str, reason: str = ""):
         self.what = what
-        reason = f": {reason}" if reason else ""
+        reason = f": {reason.rstrip('.')}" if reason else ""
         super().__init__(
             f"{what} is not supported by from_module{reason}. Its kernels can still be estimated from random "
             "finite networks: gpytorch_tp.kernels.MonteCarloKernel(lambda: YourModule(...), kind='nngp' or 'ntk')"
