@@ -22,7 +22,7 @@ initialisation), and
 
 Run it from the repository root::
 
-    python tutorials/your_network_as_a_gp.py            # figure in docs/figures/ (a few minutes)
+    python tutorials/your_network_as_a_gp.py            # figure in docs/figures/ (about 5 CPU minutes)
     python tutorials/your_network_as_a_gp.py --smoke    # seconds, for the tests
 
 It needs matplotlib (``pip install -e ".[tutorials]"``).  The ``# %%`` markers
@@ -213,9 +213,9 @@ FULL = Config(
     check_width=2048,
     check_samples=16,
     gp_iterations=100,
-    width=1024,
-    members=32,
-    steps=400,
+    width=512,
+    members=16,
+    steps=300,
 )
 
 
