@@ -149,6 +149,7 @@ def test_your_network_as_a_gp_tutorial_smoke(tmp_path, capsys):
     assert "relative error" in out and "RMS gap" in out
     # The real module's Monte Carlo NNGP is near the converted kernel (0.10 on this seed at width 256; a
     # kernel of the wrong layers or variances is off by far more), and the trained finite ensemble follows
-    # the infinite-width trained model far more closely than the size of its predictions (0.2 against 1.1).
+    # the infinite-width trained model far more closely than the size of its predictions (RMS gap 0.09
+    # against 1.1 here; hidden-layer learning rates of the wrong width give 0.2 and diverge at large widths).
     assert run["kernel_error"] < 0.25
-    assert run["ensemble_gap"] < 0.4 * run["prediction_rms"]
+    assert run["ensemble_gap"] < 0.2 * run["prediction_rms"]

@@ -175,7 +175,7 @@ def fit_gp(x, y, iterations: int) -> ExactGP:
 # %%
 def train_ensemble(x, y, grid, width, members, steps, learning_rate, seed=0) -> torch.Tensor:
     """Predictions on ``grid`` of ``members`` trained copies, ``(members, len(grid))``."""
-    scales = ntk_parameter_scales(TinyNet())
+    scales = ntk_parameter_scales(TinyNet(width))  # variance / fan-in: depends on the width
     predictions = []
     for member in range(members):
         torch.manual_seed(seed + member)
