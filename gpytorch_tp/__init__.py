@@ -4,16 +4,19 @@ Layout: :mod:`gpytorch_tp.state` (the kernel state) -> :mod:`gpytorch_tp.layers`
 (maps of states) -> :mod:`gpytorch_tp.kernels` (GPyTorch kernels), with
 :mod:`gpytorch_tp.finite` and :mod:`gpytorch_tp.empirical` for the finite-width
 networks the kernels are the limits of, and :mod:`gpytorch_tp.dynamics` for the
-Gaussian process of a wide network during gradient-descent training.
+Gaussian process of a wide network during gradient-descent training, and
+:mod:`gpytorch_tp.conversion` for the kernels of ``torch.nn`` modules.
 """
 
 from . import layers
+from .conversion import from_module, kernel_from_module
 from .dynamics import TrainedNetworkGP
 from .evaluation import evaluate
 from .kernels import (
     BatchNormMLPKernel,
     CNNKernel,
     MLPKernel,
+    MonteCarloKernel,
     MyrtleKernel,
     RNNKernel,
     TensorProgramKernel,
@@ -28,6 +31,7 @@ __all__ = [
     "CNNKernel",
     "KernelState",
     "MLPKernel",
+    "MonteCarloKernel",
     "MyrtleKernel",
     "RNNKernel",
     "TensorProgramKernel",
@@ -35,5 +39,7 @@ __all__ = [
     "TransformerKernel",
     "__version__",
     "evaluate",
+    "from_module",
+    "kernel_from_module",
     "layers",
 ]

@@ -6,19 +6,25 @@ quantities they are limits of:
 * :func:`build_network` -- the ``torch.nn`` network of an architecture at a
   given width, with the matching (NTK-parameterised) initialisation;
 * :func:`empirical_nngp` -- the output covariance over random initialisations;
-* :func:`empirical_ntk` -- the parameter-gradient inner product of one network.
+* :func:`empirical_ntk` -- the parameter-gradient inner product of one network
+  (:func:`network_jacobian` -- its parameter Jacobian).
+
+:class:`~gpytorch_tp.kernels.MonteCarloKernel` turns these into a GPyTorch
+kernel for any network factory, and :meth:`Layer.to_module
+<gpytorch_tp.layers.Layer.to_module>` is :func:`build_network` as a method.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import math
+from collections.abc import Callable, Mapping
 
 import torch
 from torch import Tensor, nn
 
 from .layers import Layer, Sequential
 
-__all__ = ["build_network", "empirical_nngp", "empirical_ntk"]
+__all__ = ["build_network", "empirical_nngp", "empirical_ntk", "network_jacobian"]
 
 
 def build_network(
@@ -76,20 +82,50 @@ def empirical_nngp(
     return total / n_networks
 
 
-def empirical_ntk(network: nn.Module, x1: Tensor, x2: Tensor | None = None) -> Tensor:
+def network_jacobian(
+    network: nn.Module,
+    x: Tensor,
+    parameter_scales: Mapping[str, float] | None = None,
+) -> Tensor:
+    r"""Parameter Jacobian of ``network`` at the items ``x``: ``(N, m, P)`` for ``m`` outputs.
+
+    Each parameter's columns are multiplied by :math:`\sqrt{s_p}` with
+    ``s_p = parameter_scales[name]`` (missing names: 1), so that inner products
+    of rows are the tangent kernel of gradient descent with per-parameter
+    learning rates :math:`\eta s_p`.  Parameters that do not require gradients
+    are left out.
+    """
+    params = {name: p.detach() for name, p in network.named_parameters() if p.requires_grad}
+    scales = dict(parameter_scales or {})
+    unknown = set(scales) - set(params)
+    if unknown:
+        raise KeyError(f"parameter_scales names parameters the network does not train: {sorted(unknown)}")
+
+    def outputs(p: dict[str, Tensor], items: Tensor) -> Tensor:
+        out = torch.func.functional_call(network, p, (items,))
+        return out.unsqueeze(-1) if out.dim() == 1 else out
+
+    jac = torch.func.jacrev(outputs)(params, x)  # name -> (N, m, *shape)
+    columns = []
+    for name, j in jac.items():
+        j = j.reshape(j.shape[0], j.shape[1], -1)
+        scale = scales.get(name, 1.0)
+        columns.append(j if scale == 1.0 else j * math.sqrt(scale))
+    return torch.cat(columns, dim=-1)
+
+
+def empirical_ntk(
+    network: nn.Module,
+    x1: Tensor,
+    x2: Tensor | None = None,
+    parameter_scales: Mapping[str, float] | None = None,
+) -> Tensor:
     r"""Empirical NTK :math:`\frac{1}{m}\sum_k \langle \nabla_\theta f_k(x_1), \nabla_\theta f_k(x_2) \rangle`.
 
-    Averaged over the ``m`` output units (cross-unit terms vanish at infinite width).
+    Averaged over the ``m`` output units (cross-unit terms vanish at infinite
+    width).  ``parameter_scales`` weights each parameter's gradients (see
+    :func:`network_jacobian`).
     """
-    params = {name: p.detach() for name, p in network.named_parameters()}
-
-    def outputs(p: dict[str, Tensor], x: Tensor) -> Tensor:
-        return torch.func.functional_call(network, p, (x,))
-
-    def jacobian(x: Tensor) -> Tensor:
-        jac = torch.func.jacrev(outputs)(params, x)  # name -> (N, m, *shape)
-        return torch.cat([j.reshape(j.shape[0], j.shape[1], -1) for j in jac.values()], dim=-1)
-
-    j1 = jacobian(x1)
-    j2 = j1 if x2 is None else jacobian(x2)
+    j1 = network_jacobian(network, x1, parameter_scales)
+    j2 = j1 if x2 is None else network_jacobian(network, x2, parameter_scales)
     return torch.einsum("imp,jmp->ij", j1, j2) / j1.shape[1]

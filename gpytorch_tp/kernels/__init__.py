@@ -3,6 +3,7 @@
 from .batchnorm_kernel import BatchNormMLPKernel
 from .cnn_kernel import CNNKernel, MyrtleKernel
 from .mlp_kernel import MLPKernel
+from .monte_carlo_kernel import MonteCarloKernel
 from .rnn_kernel import RNNKernel
 from .tensor_program_kernel import KINDS, TensorProgramKernel
 from .transformer_kernel import TransformerKernel
@@ -12,6 +13,7 @@ __all__ = [
     "BatchNormMLPKernel",
     "CNNKernel",
     "MLPKernel",
+    "MonteCarloKernel",
     "MyrtleKernel",
     "RNNKernel",
     "TensorProgramKernel",

@@ -188,6 +188,34 @@ class TensorProgramKernel(Kernel):
         )
         return nngp, ntk
 
+    def to_module(
+        self,
+        width: int,
+        out_features: int | None = 1,
+        *,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+        seed: int | None = None,
+    ) -> torch.nn.Module:
+        """The finite-width network of this kernel, taking the kernel's own inputs ``(N, input_dim)``.
+
+        See :meth:`Layer.to_module <gpytorch_tp.layers.Layer.to_module>`;
+        ``MonteCarloKernel(lambda: kernel.to_module(width))`` approaches the
+        kernel as the width grows.  Sequence kernels get a network that takes
+        time-major flattened sequences ``(N, T * d)`` of full length (no padding).
+        """
+        if self.input_shape is None and self.input_dim is None:
+            raise ValueError("to_module needs the kernel's input_dim or input_shape")
+        shape = self.input_shape if self.input_shape is not None else (self.input_dim,)
+        if getattr(self, "sequence", False):
+            steps, d = shape
+            network = self.architecture.to_module(
+                (d, steps), width, out_features, dtype=dtype, device=device, seed=seed
+            )
+            # build_network unflattens channel-major (d, T); the kernel's sequences are time-major (T, d).
+            return torch.nn.Sequential(torch.nn.Unflatten(-1, (steps, d)), _SwapLastAxes(), *network[1:])
+        return self.architecture.to_module(shape, width, out_features, dtype=dtype, device=device, seed=seed)
+
     # GPyTorch only slices and expands a kernel's own parameters and its sub-kernels;
     # ours live in the architecture's layers.
     def __getitem__(self, index) -> TensorProgramKernel:
@@ -220,3 +248,10 @@ class TensorProgramKernel(Kernel):
 
     def extra_repr(self) -> str:
         return f"kind={self.kind!r}"
+
+
+class _SwapLastAxes(torch.nn.Module):
+    """``(..., T, d) -> (..., d, T)``."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x.transpose(-1, -2)

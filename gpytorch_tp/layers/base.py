@@ -56,6 +56,32 @@ class Layer(Module):
         """
         raise NotImplementedError(f"{type(self).__name__} has no finite-width counterpart yet")
 
+    def to_module(
+        self,
+        in_shape: int | tuple[int, ...],
+        width: int,
+        out_features: int | None = 1,
+        *,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+        seed: int | None = None,
+    ) -> nn.Module:
+        """The finite-width ``torch.nn`` network whose infinite-width limit this architecture is.
+
+        Every hidden layer gets ``width`` units (channels), the last one
+        ``out_features``; parameters are i.i.d. standard normal in the NTK
+        parameterisation (each layer scales by its standard deviations over
+        the square root of its fan-in), so the output covariance over random
+        networks tends to the NNGP kernel, and the inner product of the
+        parameter gradients to the NTK, as ``width`` grows.  Inputs on a grid
+        (``in_shape=(C, H, W)``) are taken flattened, as the kernels take them.
+        See :func:`gpytorch_tp.empirical.build_network` (this method) and
+        :meth:`TensorProgramKernel.to_module <gpytorch_tp.TensorProgramKernel.to_module>`.
+        """
+        from ..empirical import build_network  # the finite networks sit above the layers
+
+        return build_network(self, in_shape, width, out_features, dtype=dtype, device=device, seed=seed)
+
     # -- hyperparameters -------------------------------------------------------------------
 
     def register_variance(
