@@ -27,7 +27,7 @@ import operator
 import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.fx
@@ -62,6 +62,9 @@ from .layers import (
     Tanh,
     TimeMean,
 )
+
+if TYPE_CHECKING:
+    from .kernels import TensorProgramKernel
 
 __all__ = [
     "CONVERTERS",
@@ -195,7 +198,9 @@ Converter = Callable[[nn.Module, ConversionContext], tuple[list[Layer], str]]
 CONVERTERS: dict[type[nn.Module], Converter] = {}
 
 
-def register_converter(module_type: type[nn.Module], converter: Converter | None = None):
+def register_converter(
+    module_type: type[nn.Module], converter: Converter | None = None
+) -> Converter | Callable[[Converter], Converter]:
     """Register ``converter`` for ``module_type`` (replacing any); usable as a decorator."""
 
     def register(fn: Converter) -> Converter:
@@ -411,9 +416,12 @@ def _rnn(module: nn.RNN, context: ConversionContext):
 _NOT_YET = {
     nn.GRU: "GRU kernels are not available yet",
     nn.LSTM: "LSTM kernels are not available yet",
-    nn.BatchNorm1d: "batch normalisation kernels (which couple a batch) are not available yet",
-    nn.MultiheadAttention: "attention kernels are not available yet (with softmax of 1/sqrt(n)-scaled logits "
-    "there is no closed form)",
+    nn.BatchNorm1d: "a BatchNorm network's output depends on its whole batch, so it is not a layer of "
+    "these architectures; for BatchNorm + ReLU MLPs use gpytorch_tp.BatchNormMLPKernel or the batch kernels "
+    "of gpytorch_tp.batchnorm",
+    nn.MultiheadAttention: "nn.MultiheadAttention scales its logits by 1/sqrt(head size), which has no closed "
+    "form at infinite width; gpytorch_tp.layers.SelfAttention (logits scaled by 1/n) and TransformerKernel "
+    "describe the networks that have one",
 }
 for _type, _reason in _NOT_YET.items():
     register_converter(_type, not_supported_yet(_reason))
@@ -871,7 +879,7 @@ def kernel_from_module(
     input_variance: float | None = None,
     sequence: bool | None = None,
     **kernel_kwargs,
-):
+) -> TensorProgramKernel:
     """The :class:`~gpytorch_tp.TensorProgramKernel` of :func:`from_module`'s architecture.
 
     The kernel takes the module's items flattened, ``(N, prod(input_shape))``

@@ -125,7 +125,9 @@ class MonteCarloKernel(Kernel):
         generator = torch.Generator().manual_seed(self.seed)
         return torch.randint(0, 2**62, (self.n_samples,), generator=generator).tolist()
 
-    def network(self, sample: int, dtype: torch.dtype | None = None, device=None) -> nn.Module:
+    def network(
+        self, sample: int, dtype: torch.dtype | None = None, device: torch.device | str | None = None
+    ) -> nn.Module:
         """The network of sample ``sample`` (``0 <= sample < n_samples``)."""
         devices = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
         with torch.random.fork_rng(devices=devices):
