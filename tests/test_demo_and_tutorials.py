@@ -161,6 +161,7 @@ def test_transformer_sequences_tutorial_smoke_beats_chance(tmp_path, capsys):
     steps = cut.test_x.reshape(len(cut.test_x), 8, 8)
     assert (torch.isnan(steps).all(-1).sum(-1) == 8 - cut.test_rows).all()
 
+
 def test_batchnorm_tutorial_smoke_writes_a_figure(tmp_path, capsys):
     import itertools
 
@@ -182,6 +183,7 @@ def test_batchnorm_tutorial_smoke_writes_a_figure(tmp_path, capsys):
     for r in run["results"]:
         assert r.name in out
         assert math.isfinite(r.rmse) and r.rmse > 0 and math.isfinite(r.nlpd)
+
 
 def test_bayesian_optimisation_tutorial_smoke(tmp_path, capsys):
     pytest.importorskip("matplotlib", reason="the tutorials need matplotlib")
@@ -226,6 +228,7 @@ def test_wide_networks_tutorial_smoke_errors_fall_with_width(tmp_path, capsys):
             assert typical[1] < 0.5, (name, kind, typical)
             assert math.isfinite(run["slopes"][name][kind]) and run["slopes"][name][kind] < 0
     assert "rms relative error" in capsys.readouterr().out
+
 
 def test_your_network_as_a_gp_tutorial_smoke(tmp_path, capsys):
     pytest.importorskip("matplotlib", reason="the tutorials need matplotlib")
