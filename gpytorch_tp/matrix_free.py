@@ -12,13 +12,21 @@ dense path, needs no more than prediction.
 from __future__ import annotations
 
 import math
+import threading
 
 import torch
 from linear_operator.operators import DenseLinearOperator, LinearOperator
 from linear_operator.utils.getitem import _noop_index
 from torch import Tensor
 
-from .evaluation import _LIVE_TILE_TENSORS, default_memory_budget, input_layout
+from .evaluation import (
+    _LIVE_TILE_TENSORS,
+    _intra_op_threads,
+    _map_tiles,
+    _tile_workers,
+    default_memory_budget,
+    input_layout,
+)
 
 __all__ = ["TiledKernelOperator", "dense_memory", "matrix_free_block_sizes"]
 
@@ -98,11 +106,17 @@ class TiledKernelOperator(LinearOperator):
     ``linear_operator`` routes their gradients through it); the kernel is
     evaluated with them substituted for its parameters (``torch.func.functional_call``).
 
-    Memory: one block (sized by the kernel's ``memory_budget``, see
-    :func:`matrix_free_block_sizes`) plus O(N) vectors.  Time: every product
-    costs a full kernel evaluation (half of one when ``same``); a training step
-    of CG with ``t`` probe vectors and ``k`` iterations costs about ``k + 1``
-    evaluations, all with ``t + 1`` right-hand sides at once.
+    Memory and time: when the matrix itself fits in half of the kernel's
+    ``memory_budget`` it is computed once, without autograd, on the first
+    product and held for the next ones (the dense path would also keep every
+    tile's intermediates for the backward pass, about 24 times the matrix);
+    the gradient still recomputes it block by block.  A training step of
+    conjugate gradients then costs one kernel evaluation plus one with
+    autograd, whatever the number of iterations.  Otherwise nothing of size
+    N1 x N2 is ever held: each product recomputes the blocks (one block,
+    sized by :func:`matrix_free_block_sizes`, plus O(N) vectors in memory)
+    and costs a full kernel evaluation (half of one when ``same``), so a
+    training step with ``k`` CG iterations costs about ``k + 1`` evaluations.
 
     :param x1: inputs ``(..., N1, d)``.
     :param x2: inputs ``(..., N2, d)``.
@@ -150,8 +164,23 @@ class TiledKernelOperator(LinearOperator):
         cols = rows if self.same else _blocks(self.x2.shape[-2], size)
         return [(r, c) for i, r in enumerate(rows) for j, c in enumerate(cols) if not (self.same and j < i)]
 
+    def _held_matrix(self) -> Tensor | None:
+        """The whole matrix (no autograd) when it fits in half the memory budget, computed once; else ``None``."""
+        held = getattr(self, "_held", None)
+        if held is None:
+            budget = getattr(self.kernel, "memory_budget", None) or default_memory_budget(self.x1.device)
+            if self.shape.numel() * self.x1.element_size() > budget / 2:
+                self._held = False
+                return None
+            with torch.no_grad():
+                held = self._held = self._evaluate(self.x1, self.x2).expand(self.shape)
+        return held if held is not False else None
+
     def _product(self, rhs: Tensor) -> Tensor:
-        """``K @ rhs`` without autograd, block by block."""
+        """``K @ rhs`` without autograd: from the held matrix, or block by block."""
+        held = self._held_matrix()
+        if held is not None:
+            return held @ rhs
         size, _ = self._block_sizes()
         n1 = self.x1.shape[-2]
         batch = torch.broadcast_shapes(self.batch_shape, rhs.shape[:-2])
@@ -179,16 +208,37 @@ class TiledKernelOperator(LinearOperator):
         if wanted:
             left, right = left.detach(), right.detach()
             substituted = leaves[1 if self.same else 2 :]
-            for rows, cols in self._pairs_of_blocks(size):
+            targets = [leaves[i] for i in wanted]
+            lock = threading.Lock()
+
+            def block_gradient(pair: tuple[slice, slice]) -> None:
+                rows, cols = pair
                 with torch.enable_grad():
                     block = self._evaluate(x1[..., rows, :], x2[..., cols, :], substituted)
                     loss = (left[..., rows, :] * (block @ right[..., cols, :])).sum()
                     if self.same and rows != cols:
                         loss = loss + (left[..., cols, :] * (block.transpose(-1, -2) @ right[..., rows, :])).sum()
-                grads = torch.autograd.grad(loss, [leaves[i] for i in wanted], allow_unused=True)
-                for i, g in zip(wanted, grads):
-                    if g is not None:
-                        totals[i] = g if totals[i] is None else totals[i] + g
+                grads = torch.autograd.grad(loss, targets, allow_unused=True)
+                with lock:
+                    for i, g in zip(wanted, grads):
+                        if g is not None:
+                            totals[i] = g if totals[i] is None else totals[i] + g
+
+            # Whole blocks (forward and backward) on the worker threads, one
+            # intra-op thread each: a backward pass split over the cores
+            # operation by operation stalls badly whenever another process
+            # holds a core (see ``gpytorch_tp.evaluation._map_tiles``).
+            pairs = self._pairs_of_blocks(size)
+            progress = getattr(self.kernel, "progress", None)
+            with _intra_op_threads(1 if self.x1.device.type == "cpu" else None):
+                block_gradient(pairs[0])
+                _map_tiles(
+                    block_gradient,
+                    pairs[1:],
+                    _tile_workers(len(pairs) - 1, self.x1.device),
+                    grad=True,
+                    progress=progress,
+                )
         x_grads = [totals[0], None] if self.same else totals[:2]
         param_grads = totals[1:] if self.same else totals[2:]
         return (*x_grads, *(_reduce_to(g, p) for g, p in zip(param_grads, params)))
@@ -206,6 +256,8 @@ class TiledKernelOperator(LinearOperator):
         return torch.Size([*batch, self.x1.shape[-2], self.x2.shape[-2]])
 
     def _transpose_nonbatch(self) -> LinearOperator:
+        if self.same:
+            return self
         return TiledKernelOperator(self.x2, self.x1, *self.params, kernel=self.kernel, same=self.same)
 
     def _diagonal(self) -> Tensor:
