@@ -70,15 +70,15 @@ def matrix_free_block_sizes(kernel, x: Tensor, budget: int | None = None) -> tup
     return max(1, min(plain, _MAX_BLOCK[device])), max(1, min(grad, _MAX_GRAD_BLOCK[device]))
 
 
-class _DenseEvaluation(torch.nn.Module):
-    """The kernel's dense evaluation as a module call, so that its parameters can be substituted."""
+class _CallWithParameters(torch.nn.Module):
+    """Runs a function inside ``torch.func.functional_call``, i.e. with the kernel's parameters substituted."""
 
     def __init__(self, kernel):
         super().__init__()
         self.kernel = kernel
 
-    def forward(self, x1: Tensor, x2: Tensor, diag: bool = False) -> Tensor:
-        return self.kernel._dense_forward(x1, x2, diag=diag)
+    def forward(self, fn):
+        return fn()
 
 
 def _blocks(n: int, size: int) -> list[slice]:
@@ -144,8 +144,8 @@ class TiledKernelOperator(LinearOperator):
 
     # -- evaluation with substituted parameters -------------------------------------------------
 
-    def _evaluate(self, x1: Tensor, x2: Tensor, params=None, diag: bool = False) -> Tensor:
-        params = self.params if params is None else params
+    def _with_parameters(self, params, fn):
+        """``fn()`` with ``params`` in place of the kernel's parameters (substituted once, for all threads)."""
         names = [f"kernel.{name}" for name, _ in self.kernel.named_parameters()]
         if len(names) != len(params):
             raise RuntimeError(
@@ -153,8 +153,12 @@ class TiledKernelOperator(LinearOperator):
                 "parameters were added to the kernel after the operator was built"
             )
         return torch.func.functional_call(
-            _DenseEvaluation(self.kernel), dict(zip(names, params)), (x1, x2), {"diag": diag}, strict=False
+            _CallWithParameters(self.kernel), dict(zip(names, params)), (fn,), strict=False
         )
+
+    def _evaluate(self, x1: Tensor, x2: Tensor, params=None, diag: bool = False) -> Tensor:
+        params = self.params if params is None else params
+        return self._with_parameters(params, lambda: self.kernel._dense_forward(x1, x2, diag=diag))
 
     def _block_sizes(self) -> tuple[int, int]:
         return matrix_free_block_sizes(self.kernel, self.x1)
@@ -214,7 +218,7 @@ class TiledKernelOperator(LinearOperator):
             def block_gradient(pair: tuple[slice, slice]) -> None:
                 rows, cols = pair
                 with torch.enable_grad():
-                    block = self._evaluate(x1[..., rows, :], x2[..., cols, :], substituted)
+                    block = self.kernel._dense_forward(x1[..., rows, :], x2[..., cols, :])
                     loss = (left[..., rows, :] * (block @ right[..., cols, :])).sum()
                     if self.same and rows != cols:
                         loss = loss + (left[..., cols, :] * (block.transpose(-1, -2) @ right[..., rows, :])).sum()
@@ -230,15 +234,16 @@ class TiledKernelOperator(LinearOperator):
             # holds a core (see ``gpytorch_tp.evaluation._map_tiles``).
             pairs = self._pairs_of_blocks(size)
             progress = getattr(self.kernel, "progress", None)
-            with _intra_op_threads(1 if self.x1.device.type == "cpu" else None):
-                block_gradient(pairs[0])
-                _map_tiles(
-                    block_gradient,
-                    pairs[1:],
-                    _tile_workers(len(pairs) - 1, self.x1.device),
-                    grad=True,
-                    progress=progress,
-                )
+            workers = _tile_workers(len(pairs) - 1, self.x1.device)
+
+            def all_blocks() -> None:
+                # The parameters are substituted once around all the threads' work:
+                # substituting per block would race with the other threads' restores.
+                with _intra_op_threads(1 if self.x1.device.type == "cpu" else None):
+                    block_gradient(pairs[0])
+                    _map_tiles(block_gradient, pairs[1:], workers, grad=True, progress=progress)
+
+            self._with_parameters(substituted, all_blocks)
         x_grads = [totals[0], None] if self.same else totals[:2]
         param_grads = totals[1:] if self.same else totals[2:]
         return (*x_grads, *(_reduce_to(g, p) for g, p in zip(param_grads, params)))
