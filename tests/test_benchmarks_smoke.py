@@ -124,3 +124,20 @@ def test_rnn_kernels_benchmark_smoke_times_both_readouts_and_agrees_with_the_loo
         assert y["max_relative_difference"] < 1e-12  # the per-pair loop computes the same kernels
     out = capsys.readouterr().out
     assert "| 20 | 4 | last |" in out and "| 20 | 4 | mean |" in out and "yardstick" in out
+
+
+def test_large_n_exact_gp_smoke_trains_both_kernels_and_reports_the_kernel_time(capsys):
+    path = SCRIPT.parent / "large_n_exact_gp.py"
+    spec = importlib.util.spec_from_file_location("large_n_exact_gp_benchmark", path)
+    large = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(large)
+    results = large.main(["--smoke"])
+    assert [r["kernel"] for r in results["runs"]] == ["mlp_nngp", "rbf"]
+    for run in results["runs"]:
+        assert 0 < run["train_kernel_seconds"] <= run["train_seconds"]
+        assert 0 < run["predict_kernel_seconds"] <= run["predict_seconds"]
+        assert len(run["losses"]) == 2 and all(math.isfinite(v) for v in run["losses"])
+        assert run["test_rmse"] < run["predict_mean_rmse"]  # better than predicting the training mean
+        assert run["peak_rss_gib"] > 0
+    out = capsys.readouterr().out
+    assert "| mlp_nngp |" in out and "| rbf |" in out and "N = 400" in out

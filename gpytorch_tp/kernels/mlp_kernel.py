@@ -164,8 +164,8 @@ class MLPKernel(TensorProgramKernel):
         self.depth = depth
         self.normalize = normalize
 
-    def forward(self, x1: Tensor, x2: Tensor, diag: bool = False, last_dim_is_batch: bool = False, **params) -> Tensor:
-        k = super().forward(x1, x2, diag=diag, last_dim_is_batch=last_dim_is_batch, **params)
+    def _dense_forward(self, x1: Tensor, x2: Tensor, diag: bool = False, last_dim_is_batch: bool = False) -> Tensor:
+        k = super()._dense_forward(x1, x2, diag=diag, last_dim_is_batch=last_dim_is_batch)
         if not self.normalize:
             return k
         # A zero self-variance (zero input, no bias) has no correlation; it gets 0, not NaN.
@@ -176,8 +176,8 @@ class MLPKernel(TensorProgramKernel):
                 return k / k.clamp_min(tiny)
             s = k.diagonal(dim1=-2, dim2=-1).clamp_min(tiny).rsqrt()
             return k * s.unsqueeze(-1) * s.unsqueeze(-2)
-        s1 = super().forward(x1, x1, diag=True, last_dim_is_batch=last_dim_is_batch).clamp_min(tiny).rsqrt()
-        s2 = super().forward(x2, x2, diag=True, last_dim_is_batch=last_dim_is_batch).clamp_min(tiny).rsqrt()
+        s1 = super()._dense_forward(x1, x1, diag=True, last_dim_is_batch=last_dim_is_batch).clamp_min(tiny).rsqrt()
+        s2 = super()._dense_forward(x2, x2, diag=True, last_dim_is_batch=last_dim_is_batch).clamp_min(tiny).rsqrt()
         if diag:
             return k * s1 * s2
         return k * s1.unsqueeze(-1) * s2.unsqueeze(-2)

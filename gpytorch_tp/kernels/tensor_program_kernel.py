@@ -9,8 +9,9 @@ import torch
 from gpytorch.kernels import Kernel
 from torch import Tensor
 
-from ..evaluation import evaluate
+from ..evaluation import _records_grad, default_memory_budget, evaluate
 from ..layers.base import Layer
+from ..matrix_free import TiledKernelOperator, dense_memory
 
 __all__ = ["KINDS", "TensorProgramKernel"]
 
@@ -64,6 +65,14 @@ class TensorProgramKernel(Kernel):
         half the device's free memory).
     :param progress: progress bar over tiles (``None``: on a terminal, for
         evaluations longer than 2 s).
+    :param matrix_free: return kernel matrices as a
+        :class:`~gpytorch_tp.matrix_free.TiledKernelOperator`, whose products
+        with vectors are computed block by block without ever holding the
+        matrix (what GPyTorch's conjugate gradients need above
+        ``gpytorch.settings.max_cholesky_size``): ``True`` always, ``False``
+        never, ``None`` (default) when a dense evaluation would exceed
+        ``memory_budget`` (with autograd, every tile's intermediates count).
+        ``diag=True`` is always dense.
     :param sequence: the items are sequences: ``input_shape=(T, d)``, time-major,
         shorter ones padded at the end with whole steps of ``padding_value``.
     :param padding_value: value of the padding steps (default NaN; a finite
@@ -95,6 +104,7 @@ class TensorProgramKernel(Kernel):
         progress: bool | None = None,
         sequence: bool = False,
         padding_value: float = float("nan"),
+        matrix_free: bool | None = None,
         **kwargs,
     ):
         if not isinstance(architecture, Layer):
@@ -131,6 +141,9 @@ class TensorProgramKernel(Kernel):
         self.tile_pairs = None if tile_pairs is None else int(tile_pairs)
         self.memory_budget = memory_budget
         self.progress = progress
+        if matrix_free not in (None, True, False):
+            raise ValueError(f"matrix_free must be True, False or None (automatic), got {matrix_free!r}")
+        self.matrix_free = matrix_free
         if len(batch_shape):
             for owner, name, tensor in _batched_tensors(self.architecture):
                 if tensor.dim() == 0:
@@ -141,7 +154,25 @@ class TensorProgramKernel(Kernel):
                         f"which is not the kernel batch_shape {tuple(batch_shape)}"
                     )
 
-    def forward(self, x1: Tensor, x2: Tensor, diag: bool = False, last_dim_is_batch: bool = False, **params) -> Tensor:
+    def forward(self, x1: Tensor, x2: Tensor, diag: bool = False, last_dim_is_batch: bool = False, **params):
+        if not diag and not last_dim_is_batch and self._use_matrix_free(x1, x2):
+            same = x1 is x2 or (
+                not (x1.requires_grad or x2.requires_grad) and x1.shape == x2.shape and bool(torch.equal(x1, x2))
+            )
+            return TiledKernelOperator(
+                x1, x1 if same else x2, *(p for _, p in self.named_parameters()), kernel=self, same=same
+            )
+        return self._dense_forward(x1, x2, diag=diag, last_dim_is_batch=last_dim_is_batch)
+
+    def _use_matrix_free(self, x1: Tensor, x2: Tensor) -> bool:
+        choice = getattr(self, "matrix_free", None)  # getattr: kernels pickled before the option existed
+        if choice is not None:
+            return choice
+        budget = getattr(self, "memory_budget", None) or default_memory_budget(x1.device)
+        return dense_memory(self, x1, x2, _records_grad(self.architecture, x1, x2)) > budget
+
+    def _dense_forward(self, x1: Tensor, x2: Tensor, diag: bool = False, last_dim_is_batch: bool = False) -> Tensor:
+        """The kernel matrix (or its diagonal) as a dense tensor."""
         if last_dim_is_batch:
             x1 = x1.transpose(-1, -2).unsqueeze(-1)
             x2 = x2.transpose(-1, -2).unsqueeze(-1)
