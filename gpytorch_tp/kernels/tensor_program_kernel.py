@@ -154,7 +154,9 @@ class TensorProgramKernel(Kernel):
                         f"which is not the kernel batch_shape {tuple(batch_shape)}"
                     )
 
-    def forward(self, x1: Tensor, x2: Tensor, diag: bool = False, last_dim_is_batch: bool = False, **params):
+    def forward(
+        self, x1: Tensor, x2: Tensor, diag: bool = False, last_dim_is_batch: bool = False, **params
+    ) -> Tensor | TiledKernelOperator:
         if not diag and not last_dim_is_batch and self._use_matrix_free(x1, x2):
             same = x1 is x2 or (
                 not (x1.requires_grad or x2.requires_grad) and x1.shape == x2.shape and bool(torch.equal(x1, x2))
