@@ -126,9 +126,8 @@ def families(num_inputs: int, seed: int = 0) -> list[Family]:
             inputs(steps * features),
             time_major_to_channels_first(steps, features),
         ),
+        transformer_family(inputs, steps, features),
     ]
-    if hasattr(gpytorch_tp, "TransformerKernel"):  # the attention kernels, where this version has them
-        result.append(transformer_family(inputs, steps, features))
     return [
         Family(f.name, f.kernel.to(DTYPE), f.in_shape, f.inputs, f.to_network_layout)
         for f in result  # every kernel in float64
