@@ -26,9 +26,12 @@ from .elementwise import (
 )
 from .normalization import LayerNorm
 from .recurrent import RNN, LastStep, TimeMean
+from .gated_recurrent import GRU, LSTM
 
 __all__ = [
     "GELU",
+    "GRU",
+    "LSTM",
     "NONLINEARITIES",
     "RNN",
     "Abs",

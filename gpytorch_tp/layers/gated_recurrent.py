@@ -1,0 +1,476 @@
+r"""Gated recurrent layers of infinite width: GRU and LSTM (NNGP kernel).
+
+The finite layers are PyTorch's ``nn.GRU`` and ``nn.LSTM`` cells in the NTK
+parameterisation: every weight matrix has i.i.d. :math:`N(0, 1)` entries and
+is scaled by :math:`\sigma / \sqrt{\text{fan-in}}` (input weights
+:math:`\sigma_u`, recurrent weights :math:`\sigma_w`), every bias is
+:math:`\sigma_b b` with :math:`b \sim N(0, 1)`; the state before a sequence's
+first step is 0.  GRU (``torch.nn.GRU``'s equations, one bias per gate):
+
+.. math::
+
+    r_t &= \sigma(\tilde r_t), \quad \tilde r_t = W_r x_t + U_r h_{t-1} + b_r, \qquad
+    z_t = \sigma(\tilde z_t), \quad \tilde z_t = W_z x_t + U_z h_{t-1} + b_z, \\
+    n_t &= \phi\big(A_t + r_t \odot B_t\big), \quad A_t = W_n x_t + b_n, \quad B_t = U_n h_{t-1} + b_{hn}, \\
+    h_t &= (1 - z_t) \odot n_t + z_t \odot h_{t-1}.
+
+LSTM (``torch.nn.LSTM``; :math:`\phi = \tanh` there):
+
+.. math::
+
+    i_t, f_t, o_t = \sigma(\tilde i_t), \sigma(\tilde f_t), \sigma(\tilde o_t), \quad
+    g_t = \phi(\tilde g_t), \quad
+    c_t = f_t \odot c_{t-1} + i_t \odot g_t, \quad h_t = o_t \odot \phi(c_t),
+
+each pre-activation :math:`W x_t + U h_{t-1} + b` with its own matrices.
+
+**The limit** (Yang 2019, TP1, App. B.5; a Netsor program): as the width
+grows, the outputs of each weight matrix, over all (sequence, step) indices,
+form a centred Gaussian family, independent across matrices, and a unit's
+state is the same function of its coordinates of those families.  With
+:math:`K_x(t, s)` the input covariance and :math:`K_h(t, s) = \lim \frac1n
+\langle h_t, h'_s \rangle` (:math:`K_h(-1, \cdot) = 0`), every gate
+pre-activation family has covariance
+
+.. math::
+
+    C(t, s) = \sigma_u^2 K_x(t, s) + \sigma_w^2 K_h(t - 1, s - 1) + \sigma_b^2
+
+(:math:`A`: :math:`\sigma_u^2 K_x + \sigma_b^2`; :math:`B`:
+:math:`\sigma_w^2 K_h(t-1, s-1) + \sigma_b^2`), and
+
+.. math::
+
+    K_h(t, s) = E\left[h_t(\text{families}) \, h'_s(\text{families})\right].
+
+A unit's state at step :math:`t` depends on its gates at *all* earlier steps,
+so this is an integral over the joint law of each family over the
+:math:`2T` (sequence, step) indices of a pair; it has no closed form (for the
+erf gate :math:`\sigma(x) = (1 + \operatorname{erf} x)/2` the gate products
+are Gaussian orthant probabilities, TP1 Lemma B.11, which have none beyond
+three dimensions either).  Both layers therefore integrate numerically, by
+**quasi-Monte Carlo with fixed particles**
+(:class:`~gpytorch_tp.gaussian_particles.PairParticles`): for every pair of
+sequences the families are drawn step by step (an incremental Cholesky
+factorisation of the pair's covariance, which the recursion extends one step
+at a time) from the same scrambled Sobol base points, the state is run
+forward per particle, and :math:`K_h(t, s)` is the particle mean of
+:math:`h_t h'_s`.  Consequences:
+
+* the kernel is a deterministic, differentiable function of the inputs and
+  hyperparameters (fixed base points, no resampling);
+* a pair's value depends on that pair only (each item's own statistics come
+  from the same computation of the item with itself), also under padding to a
+  longer ``T`` (base points are indexed by the pair's own steps), and
+  :math:`K(x, x') = K(x', x)` (the base set is closed under swapping the two
+  sequences, and each step's 2 x 2 block is drawn with the symmetric square root);
+* it is an estimate: relative errors of about 1e-2 with the default 1024
+  particles, falling roughly like ``num_particles**-0.75`` (see
+  ``docs/rnn.md`` for measurements), and kernel matrices are symmetric but
+  positive semi-definite only up to that error (smallest eigenvalues a small
+  negative fraction of the largest where the matrix is nearly singular); a
+  ``GaussianLikelihood`` noise or a jitter larger than that covers it.
+
+Cost: :math:`O(M T^2)` per pair of sequences per family (:math:`M`
+particles; 4 families for the GRU, 4 for the LSTM), all step pairs are kept
+(:math:`T^2` numbers per pair).  The NTK is not implemented.
+"""
+
+from __future__ import annotations
+
+import torch
+from gpytorch.constraints import Interval
+from gpytorch.priors import Prior
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from ..finite import NTKGRU, NTKLSTM
+from ..gaussian_particles import PairParticles, base_normals
+from ..state import KernelState, per_item
+from .base import Layer, standard_deviation, variance_property
+from .elementwise import Nonlinearity, nonlinearity_from_name
+from .recurrent import _check_sequence
+
+__all__ = ["GATES", "GRU", "LSTM"]
+
+
+def erf_gate(x: Tensor) -> Tensor:
+    """The erf gate :math:`(1 + \\operatorname{erf} x) / 2 = \\Phi(\\sqrt 2 x)`."""
+    return (1 + torch.erf(x)) / 2
+
+
+#: Gate functions by name: the logistic sigmoid of ``torch.nn.GRU``/``LSTM``, and the erf gate.
+GATES = {"sigmoid": torch.sigmoid, "erf": erf_gate}
+
+# Numbers held per particle and step of a chunk of pairs (no autograd), and bytes
+# a chunk may take; with autograd the chunk is recomputed in the backward pass
+# (checkpointing), and its graph holds about ``families * M * T^2`` numbers per pair.
+_CHUNK_BYTES = 96 * 2**20
+
+
+class _GatedRecurrent(Layer):
+    """Shared machinery of :class:`GRU` and :class:`LSTM`."""
+
+    needs_all_position_pairs = True
+    #: Gaussian families drawn per step, grouped by covariance: ``(group, count)``.
+    _families: tuple[tuple[str, int], ...] = ()
+
+    def __init__(
+        self,
+        nonlinearity: str | Nonlinearity,
+        gate: str,
+        weight_variance: float | Tensor,
+        input_variance: float | Tensor,
+        bias_variance: float | Tensor,
+        num_particles: int,
+        priors: dict,
+        constraints: dict,
+        batch_shape: torch.Size,
+    ):
+        super().__init__()
+        phi = nonlinearity_from_name(nonlinearity)
+        if not isinstance(phi, Nonlinearity):
+            raise TypeError(f"{type(self).__name__} needs an elementwise nonlinearity, got {type(phi).__name__}")
+        if gate not in GATES:
+            raise ValueError(f"gate must be one of {sorted(GATES)}, got {gate!r}")
+        if isinstance(num_particles, bool) or not isinstance(num_particles, int) or num_particles < 2:
+            raise ValueError(f"num_particles must be an even integer >= 2, got {num_particles!r}")
+        if num_particles % 2:
+            raise ValueError(f"num_particles must be even (each base point comes with its swapped copy), got {num_particles}")
+        self.nonlinearity = phi
+        self.gate = gate
+        self.num_particles = num_particles
+        for name, value in (
+            ("weight_variance", weight_variance),
+            ("input_variance", input_variance),
+            ("bias_variance", bias_variance),
+        ):
+            self.register_variance(
+                name,
+                value,
+                batch_shape=batch_shape,
+                prior=priors.get(name),
+                constraint=constraints.get(name),
+                allow_zero=name == "bias_variance",
+            )
+
+    weight_variance = variance_property("weight_variance")
+
+    input_variance = variance_property("input_variance")
+
+    bias_variance = variance_property("bias_variance")
+
+    # -- the kernel ----------------------------------------------------------------------------
+
+    def forward(self, state: KernelState) -> KernelState:
+        _check_sequence(self, state)
+        if not state.all_position_pairs:
+            raise RuntimeError(
+                f"{type(self).__name__} needs all step pairs; evaluate through gpytorch_tp.evaluate or a kernel"
+            )
+        if state.track_ntk:
+            raise NotImplementedError(
+                f"the NTK of the {type(self).__name__} layer is not implemented; use kind='nngp'"
+            )
+        w, u, b = self.weight_variance, self.input_variance, self.bias_variance
+        rows1 = None if state.valid1 is None else state.valid1[..., 0]  # (..., N1, 1, T)
+        rows2 = None if state.valid2 is None else state.valid2[..., 0, :]  # (..., 1, N2, T)
+        hidden1 = per_item(self._self_covariance, state.var1, rows1, w, u, b, state.item_ndim)
+        hidden2 = per_item(self._self_covariance, state.var2, rows2, w, u, b, state.item_ndim)
+        cross = self._covariance(state.cross, state.var1, state.var2, rows1, rows2, (w, u, b), state.item_ndim)
+        return state.replace(cross=cross, var1=hidden1, var2=hidden2, ntk=None, gaussian=False, fresh=True)
+
+    def _self_covariance(self, inputs: Tensor, valid: Tensor | None, w, u, b, item_ndim: int) -> Tensor:
+        """Each item's own ``K_h(t, s)``: the pair computation of the item with itself."""
+        own = self._covariance(inputs, inputs, inputs, valid, valid, (w, u, b), item_ndim)
+        return (own + own.transpose(-1, -2)) / 2
+
+    def _covariance(self, kx12, kx11, kx22, valid1, valid2, params, item_ndim: int) -> Tensor:
+        """``K_h(t, s)`` of all pairs: flattened to a batch of pairs, in chunks, in float64."""
+        steps = kx12.shape[-1]
+        pieces = [kx12, kx11, kx22]
+        params = [p.reshape(*p.shape, *([1] * item_ndim)) for p in params]  # hyperparameter batch first
+        lead = torch.broadcast_shapes(*(p.shape[:-2] for p in pieces), *(p.shape for p in params))
+
+        def flat_matrix(t: Tensor) -> Tensor:
+            return t.to(torch.float64).expand(*lead, steps, steps).reshape(-1, steps, steps)
+
+        def flat_valid(v: Tensor | None) -> Tensor:
+            if v is None:
+                return kx12.new_ones((), dtype=torch.float64).expand(*lead, steps).reshape(-1, steps)
+            return v.to(torch.float64).expand(*lead, steps).reshape(-1, steps)
+
+        def flat_param(p: Tensor) -> Tensor:
+            return p.to(torch.float64).expand(lead).reshape(-1)
+
+        matrices = [flat_matrix(p) for p in pieces]
+        v1, v2 = flat_valid(valid1), flat_valid(valid2)
+        w, u, b = (flat_param(p) for p in params)
+        count = v1.shape[0]
+        families = sum(n for _, n in self._families)
+        grad = torch.is_grad_enabled() and any(t.requires_grad for t in (*matrices, w, u, b))
+        per_pair = self.num_particles * steps * 8 * (steps * families * 2 if grad else 2 * families * 3 + 12)
+        chunk = max(1, min(count, _CHUNK_BYTES // per_pair))
+        outputs = []
+        for start in range(0, count, chunk):
+            part = slice(start, start + chunk)
+            args = [m[part] for m in matrices] + [v1[part], v2[part], w[part], u[part], b[part]]
+            if grad:
+                outputs.append(checkpoint(self._chunk, *args, use_reentrant=False))
+            else:
+                outputs.append(self._chunk(*args))
+        out = torch.cat(outputs) if len(outputs) > 1 else outputs[0]
+        return out.reshape(*lead, steps, steps).to(kx12.dtype)
+
+    def _chunk(self, kx12, kx11, kx22, v1, v2, w, u, b) -> Tensor:
+        """``K_h`` of a chunk of pairs ``(B, T, T)``: the particle recursion over the steps."""
+        batch, steps = v1.shape
+        m = self.num_particles
+        lengths = torch.maximum(v1.sum(-1), v2.sum(-1)).round().long()
+        offsets = steps - lengths  # each pair's first real step (aligned at the end)
+        families = sum(n for _, n in self._families)
+        base = base_normals(m, steps * families * 2, kx12.device)
+        samplers, first = {}, 0
+        for group, n in self._families:
+            # Each group draws its own slice of the coordinates of every step.
+            part = base.reshape(m, steps, families * 2)[:, :, 2 * first : 2 * (first + n)].reshape(m, -1)
+            samplers[group] = PairParticles(part, offsets, n)
+            first += n
+        history1: list[Tensor] = []  # the states h_t per particle, (B, M)
+        history2: list[Tensor] = []
+        carry = None
+        for t in range(steps):
+            # Covariances of the pre-activations at step t with steps a <= t.
+            kx_11, kx_12, kx_21, kx_22 = kx11[:, : t + 1, t], kx12[:, : t + 1, t], kx12[:, t, : t + 1], kx22[:, : t + 1, t]
+            if t == 0:
+                zero = kx12.new_zeros(batch, 1)
+                kh_11 = kh_12 = kh_21 = kh_22 = zero
+            else:
+                h1, h2 = torch.stack(history1, -1), torch.stack(history2, -1)  # (B, M, t)
+                # K_h(a - 1, t - 1) for a = 0..t (0 at a = 0).
+                col = torch.einsum("bma,bm->ba", h1, history2[-1]) / m  # side 1 at a-1, side 2 at t-1
+                row = torch.einsum("bm,bma->ba", history1[-1], h2) / m  # side 1 at t-1, side 2 at a-1
+                kh_12, kh_21 = _shifted(col), _shifted(row)
+                # Each side's own step pairs from the same particles: the pair's covariance
+                # of all 2T variables is then a Gram matrix, positive semi-definite.
+                kh_11 = _shifted(torch.einsum("bma,bm->ba", h1, history1[-1]) / m)
+                kh_22 = _shifted(torch.einsum("bma,bm->ba", h2, history2[-1]) / m)
+            draws = {}
+            for group, n in self._families:
+                c11 = _group_covariance(group, kx_11, kh_11, w, u, b)
+                c12 = _group_covariance(group, kx_12, kh_12, w, u, b)  # side 1 at a, side 2 at t
+                c21 = _group_covariance(group, kx_21, kh_21, w, u, b)  # side 1 at t, side 2 at a
+                c22 = _group_covariance(group, kx_22, kh_22, w, u, b)
+                cross_past, d11, d12, d22 = _new_step_covariances(c11, c12, c21, c22, v1, v2, t)
+                draws[group] = samplers[group].step(t, cross_past, d11, d12, d22)  # (B, M, n, 2)
+            states, carry = self._cell(draws, carry, v1[:, t], v2[:, t])
+            history1.append(states[..., 0])
+            history2.append(states[..., 1])
+        h1, h2 = torch.stack(history1, -1), torch.stack(history2, -1)
+        return torch.einsum("bmt,bms->bts", h1, h2) / m
+
+    def _cell(self, draws: dict, carry, valid1: Tensor, valid2: Tensor):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _gate(self, x: Tensor) -> Tensor:
+        return GATES[self.gate](x)
+
+    def extra_repr(self) -> str:
+        return (
+            f"nonlinearity={type(self.nonlinearity).__name__}, gate={self.gate}, "
+            f"num_particles={self.num_particles}, " + super().extra_repr()
+        )
+
+    def _stds(self) -> dict:
+        return {
+            "weight_std": standard_deviation(self.weight_variance.detach()),
+            "input_std": standard_deviation(self.input_variance.detach()),
+            "bias_std": standard_deviation(self.bias_variance.detach()),
+        }
+
+
+def _shifted(k: Tensor) -> Tensor:
+    """``K_h(a - 1, .)`` for ``a = 0..t`` from its values at ``a - 1 = 0..t-1``: a zero in front."""
+    return nn.functional.pad(k, (1, 0))
+
+
+def _group_covariance(group: str, kx: Tensor, kh: Tensor, w: Tensor, u: Tensor, b: Tensor) -> Tensor:
+    """Covariance of a family of pre-activations from the input and previous-state covariances."""
+    w, u, b = w[:, None], u[:, None], b[:, None]
+    if group == "gates":
+        return u * kx + w * kh + b
+    if group == "input":
+        return u * kx + b
+    if group == "hidden":
+        return w * kh + b
+    raise AssertionError(group)
+
+
+def _new_step_covariances(c11, c12, c21, c22, v1, v2, t):
+    """The sampler's inputs for step ``t``; padding variables become independent unit variables.
+
+    ``c11[:, a]`` is the covariance of side 1 at steps ``a`` and ``t`` (``a = 0..t``),
+    ``c12[:, a]`` side 1 at ``a`` with side 2 at ``t``, ``c21[:, a]`` side 1 at ``t``
+    with side 2 at ``a``, ``c22[:, a]`` side 2 at ``a`` and ``t``.
+    """
+    n1, n2 = v1[:, t : t + 1], v2[:, t : t + 1]
+    p1, p2 = v1[:, :t], v2[:, :t]
+    d11 = c11[:, t] * n1[:, 0] + (1 - n1[:, 0])
+    d22 = c22[:, t] * n2[:, 0] + (1 - n2[:, 0])
+    d12 = c12[:, t] * n1[:, 0] * n2[:, 0]
+    if t == 0:
+        return None, d11, d12, d22
+    # Rows: previous variables (side 1 at a, side 2 at a) for a < t; columns: (side 1, side 2) at t.
+    to_new1 = torch.stack([c11[:, :t] * p1, c21[:, :t] * p2], -1) * n1[..., None]  # (B, t, 2)
+    to_new2 = torch.stack([c12[:, :t] * p1, c22[:, :t] * p2], -1) * n2[..., None]
+    cross_past = torch.stack([to_new1.reshape(-1, 2 * t), to_new2.reshape(-1, 2 * t)], -1)
+    return cross_past, d11, d12, d22
+
+
+class GRU(_GatedRecurrent):
+    r"""Gated recurrent unit of infinite width (``torch.nn.GRU``'s cell), NNGP kernel.
+
+    See the module docstring for the equations, the limit and the numerical
+    integration; the output is the state :math:`h_t` at every step (end the
+    network with :class:`~gpytorch_tp.layers.LastStep` or
+    :class:`~gpytorch_tp.layers.TimeMean` and a :class:`~gpytorch_tp.layers.Linear`).
+
+    Particles: the gate families :math:`\tilde z, \tilde r` (one covariance),
+    :math:`A` and :math:`B`, i.e. four coordinates per step and sequence.
+
+    :param nonlinearity: :math:`\phi` of the candidate state (default ``"tanh"``, as in
+        ``torch.nn.GRU``); any elementwise nonlinearity (only its function is used).
+    :param gate: ``"sigmoid"`` (logistic, as in ``torch.nn.GRU``) or ``"erf"``
+        (:math:`(1 + \operatorname{erf} x)/2`, TP1's choice).
+    :param weight_variance: :math:`\sigma_w^2` of every recurrent matrix (default 1).
+    :param input_variance: :math:`\sigma_u^2` of every input matrix (default 1).
+    :param bias_variance: :math:`\sigma_b^2` of every bias (default 0.1; 0 is held fixed).
+    :param num_particles: quasi-Monte Carlo particles per pair of sequences (even;
+        default 1024).  Error and cost: see the module docstring.
+
+    Example:
+        >>> from gpytorch_tp.layers import GRU, LastStep, Linear, Sequential
+        >>> net = Sequential(GRU(), LastStep(), Linear())
+    """
+
+    _families = (("gates", 2), ("input", 1), ("hidden", 1))
+
+    def __init__(
+        self,
+        nonlinearity: str | Nonlinearity = "tanh",
+        gate: str = "sigmoid",
+        weight_variance: float | Tensor = 1.0,
+        input_variance: float | Tensor = 1.0,
+        bias_variance: float | Tensor = 0.1,
+        *,
+        num_particles: int = 1024,
+        weight_variance_prior: Prior | None = None,
+        input_variance_prior: Prior | None = None,
+        bias_variance_prior: Prior | None = None,
+        weight_variance_constraint: Interval | None = None,
+        input_variance_constraint: Interval | None = None,
+        bias_variance_constraint: Interval | None = None,
+        batch_shape: torch.Size = torch.Size(),
+    ):
+        super().__init__(
+            nonlinearity,
+            gate,
+            weight_variance,
+            input_variance,
+            bias_variance,
+            num_particles,
+            {"weight_variance": weight_variance_prior, "input_variance": input_variance_prior, "bias_variance": bias_variance_prior},
+            {
+                "weight_variance": weight_variance_constraint,
+                "input_variance": input_variance_constraint,
+                "bias_variance": bias_variance_constraint,
+            },
+            batch_shape,
+        )
+
+    def _cell(self, draws, previous, valid1, valid2):
+        gates, a, bh = draws["gates"], draws["input"][:, :, 0], draws["hidden"][:, :, 0]
+        z, r = self._gate(gates[:, :, 0]), self._gate(gates[:, :, 1])  # (B, M, 2)
+        n = self.nonlinearity.function(a + r * bh)
+        h = (1 - z) * n if previous is None else (1 - z) * n + z * previous
+        h = h * torch.stack([valid1, valid2], -1)[:, None, :]
+        return h, h
+
+    def finite_module(self, in_shape: tuple[int, ...], width: int) -> tuple[nn.Module, tuple[int, ...]]:
+        if len(in_shape) != 2:
+            raise ValueError(f"GRU needs sequence features (channels, T), got feature shape {tuple(in_shape)}")
+        module = NTKGRU(in_shape[0], width, self.nonlinearity.function, GATES[self.gate], **self._stds())
+        return module, (width, in_shape[1])
+
+
+class LSTM(_GatedRecurrent):
+    r"""Long short-term memory layer of infinite width (``torch.nn.LSTM``'s cell), NNGP kernel.
+
+    See the module docstring for the equations, the limit and the numerical
+    integration.  Particles: the four pre-activation families
+    :math:`\tilde i, \tilde f, \tilde g, \tilde o` (one covariance), four
+    coordinates per step and sequence; the cell state :math:`c_t` is run per particle.
+
+    :param nonlinearity: :math:`\phi` of the cell input and output (default ``"tanh"``).
+    :param gate: ``"sigmoid"`` (as in ``torch.nn.LSTM``) or ``"erf"``.
+    :param weight_variance: :math:`\sigma_w^2` of every recurrent matrix (default 1).
+    :param input_variance: :math:`\sigma_u^2` of every input matrix (default 1).
+    :param bias_variance: :math:`\sigma_b^2` of every bias (default 0.1; 0 is held fixed).
+    :param num_particles: quasi-Monte Carlo particles per pair of sequences (even; default 1024).
+
+    Example:
+        >>> from gpytorch_tp.layers import LSTM, LastStep, Linear, Sequential
+        >>> net = Sequential(LSTM(), LastStep(), Linear())
+    """
+
+    _families = (("gates", 4),)
+
+    def __init__(
+        self,
+        nonlinearity: str | Nonlinearity = "tanh",
+        gate: str = "sigmoid",
+        weight_variance: float | Tensor = 1.0,
+        input_variance: float | Tensor = 1.0,
+        bias_variance: float | Tensor = 0.1,
+        *,
+        num_particles: int = 1024,
+        weight_variance_prior: Prior | None = None,
+        input_variance_prior: Prior | None = None,
+        bias_variance_prior: Prior | None = None,
+        weight_variance_constraint: Interval | None = None,
+        input_variance_constraint: Interval | None = None,
+        bias_variance_constraint: Interval | None = None,
+        batch_shape: torch.Size = torch.Size(),
+    ):
+        super().__init__(
+            nonlinearity,
+            gate,
+            weight_variance,
+            input_variance,
+            bias_variance,
+            num_particles,
+            {"weight_variance": weight_variance_prior, "input_variance": input_variance_prior, "bias_variance": bias_variance_prior},
+            {
+                "weight_variance": weight_variance_constraint,
+                "input_variance": input_variance_constraint,
+                "bias_variance": bias_variance_constraint,
+            },
+            batch_shape,
+        )
+
+    def _cell(self, draws, cell, valid1, valid2):
+        pre = draws["gates"]  # (B, M, 4, 2): i, f, g, o
+        i, f, o = self._gate(pre[:, :, 0]), self._gate(pre[:, :, 1]), self._gate(pre[:, :, 3])
+        g = self.nonlinearity.function(pre[:, :, 2])
+        valid = torch.stack([valid1, valid2], -1)[:, None, :]
+        c = i * g if cell is None else f * cell + i * g
+        c = c * valid
+        h = o * self.nonlinearity.function(c) * valid
+        return h, c
+
+    def finite_module(self, in_shape: tuple[int, ...], width: int) -> tuple[nn.Module, tuple[int, ...]]:
+        if len(in_shape) != 2:
+            raise ValueError(f"LSTM needs sequence features (channels, T), got feature shape {tuple(in_shape)}")
+        module = NTKLSTM(in_shape[0], width, self.nonlinearity.function, GATES[self.gate], **self._stds())
+        return module, (width, in_shape[1])
+
