@@ -10,14 +10,16 @@ Gaussian process of a wide network during gradient-descent training.
 from . import layers
 from .dynamics import TrainedNetworkGP
 from .evaluation import evaluate
-from .kernels import CNNKernel, MLPKernel, MyrtleKernel, RNNKernel, TensorProgramKernel
+from .kernels import CNNKernel, GRUKernel, LSTMKernel, MLPKernel, MyrtleKernel, RNNKernel, TensorProgramKernel
 from .state import KernelState
 
 __version__ = "0.1.0"
 
 __all__ = [
     "CNNKernel",
+    "GRUKernel",
     "KernelState",
+    "LSTMKernel",
     "MLPKernel",
     "MyrtleKernel",
     "RNNKernel",

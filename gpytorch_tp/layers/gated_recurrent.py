@@ -78,6 +78,7 @@ particles; 4 families for the GRU, 4 for the LSTM), all step pairs are kept
 
 from __future__ import annotations
 
+import numpy
 import torch
 from gpytorch.constraints import Interval
 from gpytorch.priors import Prior
@@ -88,7 +89,7 @@ from ..finite import NTKGRU, NTKLSTM
 from ..gaussian_particles import PairParticles, base_normals
 from ..state import KernelState, per_item
 from .base import Layer, standard_deviation, variance_property
-from .elementwise import Nonlinearity, nonlinearity_from_name
+from .elementwise import Erf, Nonlinearity, nonlinearity_from_name
 from .recurrent import _check_sequence
 
 __all__ = ["GATES", "GRU", "LSTM"]
@@ -114,6 +115,8 @@ class _GatedRecurrent(Layer):
     needs_all_position_pairs = True
     #: Gaussian families drawn per step, grouped by covariance: ``(group, count)``.
     _families: tuple[tuple[str, int], ...] = ()
+    #: Pairs take each item's own ``K_h`` from the item's own computation (else from the pair's particles).
+    _uses_own_covariances = False
 
     def __init__(
         self,
@@ -177,7 +180,8 @@ class _GatedRecurrent(Layer):
         rows2 = None if state.valid2 is None else state.valid2[..., 0, :]  # (..., 1, N2, T)
         hidden1 = per_item(self._self_covariance, state.var1, rows1, w, u, b, state.item_ndim)
         hidden2 = per_item(self._self_covariance, state.var2, rows2, w, u, b, state.item_ndim)
-        cross = self._covariance(state.cross, state.var1, state.var2, rows1, rows2, (w, u, b), state.item_ndim)
+        own = (hidden1, hidden2) if self._uses_own_covariances else ()
+        cross = self._covariance(state.cross, state.var1, state.var2, rows1, rows2, (w, u, b), state.item_ndim, *own)
         return state.replace(cross=cross, var1=hidden1, var2=hidden2, ntk=None, gaussian=False, fresh=True)
 
     def _self_covariance(self, inputs: Tensor, valid: Tensor | None, w, u, b, item_ndim: int) -> Tensor:
@@ -185,10 +189,15 @@ class _GatedRecurrent(Layer):
         own = self._covariance(inputs, inputs, inputs, valid, valid, (w, u, b), item_ndim)
         return (own + own.transpose(-1, -2)) / 2
 
-    def _covariance(self, kx12, kx11, kx22, valid1, valid2, params, item_ndim: int) -> Tensor:
-        """``K_h(t, s)`` of all pairs: flattened to a batch of pairs, in chunks, in float64."""
+    def _covariance(self, kx12, kx11, kx22, valid1, valid2, params, item_ndim: int, *own) -> Tensor:
+        """``K_h(t, s)`` of all pairs: flattened to a batch of pairs, in chunks, in float64.
+
+        ``own``: each side's own ``K_h`` (from the items' own computations), for
+        layers that take them as given (``_uses_own_covariances``); without
+        them, the items are paired with themselves.
+        """
         steps = kx12.shape[-1]
-        pieces = [kx12, kx11, kx22]
+        pieces = [kx12, kx11, kx22, *own]
         params = [p.reshape(*p.shape, *([1] * item_ndim)) for p in params]  # hyperparameter batch first
         lead = torch.broadcast_shapes(*(p.shape[:-2] for p in pieces), *(p.shape for p in params))
 
@@ -204,17 +213,20 @@ class _GatedRecurrent(Layer):
             return p.to(torch.float64).expand(lead).reshape(-1)
 
         matrices = [flat_matrix(p) for p in pieces]
-        v1, v2 = flat_valid(valid1), flat_valid(valid2)
+        own_flat = matrices[3:]
+        matrices = matrices[:3]
         w, u, b = (flat_param(p) for p in params)
+        v1, v2 = flat_valid(valid1), flat_valid(valid2)
         count = v1.shape[0]
         families = sum(n for _, n in self._families)
-        grad = torch.is_grad_enabled() and any(t.requires_grad for t in (*matrices, w, u, b))
-        per_pair = self.num_particles * steps * 8 * (steps * families * 2 if grad else 2 * families * 3 + 12)
+        grad = torch.is_grad_enabled() and any(t.requires_grad for t in (*matrices, *own_flat, w, u, b))
+        per_pair = self.num_particles * steps * 8 * (steps * (families + 4) * 2 if grad else 2 * families * 3 + 16)
         chunk = max(1, min(count, _CHUNK_BYTES // per_pair))
         outputs = []
         for start in range(0, count, chunk):
             part = slice(start, start + chunk)
             args = [m[part] for m in matrices] + [v1[part], v2[part], w[part], u[part], b[part]]
+            args += [m[part] for m in own_flat]
             if grad:
                 outputs.append(checkpoint(self._chunk, *args, use_reentrant=False))
             else:
@@ -289,6 +301,58 @@ class _GatedRecurrent(Layer):
         }
 
 
+# Gauss-Hermite nodes per dimension: over the reset-gate pair (a smooth gate), and over the
+# candidate pair for nonlinearities without a closed form.
+_RESET_NODES = 8
+_CANDIDATE_NODES = 12
+
+
+def _hermite_rule(count: int, dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor]:
+    """Nodes and weights (summing to one) of the Gauss-Hermite rule for a standard normal variable."""
+    nodes, weights = numpy.polynomial.hermite_e.hermegauss(count)
+    weights = weights / weights.sum()
+    return torch.as_tensor(nodes, dtype=dtype, device=device), torch.as_tensor(weights, dtype=dtype, device=device)
+
+
+def _correlated_nodes(k11: Tensor, k22: Tensor, k12: Tensor, nodes: Tensor) -> tuple[Tensor, Tensor]:
+    """The tensor-product nodes ``(u_ij, v_ij)`` of a centred pair with covariance ``[[k11, k12], [k12, k22]]``.
+
+    ``u = sqrt(k11) x_i``, ``v = k12 / sqrt(k11) x_i + sqrt(k22 - k12^2 / k11) x_j``; results
+    ``(..., G, G)``.  Degenerate pairs (a step with itself) get the exact limit.
+    """
+    root11 = k11.clamp_min(1e-300).sqrt()
+    slope = k12 / root11
+    rest = (k22 - slope * slope).clamp_min(1e-300).sqrt()
+    first = (root11[..., None] * nodes)[..., :, None]
+    second = (slope[..., None] * nodes)[..., :, None] + (rest[..., None] * nodes)[..., None, :]
+    return first.expand(second.shape), second
+
+
+def _gated_scan(keep: Tensor, values: Tensor) -> Tensor:
+    """``y_j = keep_j y_{j-1} + (1 - keep_j) values_j`` along the last axis (``y_{-1} = 0``).
+
+    In blocks of steps: within a block ``y = e^{c} (carry + cumsum((1 - keep) values e^{-c}))``
+    with ``c`` the cumulative log of ``keep`` (kept at least ``-20`` per step, i.e. gates below
+    2e-9 count as 2e-9, so ``e^{-c}`` stays finite in float64).
+    """
+    log_keep = torch.log(keep).clamp_min(-20.0)
+    values = values.expand(keep.shape)
+    blocks, carry = [], None
+    for start in range(0, keep.shape[-1], _SCAN_BLOCK):
+        part = slice(start, start + _SCAN_BLOCK)
+        c = torch.cumsum(log_keep[..., part], -1)
+        total = torch.cumsum((1 - keep[..., part]) * values[..., part] * torch.exp(-c), -1)
+        if carry is not None:
+            total = total + carry
+        y = torch.exp(c) * total
+        blocks.append(y)
+        carry = y[..., -1:]
+    return torch.cat(blocks, -1) if len(blocks) > 1 else blocks[0]
+
+
+_SCAN_BLOCK = 16
+
+
 def _shifted(k: Tensor) -> Tensor:
     """``K_h(a - 1, .)`` for ``a = 0..t`` from its values at ``a - 1 = 0..t-1``: a zero in front."""
     return nn.functional.pad(k, (1, 0))
@@ -353,7 +417,8 @@ class GRU(_GatedRecurrent):
         >>> net = Sequential(GRU(), LastStep(), Linear())
     """
 
-    _families = (("gates", 2), ("input", 1), ("hidden", 1))
+    _families = (("gates", 1),)
+    _uses_own_covariances = True
 
     def __init__(
         self,
@@ -388,13 +453,123 @@ class GRU(_GatedRecurrent):
             batch_shape,
         )
 
-    def _cell(self, draws, previous, valid1, valid2):
-        gates, a, bh = draws["gates"], draws["input"][:, :, 0], draws["hidden"][:, :, 0]
-        z, r = self._gate(gates[:, :, 0]), self._gate(gates[:, :, 1])  # (B, M, 2)
-        n = self.nonlinearity.function(a + r * bh)
-        h = (1 - z) * n if previous is None else (1 - z) * n + z * previous
-        h = h * torch.stack([valid1, valid2], -1)[:, None, :]
-        return h, h
+
+    def _chunk(self, kx12, kx11, kx22, v1, v2, w, u, b, kh11=None, kh22=None) -> Tensor:
+        """``K_h`` of a chunk of pairs ``(B, T, T)``: update-gate particles, the candidate integrated exactly.
+
+        Shell ``m`` adds the step pairs ``(m, s)`` and ``(a, m)``; per particle
+        it keeps ``Q(t, s) = E[h_t h'_s | z]`` on the last shell and the
+        update-gate paths.  ``kh11``/``kh22``: each side's own ``K_h`` (``None``:
+        the item is paired with itself and its own covariance is the cross one).
+        """
+        batch, steps = v1.shape
+        m_count = self.num_particles
+        lengths = torch.maximum(v1.sum(-1), v2.sum(-1)).round().long()
+        sampler = PairParticles(base_normals(m_count, steps * 2, kx12.device), steps - lengths, 1)
+        uw, ww, bw = u[:, None], w[:, None], b[:, None]
+        x1_diag, x2_diag = kx11.diagonal(0, -2, -1), kx22.diagonal(0, -2, -1)
+        kh_rows: list[Tensor] = []  # K_h(t, 0..t)
+        kh_cols: list[Tensor] = []  # K_h(0..t, t)
+        own1: list[Tensor] = []  # K_h(t, t) of each side
+        own2: list[Tensor] = []
+        gates1: list[Tensor] = []  # update gates per particle (B, M)
+        gates2: list[Tensor] = []
+        row = col = None  # Q(m - 1, 0..m-1) and Q(0..m-1, m - 1) per particle
+        for m in range(steps):
+            zero = kx12.new_zeros(batch, 1)
+            if m == 0:
+                kh_r = kh_c = kh_1 = kh_2 = zero
+                prev1 = prev2 = zero  # K_h(a - 1, a - 1) for a = 0..m
+            else:
+                kh_r, kh_c = _shifted(kh_rows[-1]), _shifted(kh_cols[-1])  # K_h(m-1, a-1), K_h(a-1, m-1)
+                if kh11 is None:
+                    kh_1, kh_2 = kh_c, kh_r
+                else:
+                    kh_1, kh_2 = _shifted(kh11[:, :m, m - 1]), _shifted(kh22[:, :m, m - 1])
+                prev1, prev2 = _shifted(torch.stack(own1, -1)), _shifted(torch.stack(own2, -1))
+            # Gate pre-activation covariances with the steps a = 0..m (side 1 at a with side 2 at m: c12).
+            c11 = uw * kx11[:, : m + 1, m] + ww * kh_1 + bw
+            c12 = uw * kx12[:, : m + 1, m] + ww * kh_c + bw
+            c21 = uw * kx12[:, m, : m + 1] + ww * kh_r + bw
+            c22 = uw * kx22[:, : m + 1, m] + ww * kh_2 + bw
+            cross_past, d11, d12, d22 = _new_step_covariances(c11, c12, c21, c22, v1, v2, m)
+            z = self._gate(sampler.step(m, cross_past, d11, d12, d22)[:, :, 0])  # (B, M, 2)
+            gates1.append(z[..., 0])
+            gates2.append(z[..., 1])
+            # E[n_m n'_b] (b = 0..m) and E[n_a n'_m] (a = 0..m-1), exactly.
+            g1 = uw * x1_diag[:, : m + 1] + ww * prev1 + bw  # gate variances of side 1 at a = 0..m
+            g2 = uw * x2_diag[:, : m + 1] + ww * prev2 + bw
+            a1, a2 = uw * x1_diag[:, : m + 1] + bw, uw * x2_diag[:, : m + 1] + bw
+            h1, h2 = ww * prev1 + bw, ww * prev2 + bw
+
+            def at(v: Tensor) -> Tensor:
+                return v[:, m : m + 1].expand(-1, m + 1)
+
+            n_row = self._candidate_moment(
+                (at(g1), g2, c21),
+                (at(a1), a2, uw * kx12[:, m, : m + 1] + bw),
+                (at(h1), h2, ww * kh_r + bw),
+            ) * (v1[:, m : m + 1] * v2[:, : m + 1])
+            n_col = self._candidate_moment(
+                (g1[:, :m], at(g2)[:, :m], c12[:, :m]),
+                (a1[:, :m], at(a2)[:, :m], uw * kx12[:, :m, m] + bw),
+                (h1[:, :m], at(h2)[:, :m], ww * kh_c[:, :m] + bw),
+            ) * (v1[:, :m] * v2[:, m : m + 1])
+            # Per particle: the new column Q(a, m), then the new row Q(m, b).
+            z1, z2 = torch.stack(gates1, -1), torch.stack(gates2, -1)  # (B, M, m+1)
+            h_n = _gated_scan(z1, torch.cat([n_col, n_row[:, m:]], -1)[:, None])  # E[h_a n'_m | z]
+            n_h = _gated_scan(z2, n_row[:, None])  # E[n_m h'_b | z]
+            keep1, keep2 = z[..., 0:1], z[..., 1:2]
+            if m == 0:
+                new_col = (1 - keep2) * h_n[..., :0]
+                before = torch.zeros_like(n_h)
+            else:
+                new_col = keep2 * col + (1 - keep2) * h_n[..., :m]
+                before = torch.cat([row, new_col[..., m - 1 :]], -1)  # Q(m-1, b), b = 0..m
+            row = keep1 * before + (1 - keep1) * n_h
+            col = torch.cat([new_col, row[..., m:]], -1)
+            kh_rows.append(row.mean(1))
+            kh_cols.append(col.mean(1))
+            if kh11 is None:
+                own1.append(kh_rows[-1][:, m])
+                own2.append(kh_rows[-1][:, m])
+            else:
+                own1.append(kh11[:, m, m])
+                own2.append(kh22[:, m, m])
+        lower = torch.stack([nn.functional.pad(r, (0, steps - r.shape[-1])) for r in kh_rows], -2)
+        upper = torch.stack([nn.functional.pad(c, (0, steps - c.shape[-1])) for c in kh_cols], -1)
+        return torch.tril(lower) + torch.triu(upper, 1)
+
+    def _candidate_moment(self, reset: tuple, inputs: tuple, hidden: tuple) -> Tensor:
+        r"""``E[phi(A + r B) phi(A' + r' B')]`` from the covariances ``(k11, k22, k12)`` of the reset
+        pre-activations, of ``(A, A')`` and of ``(B, B')``: Gauss-Hermite over the reset pair, then the
+        nonlinearity's closed form (erf) or Gauss-Hermite over the candidate pair.
+
+        The product rule on correlated nodes treats the two sides differently; the mean of both
+        orders makes the value exactly symmetric in the two sequences.
+        """
+
+        def swap(c: tuple) -> tuple:
+            return c[1], c[0], c[2]
+
+        forward = self._ordered_candidate_moment(reset, inputs, hidden)
+        return (forward + self._ordered_candidate_moment(swap(reset), swap(inputs), swap(hidden))) / 2
+
+    def _ordered_candidate_moment(self, reset: tuple, inputs: tuple, hidden: tuple) -> Tensor:
+        nodes, weights = _hermite_rule(_RESET_NODES, reset[0].dtype, reset[0].device)
+        first, second = _correlated_nodes(*reset, nodes)  # (..., G, G)
+        r1, r2 = self._gate(first), self._gate(second)
+        a11, a22, a12 = (v[..., None, None] for v in inputs)
+        b11, b22, b12 = (v[..., None, None] for v in hidden)
+        k11, k22, k12 = a11 + r1 * r1 * b11, a22 + r2 * r2 * b22, a12 + r1 * r2 * b12
+        if isinstance(self.nonlinearity, Erf):
+            moment = self.nonlinearity.pair_moments(k11, k22, k12, False)[0]
+        else:
+            cand_nodes, cand_weights = _hermite_rule(_CANDIDATE_NODES, k11.dtype, k11.device)
+            u, v = _correlated_nodes(k11, k22, k12, cand_nodes)  # (..., G, G, H, H)
+            fn = self.nonlinearity.function
+            moment = torch.einsum("...ij,i,j->...", fn(u) * fn(v), cand_weights, cand_weights)
+        return torch.einsum("...ij,i,j->...", moment, weights, weights)
 
     def finite_module(self, in_shape: tuple[int, ...], width: int) -> tuple[nn.Module, tuple[int, ...]]:
         if len(in_shape) != 2:
