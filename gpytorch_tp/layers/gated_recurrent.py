@@ -303,8 +303,8 @@ class _GatedRecurrent(Layer):
 
 # Gauss-Hermite nodes per dimension: over the reset-gate pair (a smooth gate), and over the
 # candidate pair for nonlinearities without a closed form.
-_RESET_NODES = 8
-_CANDIDATE_NODES = 12
+_RESET_NODES = 6
+_CANDIDATE_NODES = 10
 
 
 def _hermite_rule(count: int, dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor]:
@@ -317,34 +317,55 @@ def _hermite_rule(count: int, dtype: torch.dtype, device: torch.device) -> tuple
 def _correlated_nodes(k11: Tensor, k22: Tensor, k12: Tensor, nodes: Tensor) -> tuple[Tensor, Tensor]:
     """The tensor-product nodes ``(u_ij, v_ij)`` of a centred pair with covariance ``[[k11, k12], [k12, k22]]``.
 
-    ``u = sqrt(k11) x_i``, ``v = k12 / sqrt(k11) x_i + sqrt(k22 - k12^2 / k11) x_j``; results
-    ``(..., G, G)``.  Degenerate pairs (a step with itself) get the exact limit.
+    ``(u, v) = S (x_i, x_j)`` with ``S`` the symmetric square root of the covariance, so that
+    swapping the two variables permutes the nodes: the rule is exactly symmetric in them.
+    Results ``(..., G, G)``.
     """
-    root11 = k11.clamp_min(1e-300).sqrt()
-    slope = k12 / root11
-    rest = (k22 - slope * slope).clamp_min(1e-300).sqrt()
-    first = (root11[..., None] * nodes)[..., :, None]
-    second = (slope[..., None] * nodes)[..., :, None] + (rest[..., None] * nodes)[..., None, :]
-    return first.expand(second.shape), second
+    det = (k11 * k22 - k12 * k12).clamp_min(0)
+    root_det = det.clamp_min(1e-300).sqrt()
+    norm = (k11 + k22 + 2 * root_det).clamp_min(1e-300).sqrt()
+    s11, s12, s22 = ((k11 + root_det) / norm)[..., None], (k12 / norm)[..., None], ((k22 + root_det) / norm)[..., None]
+    first = (s11 * nodes)[..., :, None] + (s12 * nodes)[..., None, :]
+    second = (s12 * nodes)[..., :, None] + (s22 * nodes)[..., None, :]
+    return first, second
 
 
-def _gated_scan(keep: Tensor, values: Tensor) -> Tensor:
-    """``y_j = keep_j y_{j-1} + (1 - keep_j) values_j`` along the last axis (``y_{-1} = 0``).
+class _GateProducts:
+    """One side's update gates per particle, kept in the form :func:`_gated_scan` needs.
 
-    In blocks of steps: within a block ``y = e^{c} (carry + cumsum((1 - keep) values e^{-c}))``
-    with ``c`` the cumulative log of ``keep`` (kept at least ``-20`` per step, i.e. gates below
-    2e-9 count as 2e-9, so ``e^{-c}`` stays finite in float64).
+    With ``c_t`` the cumulative log of the gates since the start of ``t``'s block of
+    ``_SCAN_BLOCK`` steps (each log kept at least ``-20``, i.e. gates below 2e-9 count
+    as 2e-9, so that ``e^{-c}`` stays finite in float64): ``grow_t = e^{c_t}`` and
+    ``enter_t = (1 - z_t) e^{-c_t}``.
     """
-    log_keep = torch.log(keep).clamp_min(-20.0)
-    values = values.expand(keep.shape)
+
+    def __init__(self):
+        self.log_gates, self.grow, self.enter, self.gates = [], [], [], []
+
+    def append(self, gate: Tensor) -> None:
+        log_gate = torch.log(gate).clamp_min(-20.0)
+        if len(self.log_gates) % _SCAN_BLOCK:
+            log_gate = self.log_gates[-1] + log_gate
+        self.log_gates.append(log_gate)
+        self.grow.append(torch.exp(log_gate))
+        self.enter.append((1 - gate) * torch.exp(-log_gate))
+        self.gates.append(gate)
+
+
+def _gated_scan(gates: _GateProducts, values: Tensor) -> Tensor:
+    """``y_j = z_j y_{j-1} + (1 - z_j) values_j`` along the last axis (``y_{-1} = 0``), per particle.
+
+    Within a block ``y = e^{c} (carry + cumsum((1 - z) values e^{-c}))``; blocks are chained by their carries.
+    """
+    count = values.shape[-1]
+    grow, enter = torch.stack(gates.grow[:count], -1), torch.stack(gates.enter[:count], -1)
     blocks, carry = [], None
-    for start in range(0, keep.shape[-1], _SCAN_BLOCK):
+    for start in range(0, count, _SCAN_BLOCK):
         part = slice(start, start + _SCAN_BLOCK)
-        c = torch.cumsum(log_keep[..., part], -1)
-        total = torch.cumsum((1 - keep[..., part]) * values[..., part] * torch.exp(-c), -1)
+        total = torch.cumsum(enter[..., part] * values[..., part], -1)
         if carry is not None:
             total = total + carry
-        y = torch.exp(c) * total
+        y = grow[..., part] * total
         blocks.append(y)
         carry = y[..., -1:]
     return torch.cat(blocks, -1) if len(blocks) > 1 else blocks[0]
@@ -472,8 +493,7 @@ class GRU(_GatedRecurrent):
         kh_cols: list[Tensor] = []  # K_h(0..t, t)
         own1: list[Tensor] = []  # K_h(t, t) of each side
         own2: list[Tensor] = []
-        gates1: list[Tensor] = []  # update gates per particle (B, M)
-        gates2: list[Tensor] = []
+        gates1, gates2 = _GateProducts(), _GateProducts()  # update gates per particle (B, M)
         row = col = None  # Q(m - 1, 0..m-1) and Q(0..m-1, m - 1) per particle
         for m in range(steps):
             zero = kx12.new_zeros(batch, 1)
@@ -516,9 +536,8 @@ class GRU(_GatedRecurrent):
                 (h1[:, :m], at(h2)[:, :m], ww * kh_c[:, :m] + bw),
             ) * (v1[:, :m] * v2[:, m : m + 1])
             # Per particle: the new column Q(a, m), then the new row Q(m, b).
-            z1, z2 = torch.stack(gates1, -1), torch.stack(gates2, -1)  # (B, M, m+1)
-            h_n = _gated_scan(z1, torch.cat([n_col, n_row[:, m:]], -1)[:, None])  # E[h_a n'_m | z]
-            n_h = _gated_scan(z2, n_row[:, None])  # E[n_m h'_b | z]
+            h_n = _gated_scan(gates1, torch.cat([n_col, n_row[:, m:]], -1)[:, None])  # E[h_a n'_m | z]
+            n_h = _gated_scan(gates2, n_row[:, None])  # E[n_m h'_b | z]
             keep1, keep2 = z[..., 0:1], z[..., 1:2]
             if m == 0:
                 new_col = (1 - keep2) * h_n[..., :0]
@@ -545,17 +564,9 @@ class GRU(_GatedRecurrent):
         pre-activations, of ``(A, A')`` and of ``(B, B')``: Gauss-Hermite over the reset pair, then the
         nonlinearity's closed form (erf) or Gauss-Hermite over the candidate pair.
 
-        The product rule on correlated nodes treats the two sides differently; the mean of both
-        orders makes the value exactly symmetric in the two sequences.
+        Both rules act on the symmetric square roots of the pair covariances, so the value is
+        exactly symmetric in the two sequences.
         """
-
-        def swap(c: tuple) -> tuple:
-            return c[1], c[0], c[2]
-
-        forward = self._ordered_candidate_moment(reset, inputs, hidden)
-        return (forward + self._ordered_candidate_moment(swap(reset), swap(inputs), swap(hidden))) / 2
-
-    def _ordered_candidate_moment(self, reset: tuple, inputs: tuple, hidden: tuple) -> Tensor:
         nodes, weights = _hermite_rule(_RESET_NODES, reset[0].dtype, reset[0].device)
         first, second = _correlated_nodes(*reset, nodes)  # (..., G, G)
         r1, r2 = self._gate(first), self._gate(second)
