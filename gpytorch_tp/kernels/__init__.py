@@ -7,4 +7,13 @@ from .mlp_kernel import MLPKernel
 from .rnn_kernel import RNNKernel
 from .tensor_program_kernel import KINDS, TensorProgramKernel
 
-__all__ = ["KINDS", "CNNKernel", "GRUKernel", "LSTMKernel", "MLPKernel", "MyrtleKernel", "RNNKernel", "TensorProgramKernel"]
+__all__ = [
+    "KINDS",
+    "CNNKernel",
+    "GRUKernel",
+    "LSTMKernel",
+    "MLPKernel",
+    "MyrtleKernel",
+    "RNNKernel",
+    "TensorProgramKernel",
+]

@@ -36,7 +36,9 @@ class GatedRecurrentKernel(TensorProgramKernel):
     ):
         name = type(self).__name__
         if kind == "ntk":
-            raise NotImplementedError(f"{name}: the NTK of gated recurrent networks is not implemented; use kind='nngp'")
+            raise NotImplementedError(
+                f"{name}: the NTK of gated recurrent networks is not implemented; use kind='nngp'"
+            )
         if kind != "nngp":
             raise ValueError(f"kind must be 'nngp' for {name}, got {kind!r}")
         if isinstance(depth, bool) or not isinstance(depth, int) or depth < 1:

@@ -24,9 +24,9 @@ from .elementwise import (
     Tanh,
     nonlinearity_from_name,
 )
+from .gated_recurrent import GRU, LSTM
 from .normalization import LayerNorm
 from .recurrent import RNN, LastStep, TimeMean
-from .gated_recurrent import GRU, LSTM
 
 __all__ = [
     "GELU",

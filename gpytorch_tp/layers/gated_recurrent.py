@@ -139,7 +139,9 @@ class _GatedRecurrent(Layer):
         if isinstance(num_particles, bool) or not isinstance(num_particles, int) or num_particles < 2:
             raise ValueError(f"num_particles must be an even integer >= 2, got {num_particles!r}")
         if num_particles % 2:
-            raise ValueError(f"num_particles must be even (each base point comes with its swapped copy), got {num_particles}")
+            raise ValueError(
+                f"num_particles must be even (each base point comes with its swapped copy), got {num_particles}"
+            )
         self.nonlinearity = phi
         self.gate = gate
         self.num_particles = num_particles
@@ -172,9 +174,7 @@ class _GatedRecurrent(Layer):
                 f"{type(self).__name__} needs all step pairs; evaluate through gpytorch_tp.evaluate or a kernel"
             )
         if state.track_ntk:
-            raise NotImplementedError(
-                f"the NTK of the {type(self).__name__} layer is not implemented; use kind='nngp'"
-            )
+            raise NotImplementedError(f"the NTK of the {type(self).__name__} layer is not implemented; use kind='nngp'")
         w, u, b = self.weight_variance, self.input_variance, self.bias_variance
         rows1 = None if state.valid1 is None else state.valid1[..., 0]  # (..., N1, 1, T)
         rows2 = None if state.valid2 is None else state.valid2[..., 0, :]  # (..., 1, N2, T)
@@ -253,7 +253,12 @@ class _GatedRecurrent(Layer):
         carry = None
         for t in range(steps):
             # Covariances of the pre-activations at step t with steps a <= t.
-            kx_11, kx_12, kx_21, kx_22 = kx11[:, : t + 1, t], kx12[:, : t + 1, t], kx12[:, t, : t + 1], kx22[:, : t + 1, t]
+            kx_11, kx_12, kx_21, kx_22 = (
+                kx11[:, : t + 1, t],
+                kx12[:, : t + 1, t],
+                kx12[:, t, : t + 1],
+                kx22[:, : t + 1, t],
+            )
             if t == 0:
                 zero = kx12.new_zeros(batch, 1)
                 kh_11 = kh_12 = kh_21 = kh_22 = zero
@@ -328,6 +333,33 @@ def _correlated_nodes(k11: Tensor, k22: Tensor, k12: Tensor, nodes: Tensor) -> t
     first = (s11 * nodes)[..., :, None] + (s12 * nodes)[..., None, :]
     second = (s12 * nodes)[..., :, None] + (s22 * nodes)[..., None, :]
     return first, second
+
+
+class _Block:
+    """One block (a side with the other, or with itself) of a pair's GRU recursion, shell by shell."""
+
+    def __init__(self, zero: Tensor):
+        self.zero = zero  # (B, 1)
+        self.rows: list[Tensor] = []  # K_h(t, 0..t)
+        self.cols: list[Tensor] = []  # K_h(0..t, t)
+        self.row = self.col = None  # per particle: Q(m, 0..m), Q(0..m, m)
+
+    def previous(self, m: int) -> tuple[Tensor, Tensor]:
+        """``K_h(m - 1, a - 1)`` and ``K_h(a - 1, m - 1)`` for ``a = 0..m`` (0 where an index is -1)."""
+        if m == 0:
+            return self.zero, self.zero
+        return _shifted(self.rows[-1]), _shifted(self.cols[-1])
+
+    def diagonal(self, m: int) -> Tensor:
+        """``K_h(a - 1, a - 1)`` for ``a = 0..m``."""
+        if m == 0:
+            return self.zero
+        return _shifted(torch.stack([r[:, -1] for r in self.rows], -1))
+
+    def matrix(self, steps: int) -> Tensor:
+        lower = torch.stack([nn.functional.pad(r, (0, steps - r.shape[-1])) for r in self.rows], -2)
+        upper = torch.stack([nn.functional.pad(c, (0, steps - c.shape[-1])) for c in self.cols], -1)
+        return torch.tril(lower) + torch.triu(upper, 1)
 
 
 class _GateProducts:
@@ -465,7 +497,11 @@ class GRU(_GatedRecurrent):
             input_variance,
             bias_variance,
             num_particles,
-            {"weight_variance": weight_variance_prior, "input_variance": input_variance_prior, "bias_variance": bias_variance_prior},
+            {
+                "weight_variance": weight_variance_prior,
+                "input_variance": input_variance_prior,
+                "bias_variance": bias_variance_prior,
+            },
             {
                 "weight_variance": weight_variance_constraint,
                 "input_variance": input_variance_constraint,
@@ -474,90 +510,118 @@ class GRU(_GatedRecurrent):
             batch_shape,
         )
 
-
-    def _chunk(self, kx12, kx11, kx22, v1, v2, w, u, b, kh11=None, kh22=None) -> Tensor:
+    def _chunk(self, kx12, kx11, kx22, v1, v2, w, u, b, own1=None, own2=None) -> Tensor:
         """``K_h`` of a chunk of pairs ``(B, T, T)``: update-gate particles, the candidate integrated exactly.
 
         Shell ``m`` adds the step pairs ``(m, s)`` and ``(a, m)``; per particle
         it keeps ``Q(t, s) = E[h_t h'_s | z]`` on the last shell and the
-        update-gate paths.  ``kh11``/``kh22``: each side's own ``K_h`` (``None``:
-        the item is paired with itself and its own covariance is the cross one).
+        update-gate paths, for the pair (block ``12``) and, so that the pair's
+        covariance of all ``2T`` gate pre-activations is a Gram matrix (positive
+        semi-definite), for each side with itself (blocks ``11``, ``22``).
+        ``own1``/``own2`` only tell that the two items differ (``None``: an item
+        paired with itself, where one block serves all three).
         """
         batch, steps = v1.shape
-        m_count = self.num_particles
+        count = self.num_particles
         lengths = torch.maximum(v1.sum(-1), v2.sum(-1)).round().long()
-        sampler = PairParticles(base_normals(m_count, steps * 2, kx12.device), steps - lengths, 1)
-        uw, ww, bw = u[:, None], w[:, None], b[:, None]
-        x1_diag, x2_diag = kx11.diagonal(0, -2, -1), kx22.diagonal(0, -2, -1)
-        kh_rows: list[Tensor] = []  # K_h(t, 0..t)
-        kh_cols: list[Tensor] = []  # K_h(0..t, t)
-        own1: list[Tensor] = []  # K_h(t, t) of each side
-        own2: list[Tensor] = []
-        gates1, gates2 = _GateProducts(), _GateProducts()  # update gates per particle (B, M)
-        row = col = None  # Q(m - 1, 0..m-1) and Q(0..m-1, m - 1) per particle
+        sampler = PairParticles(base_normals(count, steps * 2, kx12.device), steps - lengths, 1)
+        coef = (u[:, None], w[:, None], b[:, None])
+        gates = (_GateProducts(), _GateProducts())
+        pair = own1 is not None
+        sides = {"12": (0, 1, kx12), "11": (0, 0, kx11), "22": (1, 1, kx22)} if pair else {"12": (0, 1, kx12)}
+        valid = (v1, v2)
+        blocks = {name: _Block(kx12.new_zeros(batch, 1)) for name in sides}
         for m in range(steps):
-            zero = kx12.new_zeros(batch, 1)
-            if m == 0:
-                kh_r = kh_c = kh_1 = kh_2 = zero
-                prev1 = prev2 = zero  # K_h(a - 1, a - 1) for a = 0..m
-            else:
-                kh_r, kh_c = _shifted(kh_rows[-1]), _shifted(kh_cols[-1])  # K_h(m-1, a-1), K_h(a-1, m-1)
-                if kh11 is None:
-                    kh_1, kh_2 = kh_c, kh_r
-                else:
-                    kh_1, kh_2 = _shifted(kh11[:, :m, m - 1]), _shifted(kh22[:, :m, m - 1])
-                prev1, prev2 = _shifted(torch.stack(own1, -1)), _shifted(torch.stack(own2, -1))
-            # Gate pre-activation covariances with the steps a = 0..m (side 1 at a with side 2 at m: c12).
-            c11 = uw * kx11[:, : m + 1, m] + ww * kh_1 + bw
-            c12 = uw * kx12[:, : m + 1, m] + ww * kh_c + bw
-            c21 = uw * kx12[:, m, : m + 1] + ww * kh_r + bw
-            c22 = uw * kx22[:, : m + 1, m] + ww * kh_2 + bw
+            kh = {name: block.previous(m) for name, block in blocks.items()}  # K_h(m-1, a-1), K_h(a-1, m-1)
+            row12, col12 = kh["12"]
+            within1 = kh["11"][1] if pair else col12  # K_h(a-1, m-1) of side 1 with itself
+            within2 = kh["22"][1] if pair else row12
+            u_, w_, b_ = coef
+            c11 = u_ * kx11[:, : m + 1, m] + w_ * within1 + b_
+            c12 = u_ * kx12[:, : m + 1, m] + w_ * col12 + b_
+            c21 = u_ * kx12[:, m, : m + 1] + w_ * row12 + b_
+            c22 = u_ * kx22[:, : m + 1, m] + w_ * within2 + b_
             cross_past, d11, d12, d22 = _new_step_covariances(c11, c12, c21, c22, v1, v2, m)
             z = self._gate(sampler.step(m, cross_past, d11, d12, d22)[:, :, 0])  # (B, M, 2)
-            gates1.append(z[..., 0])
-            gates2.append(z[..., 1])
-            # E[n_m n'_b] (b = 0..m) and E[n_a n'_m] (a = 0..m-1), exactly.
-            g1 = uw * x1_diag[:, : m + 1] + ww * prev1 + bw  # gate variances of side 1 at a = 0..m
-            g2 = uw * x2_diag[:, : m + 1] + ww * prev2 + bw
-            a1, a2 = uw * x1_diag[:, : m + 1] + bw, uw * x2_diag[:, : m + 1] + bw
-            h1, h2 = ww * prev1 + bw, ww * prev2 + bw
+            gates[0].append(z[..., 0])
+            gates[1].append(z[..., 1])
+            gate_cov = {"12": (c12, c21), "11": (c11, c11), "22": (c22, c22)}
+            for name, (left, right, kx) in sides.items():
+                block = blocks[name]
+                kh_row, kh_col = kh[name]
+                self._shell(
+                    m,
+                    block,
+                    kx,
+                    kh_row,
+                    kh_col,
+                    gate_cov[name],
+                    (kx11, kx22)[left].diagonal(0, -2, -1),
+                    (kx11, kx22)[right].diagonal(0, -2, -1),
+                    blocks[("11" if left == 0 else "22") if pair else "12"].diagonal(m),
+                    blocks[("11" if right == 0 else "22") if pair else "12"].diagonal(m),
+                    valid[left],
+                    valid[right],
+                    gates[left],
+                    gates[right],
+                    z[..., left : left + 1],
+                    z[..., right : right + 1],
+                    coef,
+                )
+        return blocks["12"].matrix(steps)
 
-            def at(v: Tensor) -> Tensor:
-                return v[:, m : m + 1].expand(-1, m + 1)
+    def _shell(
+        self,
+        m,
+        block,
+        kx,
+        kh_row,
+        kh_col,
+        gate_cov,
+        x_left,
+        x_right,
+        h_left,
+        h_right,
+        valid_left,
+        valid_right,
+        gates_left,
+        gates_right,
+        keep_left,
+        keep_right,
+        coef,
+    ) -> None:
+        """Add shell ``m`` to ``block``: ``E[n_m n'_b]``, ``E[n_a n'_m]`` exactly, then ``Q`` per particle."""
+        u, w, b = coef
+        c_col, c_row = gate_cov  # Cov(left at a, right at m) and Cov(left at m, right at a), a = 0..m
+        g_left, g_right = u * x_left[:, : m + 1] + w * h_left + b, u * x_right[:, : m + 1] + w * h_right + b
+        a_left, a_right = u * x_left[:, : m + 1] + b, u * x_right[:, : m + 1] + b
+        b_left, b_right = w * h_left + b, w * h_right + b
 
-            n_row = self._candidate_moment(
-                (at(g1), g2, c21),
-                (at(a1), a2, uw * kx12[:, m, : m + 1] + bw),
-                (at(h1), h2, ww * kh_r + bw),
-            ) * (v1[:, m : m + 1] * v2[:, : m + 1])
-            n_col = self._candidate_moment(
-                (g1[:, :m], at(g2)[:, :m], c12[:, :m]),
-                (a1[:, :m], at(a2)[:, :m], uw * kx12[:, :m, m] + bw),
-                (h1[:, :m], at(h2)[:, :m], ww * kh_c[:, :m] + bw),
-            ) * (v1[:, :m] * v2[:, m : m + 1])
-            # Per particle: the new column Q(a, m), then the new row Q(m, b).
-            h_n = _gated_scan(gates1, torch.cat([n_col, n_row[:, m:]], -1)[:, None])  # E[h_a n'_m | z]
-            n_h = _gated_scan(gates2, n_row[:, None])  # E[n_m h'_b | z]
-            keep1, keep2 = z[..., 0:1], z[..., 1:2]
-            if m == 0:
-                new_col = (1 - keep2) * h_n[..., :0]
-                before = torch.zeros_like(n_h)
-            else:
-                new_col = keep2 * col + (1 - keep2) * h_n[..., :m]
-                before = torch.cat([row, new_col[..., m - 1 :]], -1)  # Q(m-1, b), b = 0..m
-            row = keep1 * before + (1 - keep1) * n_h
-            col = torch.cat([new_col, row[..., m:]], -1)
-            kh_rows.append(row.mean(1))
-            kh_cols.append(col.mean(1))
-            if kh11 is None:
-                own1.append(kh_rows[-1][:, m])
-                own2.append(kh_rows[-1][:, m])
-            else:
-                own1.append(kh11[:, m, m])
-                own2.append(kh22[:, m, m])
-        lower = torch.stack([nn.functional.pad(r, (0, steps - r.shape[-1])) for r in kh_rows], -2)
-        upper = torch.stack([nn.functional.pad(c, (0, steps - c.shape[-1])) for c in kh_cols], -1)
-        return torch.tril(lower) + torch.triu(upper, 1)
+        def at(v: Tensor) -> Tensor:
+            return v[:, m : m + 1].expand(-1, m + 1)
+
+        n_row = self._candidate_moment(
+            (at(g_left), g_right, c_row),
+            (at(a_left), a_right, u * kx[:, m, : m + 1] + b),
+            (at(b_left), b_right, w * kh_row + b),
+        ) * (valid_left[:, m : m + 1] * valid_right[:, : m + 1])
+        n_col = self._candidate_moment(
+            (g_left[:, :m], at(g_right)[:, :m], c_col[:, :m]),
+            (a_left[:, :m], at(a_right)[:, :m], u * kx[:, :m, m] + b),
+            (b_left[:, :m], at(b_right)[:, :m], w * kh_col[:, :m] + b),
+        ) * (valid_left[:, :m] * valid_right[:, m : m + 1])
+        h_n = _gated_scan(gates_left, torch.cat([n_col, n_row[:, m:]], -1)[:, None])  # E[h_a n'_m | z]
+        n_h = _gated_scan(gates_right, n_row[:, None])  # E[n_m h'_b | z]
+        if m == 0:
+            new_col = h_n[..., :0]
+            before = torch.zeros_like(n_h)
+        else:
+            new_col = keep_right * block.col + (1 - keep_right) * h_n[..., :m]
+            before = torch.cat([block.row, new_col[..., m - 1 :]], -1)  # Q(m-1, b), b = 0..m
+        block.row = keep_left * before + (1 - keep_left) * n_h
+        block.col = torch.cat([new_col, block.row[..., m:]], -1)
+        block.rows.append(block.row.mean(1))
+        block.cols.append(block.col.mean(1))
 
     def _candidate_moment(self, reset: tuple, inputs: tuple, hidden: tuple) -> Tensor:
         r"""``E[phi(A + r B) phi(A' + r' B')]`` from the covariances ``(k11, k22, k12)`` of the reset
@@ -635,7 +699,11 @@ class LSTM(_GatedRecurrent):
             input_variance,
             bias_variance,
             num_particles,
-            {"weight_variance": weight_variance_prior, "input_variance": input_variance_prior, "bias_variance": bias_variance_prior},
+            {
+                "weight_variance": weight_variance_prior,
+                "input_variance": input_variance_prior,
+                "bias_variance": bias_variance_prior,
+            },
             {
                 "weight_variance": weight_variance_constraint,
                 "input_variance": input_variance_constraint,
@@ -659,4 +727,3 @@ class LSTM(_GatedRecurrent):
             raise ValueError(f"LSTM needs sequence features (channels, T), got feature shape {tuple(in_shape)}")
         module = NTKLSTM(in_shape[0], width, self.nonlinearity.function, GATES[self.gate], **self._stds())
         return module, (width, in_shape[1])
-
