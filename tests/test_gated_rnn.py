@@ -283,3 +283,20 @@ def test_bad_input_and_arguments():
     bad[0, 1] = NAN  # part of a step
     with pytest.raises(ValueError, match="NaN in some but not all features of a step"):
         kernel(bad).to_dense()
+
+
+def test_tutorial_gated_kernels_on_a_few_digits():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "tutorials" / "rnn_sequences.py"
+    spec = importlib.util.spec_from_file_location("rnn_sequences_tutorial", path)
+    tutorial = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tutorial)
+    data = tutorial.cut(tutorial.load_data(6, 3), seed=1)  # digits of different lengths
+    assert "gru" in tutorial.make_methods((1.0,), gated=True)
+    for kernel_class in (GRUKernel, LSTMKernel):
+        (train, test) = tutorial.gated_candidates(kernel_class)(data.train_x[:6], data.test_x[:3])[""]
+        assert train.shape == (6, 6) and test.shape == (3, 6)
+        assert torch.isfinite(train).all() and torch.isfinite(test).all()
+        assert torch.linalg.eigvalsh(train).min() > -1e-3 * train.diagonal().max()
