@@ -310,6 +310,8 @@ def parse_args(argv=None):
     )
     parser.add_argument("--cells", nargs="+", help="N:T cells of --gated (default 50:20 200:50)")
     parser.add_argument("--particles", type=int, default=1024, help="num_particles of --gated (default 1024)")
+    parser.add_argument("--kernels", nargs="+", default=["GRUKernel", "LSTMKernel"], help="kernels of --gated")
+    parser.add_argument("--options", default="", help="kernel keyword arguments of --gated, e.g. 'gate=\"erf\"'")
     return parser.parse_args(argv)
 
 
@@ -318,8 +320,13 @@ def parse_args(argv=None):
 # ----------------------------------------------------------------------------
 
 
-def gated_benchmark(cells: list[tuple[int, int]], particles: int, long_seconds: float) -> dict:
-    """GRU and LSTM NNGP (sigmoid gates, tanh; last state), float64, x1 is x2: time and peak memory per cell.
+def gated_benchmark(
+    cells: list[tuple[int, int]], particles: int, long_seconds: float, kernels=("GRUKernel", "LSTMKernel"), options=""
+) -> dict:
+    """GRU and LSTM NNGP (last state), float64, x1 is x2: time and peak memory per cell.
+
+    ``options``: extra keyword arguments of the kernels, as Python source
+    (e.g. ``nonlinearity="erf", gate="erf"``; default: sigmoid gates, tanh).
 
     Each cell runs once (the first call; the kernels are seconds to minutes, so
     warm-up effects are negligible) in a fresh process, so that ``ru_maxrss``
@@ -328,13 +335,13 @@ def gated_benchmark(cells: list[tuple[int, int]], particles: int, long_seconds: 
     import subprocess
 
     rows = []
-    for name in ("GRUKernel", "LSTMKernel"):
+    for name in kernels:
         for n, steps in cells:
             code = (
                 "import resource, sys, time, torch\n"
                 f"sys.path.insert(0, {str(REPO)!r})\n"
                 f"from gpytorch_tp import {name}\n"
-                f"k = {name}(({steps}, {FEATURES}), num_particles={particles}).double()\n"
+                f"k = {name}(({steps}, {FEATURES}), num_particles={particles}, {options}).double()\n"
                 f"x = torch.randn({n}, {steps * FEATURES}, generator=torch.Generator().manual_seed(0), "
                 "dtype=torch.float64)\n"
                 "start = time.perf_counter()\n"
@@ -344,7 +351,7 @@ def gated_benchmark(cells: list[tuple[int, int]], particles: int, long_seconds: 
             )
             done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
             seconds, rss = (float(v) for v in done.stdout.split())
-            rows.append({"kernel": name, "n": n, "t": steps, "seconds": seconds, "peak_rss_mib": rss})
+            rows.append({"kernel": f"{name}({options})", "n": n, "t": steps, "seconds": seconds, "peak_rss_mib": rss})
             print(
                 f"  {name} N={n:4d} T={steps:3d}: {seconds:.1f} s, peak RSS {rss:.0f} MiB", file=sys.stderr, flush=True
             )
@@ -369,7 +376,7 @@ def main(argv=None) -> dict:
         default_cells = ["6:4"] if args.smoke else ["50:20", "200:50"]
         cells = [tuple(int(v) for v in cell.split(":")) for cell in (args.cells or default_cells)]
         print(machine_summary())
-        result = gated_benchmark(cells, 64 if args.smoke else args.particles, args.long)
+        result = gated_benchmark(cells, 64 if args.smoke else args.particles, args.long, args.kernels, args.options)
         print(format_gated_table(result))
         print(f"Load average at the end: {', '.join(f'{v:.2f}' for v in os.getloadavg())}")
         return result
