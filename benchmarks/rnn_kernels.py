@@ -35,6 +35,7 @@ Usage (from the repository root)::
     python benchmarks/rnn_kernels.py --n 200 --t 50 --readouts last
     python benchmarks/rnn_kernels.py --threads 1              # one core
     python benchmarks/rnn_kernels.py --smoke                  # seconds, for the tests
+    python benchmarks/rnn_kernels.py --gated                  # GRU and LSTM NNGP: N:T = 50:20 and 200:50
 """
 
 from __future__ import annotations
@@ -302,13 +303,83 @@ def parse_args(argv=None):
         help="cells N:T:readout not to run, extrapolated from a smaller N (default 1000:64:mean; --skip alone: none)",
     )
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, one repeat (for the tests)")
+    parser.add_argument(
+        "--gated",
+        action="store_true",
+        help="time the GRU and LSTM NNGP kernels instead (N:T cells from --cells; default 50:20 200:50)",
+    )
+    parser.add_argument("--cells", nargs="+", help="N:T cells of --gated (default 50:20 200:50)")
+    parser.add_argument("--particles", type=int, default=1024, help="num_particles of --gated (default 1024)")
+    parser.add_argument("--kernels", nargs="+", default=["GRUKernel", "LSTMKernel"], help="kernels of --gated")
+    parser.add_argument("--options", default="", help="kernel keyword arguments of --gated, e.g. 'gate=\"erf\"'")
     return parser.parse_args(argv)
+
+
+# ----------------------------------------------------------------------------
+# Gated networks (--gated)
+# ----------------------------------------------------------------------------
+
+
+def gated_benchmark(
+    cells: list[tuple[int, int]], particles: int, long_seconds: float, kernels=("GRUKernel", "LSTMKernel"), options=""
+) -> dict:
+    """GRU and LSTM NNGP (last state), float64, x1 is x2: time and peak memory per cell.
+
+    ``options``: extra keyword arguments of the kernels, as Python source
+    (e.g. ``nonlinearity="erf", gate="erf"``; default: sigmoid gates, tanh).
+
+    Each cell runs once (the first call; the kernels are seconds to minutes, so
+    warm-up effects are negligible) in a fresh process, so that ``ru_maxrss``
+    is the cell's own peak memory.
+    """
+    import subprocess
+
+    rows = []
+    for name in kernels:
+        for n, steps in cells:
+            code = (
+                "import resource, sys, time, torch\n"
+                f"sys.path.insert(0, {str(REPO)!r})\n"
+                f"from gpytorch_tp import {name}\n"
+                f"k = {name}(({steps}, {FEATURES}), num_particles={particles}, {options}).double()\n"
+                f"x = torch.randn({n}, {steps * FEATURES}, generator=torch.Generator().manual_seed(0), "
+                "dtype=torch.float64)\n"
+                "start = time.perf_counter()\n"
+                "with torch.no_grad():\n"
+                "    k(x).to_dense()\n"
+                "print(time.perf_counter() - start, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)\n"
+            )
+            done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+            seconds, rss = (float(v) for v in done.stdout.split())
+            rows.append({"kernel": f"{name}({options})", "n": n, "t": steps, "seconds": seconds, "peak_rss_mib": rss})
+            print(
+                f"  {name} N={n:4d} T={steps:3d}: {seconds:.1f} s, peak RSS {rss:.0f} MiB", file=sys.stderr, flush=True
+            )
+    return {"gated": rows, "particles": particles}
+
+
+def format_gated_table(result: dict) -> str:
+    lines = [
+        f"| kernel | N | T | time (s) | peak RSS (MiB) |  (num_particles={result['particles']})",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for r in result["gated"]:
+        lines.append(f"| {r['kernel']} | {r['n']} | {r['t']} | {r['seconds']:.1f} | {r['peak_rss_mib']:.0f} |")
+    return "\n".join(lines)
 
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.gated:
+        default_cells = ["6:4"] if args.smoke else ["50:20", "200:50"]
+        cells = [tuple(int(v) for v in cell.split(":")) for cell in (args.cells or default_cells)]
+        print(machine_summary())
+        result = gated_benchmark(cells, 64 if args.smoke else args.particles, args.long, args.kernels, args.options)
+        print(format_gated_table(result))
+        print(f"Load average at the end: {', '.join(f'{v:.2f}' for v in os.getloadavg())}")
+        return result
     ns = args.n or ([20] if args.smoke else [200, 1000])
     ts = args.t or ([4] if args.smoke else [16, 64])
     repeats = args.repeats or (1 if args.smoke else 3)

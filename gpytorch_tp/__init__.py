@@ -15,6 +15,8 @@ from .evaluation import evaluate
 from .kernels import (
     BatchNormMLPKernel,
     CNNKernel,
+    GRUKernel,
+    LSTMKernel,
     MLPKernel,
     MonteCarloKernel,
     MyrtleKernel,
@@ -29,7 +31,9 @@ __version__ = "0.1.0"
 __all__ = [
     "BatchNormMLPKernel",
     "CNNKernel",
+    "GRUKernel",
     "KernelState",
+    "LSTMKernel",
     "MLPKernel",
     "MonteCarloKernel",
     "MyrtleKernel",

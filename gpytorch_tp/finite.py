@@ -16,6 +16,8 @@ from torch import Tensor, nn
 from .geometry import padding
 
 __all__ = [
+    "NTKGRU",
+    "NTKLSTM",
     "NTKRNN",
     "BidirectionalRNN",
     "CorrelationNorm",
@@ -354,3 +356,89 @@ class FirstPosition(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return x[..., 0]
+
+
+class _NTKGatedCell(nn.Module):
+    """Shared parts of :class:`NTKGRU` and :class:`NTKLSTM`: ``gates`` stacked input and recurrent matrices."""
+
+    def __init__(self, in_channels, width, gates, function, gate, weight_std, input_std, bias_std, biases):
+        super().__init__()
+        self.function, self.gate = function, gate
+        self.weight_std, self.input_std, self.bias_std = weight_std, input_std, bias_std
+        self.input = nn.Parameter(torch.randn(gates, width, in_channels))
+        self.recurrent = nn.Parameter(torch.randn(gates, width, width))
+        self.bias = nn.Parameter(torch.randn(biases, width)) if bias_std > 0 else None
+
+    def _project_inputs(self, x: Tensor) -> Tensor:
+        """``sigma_u W x / sqrt(C)`` for every gate and step: ``(..., gates, n, T)``."""
+        in_channels = self.input.shape[-1]
+        return torch.einsum("ghc,...ct->...ght", self.input, x) * (self.input_std / math.sqrt(in_channels))
+
+    def _recur(self, state: Tensor) -> Tensor:
+        """``sigma_w U h / sqrt(n)`` for every gate: ``(..., gates, n)``."""
+        width = self.recurrent.shape[-1]
+        return torch.einsum("ghk,...k->...gh", self.recurrent, state) * (self.weight_std / math.sqrt(width))
+
+    def _bias(self, index: int) -> Tensor | float:
+        return 0.0 if self.bias is None else self.bias_std * self.bias[index]
+
+
+class NTKGRU(_NTKGatedCell):
+    r"""GRU (``torch.nn.GRU``'s cell) in the NTK parameterisation over inputs ``(..., C, T)``; states ``(..., n, T)``.
+
+    .. math::
+
+        r_t &= \sigma(\sigma_u W_r x_t / \sqrt C + \sigma_w U_r h_{t-1} / \sqrt n + \sigma_b b_r), \quad
+        z_t = \sigma(\sigma_u W_z x_t / \sqrt C + \sigma_w U_z h_{t-1} / \sqrt n + \sigma_b b_z), \\
+        n_t &= \phi(\sigma_u W_n x_t / \sqrt C + \sigma_b b_n
+               + r_t \odot (\sigma_w U_n h_{t-1} / \sqrt n + \sigma_b b_{hn})), \quad
+        h_t = (1 - z_t) \odot n_t + z_t \odot h_{t-1}, \quad h_{-1} = 0,
+
+    all weights and biases :math:`N(0, 1)`.
+    """
+
+    def __init__(self, in_channels, width, function, gate, weight_std, input_std, bias_std):
+        super().__init__(in_channels, width, 3, function, gate, weight_std, input_std, bias_std, biases=4)
+
+    def forward(self, x: Tensor) -> Tensor:
+        inputs = self._project_inputs(x)  # gates r, z, n
+        width = self.recurrent.shape[1]
+        state = x.new_zeros(*x.shape[:-2], width)
+        states = []
+        for t in range(x.shape[-1]):
+            recurrent = self._recur(state)
+            r = self.gate(inputs[..., 0, :, t] + recurrent[..., 0, :] + self._bias(0))
+            z = self.gate(inputs[..., 1, :, t] + recurrent[..., 1, :] + self._bias(1))
+            n = self.function(inputs[..., 2, :, t] + self._bias(2) + r * (recurrent[..., 2, :] + self._bias(3)))
+            state = (1 - z) * n + z * state
+            states.append(state)
+        return torch.stack(states, -1)
+
+
+class NTKLSTM(_NTKGatedCell):
+    r"""LSTM (``torch.nn.LSTM``'s cell) in the NTK parameterisation over inputs ``(..., C, T)``; states ``(..., n, T)``.
+
+    .. math::
+
+        i_t, f_t, o_t &= \sigma(\cdot), \quad g_t = \phi(\cdot), \quad
+        (\cdot) = \sigma_u W x_t / \sqrt C + \sigma_w U h_{t-1} / \sqrt n + \sigma_b b
+        \text{ (own weights per gate)}, \\
+        c_t &= f_t \odot c_{t-1} + i_t \odot g_t, \quad h_t = o_t \odot \phi(c_t), \quad h_{-1} = c_{-1} = 0.
+    """
+
+    def __init__(self, in_channels, width, function, gate, weight_std, input_std, bias_std):
+        super().__init__(in_channels, width, 4, function, gate, weight_std, input_std, bias_std, biases=4)
+
+    def forward(self, x: Tensor) -> Tensor:
+        inputs = self._project_inputs(x)  # gates i, f, g, o
+        width = self.recurrent.shape[1]
+        state = cell = x.new_zeros(*x.shape[:-2], width)
+        states = []
+        for t in range(x.shape[-1]):
+            pre = inputs[..., t] + self._recur(state)
+            i, f, o = (self.gate(pre[..., k, :] + self._bias(k)) for k in (0, 1, 3))
+            g = self.function(pre[..., 2, :] + self._bias(2))
+            cell = f * cell + i * g
+            state = o * self.function(cell)
+            states.append(state)
+        return torch.stack(states, -1)

@@ -31,6 +31,7 @@ Run it from the repository root::
 
     python tutorials/rnn_sequences.py            # the figure goes to docs/figures/rnn_sequences.png
     python tutorials/rnn_sequences.py --smoke    # a few seconds, for the tests
+    python tutorials/rnn_sequences.py --gated --sizes 50 100 200 --num-test 200   # with GRU and LSTM kernels
 
 The full run (training sets of 50 to 1000 digits, 500 test digits, both
 experiments) took 120 s of CPU time on one core of a 2-core AMD EPYC
@@ -68,7 +69,7 @@ from sklearn.datasets import load_digits
 matplotlib.use("Agg")  # write files; never open a window
 import matplotlib.pyplot as plt
 
-from gpytorch_tp import MLPKernel, RNNKernel
+from gpytorch_tp import GRUKernel, LSTMKernel, MLPKernel, RNNKernel
 
 DTYPE = torch.float64
 FIGURE_DIR = Path(__file__).resolve().parents[1] / "docs" / "figures"
@@ -179,6 +180,26 @@ def rnn_candidates(readout: str, recurrent_variances) -> Callable[[torch.Tensor,
     return matrices
 
 
+# Gated networks (``--gated``): the NNGP kernels of an infinitely wide GRU and LSTM
+# (``torch.nn.GRU``/``LSTM`` cells, sigmoid gates, tanh), last-state readout.  Their
+# kernels are quasi-Monte Carlo estimates over the gates (see docs/rnn.md) and cost
+# O(M T^2) per pair of sequences, far more than the simple RNN's: the tutorial runs
+# them only when asked, on the smaller training sets.
+GATED_PARTICLES = 256
+GATED_MAX_TRAIN = 200
+
+
+def gated_candidates(kernel_class) -> Callable[[torch.Tensor, torch.Tensor], Candidates]:
+    """The NNGP candidate of a gated network (``GRUKernel`` or ``LSTMKernel``), last state."""
+
+    def matrices(train_x, test_x):
+        kernel = kernel_class((STEPS, FEATURES), num_particles=GATED_PARTICLES).to(DTYPE)
+        with torch.no_grad():
+            return {"": (kernel(train_x).to_dense(), kernel(test_x, train_x).to_dense())}
+
+    return matrices
+
+
 def mlp_candidates(train_x, test_x) -> Candidates:
     kernel = MLPKernel(depth=3, nonlinearity="relu", kind="nngp").to(DTYPE)
     train_x, test_x = zero_filled(train_x), zero_filled(test_x)
@@ -205,14 +226,14 @@ class Method:
     matrices: Callable[[torch.Tensor, torch.Tensor], dict[str, Candidates]]
 
 
-def make_methods(recurrent_variances) -> dict[str, Method]:
+def make_methods(recurrent_variances, gated: bool = False) -> dict[str, Method]:
     def single(name, fn):
         return lambda train_x, test_x: {name: fn(train_x, test_x)}
 
     def renamed(fn, names):
         return lambda train_x, test_x: {names[k]: v for k, v in fn(train_x, test_x).items()}
 
-    return {
+    methods = {
         "rnn-last": Method(
             renamed(
                 rnn_candidates("last", recurrent_variances),
@@ -228,6 +249,10 @@ def make_methods(recurrent_variances) -> dict[str, Method]:
         "mlp": Method(single("MLP NNGP (depth 3)", mlp_candidates)),
         "rbf": Method(single("RBF (lengthscale by LOO)", rbf_candidates)),
     }
+    if gated:
+        methods["gru"] = Method(single("GRU NNGP, last state", gated_candidates(GRUKernel)))
+        methods["lstm"] = Method(single("LSTM NNGP, last state", gated_candidates(LSTMKernel)))
+    return methods
 
 
 # %% [markdown]
@@ -404,11 +429,16 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--sizes", type=int, nargs="+", help="training-set sizes (default 50 100 200 500 1000)")
     parser.add_argument("--num-test", type=int, help="test digits (default 500)")
+    parser.add_argument(
+        "--gated", action="store_true", help=f"also GRU and LSTM kernels (training sets up to {GATED_MAX_TRAIN})"
+    )
     args = parser.parse_args(argv)
 
     sizes = sorted(args.sizes or ([60] if args.smoke else [50, 100, 200, 500, 1000]))
+    if args.gated:
+        sizes = [n for n in sizes if n <= GATED_MAX_TRAIN] or [min(sizes[0], GATED_MAX_TRAIN)]
     num_test = args.num_test or (40 if args.smoke else 500)
-    methods = make_methods((1.0,) if args.smoke else RECURRENT_VARIANCES)
+    methods = make_methods((1.0,) if args.smoke else RECURRENT_VARIANCES, gated=args.gated)
     data = load_data(sizes[-1], num_test, seed=args.seed)
     cut_data = cut(data, seed=args.seed)
     start = time.process_time()

@@ -2,6 +2,8 @@
 
 from .batchnorm_kernel import BatchNormMLPKernel
 from .cnn_kernel import CNNKernel, MyrtleKernel
+from .gru_kernel import GRUKernel
+from .lstm_kernel import LSTMKernel
 from .mlp_kernel import MLPKernel
 from .monte_carlo_kernel import MonteCarloKernel
 from .rnn_kernel import RNNKernel
@@ -12,6 +14,8 @@ __all__ = [
     "KINDS",
     "BatchNormMLPKernel",
     "CNNKernel",
+    "GRUKernel",
+    "LSTMKernel",
     "MLPKernel",
     "MonteCarloKernel",
     "MyrtleKernel",

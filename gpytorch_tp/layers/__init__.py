@@ -25,12 +25,15 @@ from .elementwise import (
     Tanh,
     nonlinearity_from_name,
 )
+from .gated_recurrent import GRU, LSTM
 from .normalization import LayerNorm
 from .positional import PositionalEmbedding
 from .recurrent import RNN, FirstStep, LastStep, TimeMean
 
 __all__ = [
     "GELU",
+    "GRU",
+    "LSTM",
     "NONLINEARITIES",
     "RNN",
     "Abs",
