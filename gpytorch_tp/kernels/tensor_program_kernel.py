@@ -9,7 +9,7 @@ import torch
 from gpytorch.kernels import Kernel
 from torch import Tensor
 
-from ..evaluation import _records_grad, default_memory_budget, evaluate
+from ..evaluation import _records_grad, check_inputs, default_memory_budget, evaluate
 from ..layers.base import Layer
 from ..matrix_free import TiledKernelOperator, dense_memory
 
@@ -157,6 +157,9 @@ class TensorProgramKernel(Kernel):
     def forward(
         self, x1: Tensor, x2: Tensor, diag: bool = False, last_dim_is_batch: bool = False, **params
     ) -> Tensor | TiledKernelOperator:
+        if not diag and not last_dim_is_batch:
+            # Shapes and dtypes first, so that a bad input gets the same message on either path.
+            check_inputs(x1, x2, self.input_dim, allow_nan=True)
         if not diag and not last_dim_is_batch and self._use_matrix_free(x1, x2):
             same = x1 is x2 or (
                 not (x1.requires_grad or x2.requires_grad) and x1.shape == x2.shape and bool(torch.equal(x1, x2))
