@@ -435,7 +435,11 @@ def _rnn(module: nn.RNN, context: ConversionContext):
 
 
 def _gate_bias_variances(module: nn.Module, context: ConversionContext, tag: str, gates: int) -> list[float]:
-    """Measured variance of each gate's bias slices ``b_ih`` and ``b_hh``: ``gates`` pairs."""
+    """Measured variance of each gate's bias slices ``b_ih`` and ``b_hh``: ``gates`` pairs.
+
+    The NTK scale recorded per tensor is its mean square (the gated layers have no NTK yet; an
+    explicit ``bias_variance`` of a GRU records none, its tensors' slices having different variances).
+    """
     pairs = []
     for attribute in (f"bias_ih{tag}", f"bias_hh{tag}"):
         bias = getattr(module, attribute, None)
@@ -443,6 +447,7 @@ def _gate_bias_variances(module: nn.Module, context: ConversionContext, tag: str
             pairs.append([0.0] * gates)
         else:
             pairs.append([float(chunk.pow(2).mean()) for chunk in bias.detach().double().chunk(gates)])
+            context.scales[context.parameter_name(attribute)] = sum(pairs[-1]) / gates
     return list(zip(*pairs))
 
 
