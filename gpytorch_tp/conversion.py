@@ -37,6 +37,8 @@ from torch.fx.passes.shape_prop import ShapeProp
 from .evaluation import evaluate
 from .layers import (
     GELU,
+    GRU,
+    LSTM,
     RNN,
     Abs,
     AvgPool1d,
@@ -84,7 +86,8 @@ INITS = ("pytorch", "measured")
 #   "grid":     (N, C, *grid)      -> positions grid (channel-major, as convolutions take it)
 #   "sequence": (N, T, C)          -> positions (T,) (batch-first, as nn.RNN(batch_first=True) gives it)
 #   "pooled":   (N, C, 1, ..., 1)  -> no positions (after global average pooling with kept axes)
-#   "rnn":      the (output, h_n) tuple of an nn.RNN;  "final": its h_n, (layers * directions, N, H)
+#   "rnn":      the (output, h_n) tuple of an nn.RNN/GRU/LSTM;  "final": its h_n, (layers * directions, N, H)
+#   "lstm_state": an nn.LSTM's (h_n, c_n);  "cell_state": its c_n (unsupported: an error where used)
 
 
 class UnsupportedModuleError(NotImplementedError):
@@ -359,32 +362,57 @@ def _layer_norm(module: nn.LayerNorm, context: ConversionContext):
     return [LayerNorm(elementwise_affine=module.elementwise_affine, center=True)], context.value.layout
 
 
-@register_converter(nn.RNN)
-def _rnn(module: nn.RNN, context: ConversionContext):
+def _check_recurrent(module: nn.Module, context: ConversionContext) -> None:
     _require_layout(module, context, ("sequence",), "it needs sequences (N, T, d)")
     if not module.batch_first:
         raise UnsupportedModuleError(
             context.describe(module), "batch_first=False (the kernels take batch-first sequences); use batch_first=True"
         )
+
+
+def _vanishing_input_error(module: nn.Module, context: ConversionContext) -> UnsupportedModuleError:
+    return UnsupportedModuleError(
+        context.describe(module),
+        "with PyTorch's default initialisation its input weights have variance 1/(3 hidden_size), i.e. "
+        f"{module.input_size}/(3 hidden_size) per fan-in, which vanishes at infinite width: the kernel "
+        "would not depend on the input. Pass input_variance=... (the variance times the input size) or "
+        "init='measured' (the kernel of the module at its own width), or initialise the input weights "
+        "with a fan-in scaling",
+    )
+
+
+def _recurrent_weights(module: nn.Module, context: ConversionContext, tag: str, layer: int) -> tuple[float, float]:
+    """``(sigma_w^2, sigma_u^2)`` of one layer (and direction) of an nn.RNN/GRU/LSTM.
+
+    PyTorch initialises every tensor of these modules U(+-1/sqrt(hidden)): variance 1/(3 hidden),
+    i.e. 1/3 per fan-in for the recurrent weights and ``input_size / (3 hidden)`` for the input ones.
+    """
     hidden = module.hidden_size
+    directions = 2 if module.bidirectional else 1
+    input_size = module.input_size if layer == 0 else hidden * directions
+    recurrent = context.weight_moment(module, f"weight_hh{tag}", hidden, 1.0 / 3.0)
+    saved = context.weight_variance
+    context.weight_variance = context.input_variance
+    try:
+        default = 0.0 if layer == 0 and context.value.finite else input_size / (3.0 * hidden)
+        inputs = context.weight_moment(module, f"weight_ih{tag}", input_size, default, 1 / math.sqrt(hidden))
+    finally:
+        context.weight_variance = saved
+    return recurrent, inputs
+
+
+@register_converter(nn.RNN)
+def _rnn(module: nn.RNN, context: ConversionContext):
+    _check_recurrent(module, context)
     directions = 2 if module.bidirectional else 1
     layers = []
     for layer in range(module.num_layers):
-        input_size = module.input_size if layer == 0 else hidden * directions
-        finite_input = layer == 0 and context.value.finite
         weights, inputs, biases = [], [], []
         for suffix in ("", "_reverse")[:directions]:
             tag = f"_l{layer}{suffix}"
-            # PyTorch initialises every RNN tensor U(+-1/sqrt(hidden)): variance 1/(3 hidden).
-            weights.append(context.weight_moment(module, f"weight_hh{tag}", hidden, 1.0 / 3.0))
-            saved = context.weight_variance
-            context.weight_variance = context.input_variance
-            try:
-                default = 0.0 if finite_input else input_size / (3.0 * hidden)
-                bound = 1 / math.sqrt(hidden)
-                inputs.append(context.weight_moment(module, f"weight_ih{tag}", input_size, default, bound))
-            finally:
-                context.weight_variance = saved
+            recurrent, input_weights = _recurrent_weights(module, context, tag, layer)
+            weights.append(recurrent)
+            inputs.append(input_weights)
             # b_ih + b_hh: two independent biases, their variances add.
             split = None if context.bias_variance is None else context.bias_variance / 2
             biases.append(
@@ -393,14 +421,7 @@ def _rnn(module: nn.RNN, context: ConversionContext):
             )
         input_variance = sum(inputs) / directions
         if input_variance == 0:
-            raise UnsupportedModuleError(
-                context.describe(module),
-                "with PyTorch's default initialisation its input weights have variance 1/(3 hidden_size), i.e. "
-                f"{module.input_size}/(3 hidden_size) per fan-in, which vanishes at infinite width: the kernel "
-                "would not depend on the input. Pass input_variance=... (the variance times the input size) or "
-                "init='measured' (the kernel of the module at its own width), or initialise the input weights "
-                "with a fan-in scaling",
-            )
+            raise _vanishing_input_error(module, context)
         layers.append(
             RNN(
                 "tanh" if module.nonlinearity == "tanh" else "relu",
@@ -413,9 +434,86 @@ def _rnn(module: nn.RNN, context: ConversionContext):
     return layers, "rnn"
 
 
+def _gate_bias_variances(module: nn.Module, context: ConversionContext, tag: str, gates: int) -> list[float]:
+    """Measured variance of each gate's bias slices ``b_ih`` and ``b_hh``: ``gates`` pairs.
+
+    The NTK scale recorded per tensor is its mean square (the gated layers have no NTK yet; an
+    explicit ``bias_variance`` of a GRU records none, its tensors' slices having different variances).
+    """
+    pairs = []
+    for attribute in (f"bias_ih{tag}", f"bias_hh{tag}"):
+        bias = getattr(module, attribute, None)
+        if bias is None:
+            pairs.append([0.0] * gates)
+        else:
+            pairs.append([float(chunk.pow(2).mean()) for chunk in bias.detach().double().chunk(gates)])
+            context.scales[context.parameter_name(attribute)] = sum(pairs[-1]) / gates
+    return list(zip(*pairs))
+
+
+def _gated(module: nn.Module, context: ConversionContext, layer_type: type[Layer], gates: int):
+    """nn.GRU / nn.LSTM as our GRU / LSTM layers: one variance per kind of tensor, shared by the gates."""
+    _check_recurrent(module, context)
+    name = type(module).__name__
+    if module.bidirectional:
+        raise UnsupportedModuleError(
+            context.describe(module), f"bidirectional=True (the infinite-width {name} layer runs forward only)"
+        )
+    if getattr(module, "proj_size", 0):
+        raise UnsupportedModuleError(
+            context.describe(module), "proj_size > 0 (the infinite-width LSTM layer has no projection)"
+        )
+    layers = []
+    for layer in range(module.num_layers):
+        tag = f"_l{layer}"
+        recurrent, inputs = _recurrent_weights(module, context, tag, layer)
+        if inputs == 0:
+            raise _vanishing_input_error(module, context)
+        # Every gate pre-activation carries b_ih + b_hh; the GRU's candidate splits them: b_in joins the input
+        # term, b_hn the recurrent term inside the reset product.  Our layers have one bias variance for each.
+        if context.bias_variance is not None:
+            bias = float(context.bias_variance)
+            half = bias / 2 if layer_type is LSTM else None  # the GRU's per-tensor variances differ by gate
+            for attribute in (f"bias_ih{tag}", f"bias_hh{tag}"):
+                if getattr(module, attribute, None) is not None and half is not None:
+                    context.scales[context.parameter_name(attribute)] = half
+        elif context.init == "measured":
+            per_gate = _gate_bias_variances(module, context, tag, gates)
+            if layer_type is LSTM:
+                terms = [b_ih + b_hh for b_ih, b_hh in per_gate]
+            else:
+                (r_ih, r_hh), (z_ih, z_hh), (n_ih, n_hh) = per_gate
+                terms = [r_ih + r_hh, z_ih + z_hh, n_ih, n_hh]
+            bias = sum(terms) / len(terms)
+            if max(terms) > 1.5 * min(terms):
+                raise UnsupportedModuleError(
+                    context.describe(module),
+                    f"its measured bias variances per gate pre-activation ({', '.join(f'{t:.3g}' for t in terms)}) "
+                    f"differ, and the infinite-width {name} layer has one bias variance for all of them"
+                    + (" (PyTorch's default gives b_in and b_hn half of b_ir + b_hr)" if layer_type is GRU else "")
+                    + ". Pass bias_variance=... explicitly",
+                )
+        else:
+            bias = 0.0  # U(+-1/sqrt(hidden)) biases vanish at infinite width
+            for attribute in (f"bias_ih{tag}", f"bias_hh{tag}"):
+                if getattr(module, attribute, None) is not None:
+                    context.check_uniform_bound(module, attribute, 1 / math.sqrt(module.hidden_size))
+                    context.scales[context.parameter_name(attribute)] = 0.0
+        layers.append(layer_type("tanh", "sigmoid", recurrent, inputs, bias))
+    return layers, "rnn"
+
+
+@register_converter(nn.GRU)
+def _gru(module: nn.GRU, context: ConversionContext):
+    return _gated(module, context, GRU, 3)
+
+
+@register_converter(nn.LSTM)
+def _lstm(module: nn.LSTM, context: ConversionContext):
+    return _gated(module, context, LSTM, 4)
+
+
 _NOT_YET = {
-    nn.GRU: "GRU kernels are not available yet",
-    nn.LSTM: "LSTM kernels are not available yet",
     nn.BatchNorm1d: "a BatchNorm network's output depends on its whole batch, so it is not a layer of "
     "these architectures; for BatchNorm + ReLU MLPs use gpytorch_tp.BatchNormMLPKernel or the batch kernels "
     "of gpytorch_tp.batchnorm",
@@ -651,6 +749,10 @@ class _GraphConverter:
                 f"the direct use of the parameter or buffer {node.target!r} in forward",
                 "weights must belong to converted modules (nn.Linear, nn.Conv2d, ...)",
             )
+        if any(t.layout == "cell_state" for t in tensors):
+            raise UnsupportedModuleError(
+                f"the use of an LSTM's cell state c_n ({node.name})", "only its hidden states: output or h_n[-1]"
+            )
         shape_query = node.target in ("size", "dim") or (node.target is getattr and args[1:] in (["shape"], ["ndim"]))
         if not tensors or shape_query:
             return _Aux()  # sizes, shapes and other non-tensor helpers of shape operations
@@ -717,7 +819,7 @@ class _GraphConverter:
         if len(args) != 2 or kwargs or not all(isinstance(a, Value) for a in args):
             raise UnsupportedModuleError(what, "only the sum of two tensors of the network (a residual connection)")
         a, b = args
-        if a.layout != b.layout or a.shape != b.shape or a.layout in ("rnn", "final"):
+        if a.layout != b.layout or a.shape != b.shape or a.layout in ("rnn", "final", "lstm_state"):
             raise UnsupportedModuleError(what, f"the sum of tensors of shapes {a.shape} and {b.shape}")
         common = 0
         while common < min(len(a.layers), len(b.layers)) and a.layers[common] is b.layers[common]:
@@ -737,8 +839,16 @@ class _GraphConverter:
             if index == 0:
                 return value.then([], "sequence", out_shape)
             if index == 1:
-                return value.then([], "final", out_shape, module=value.info["module"])
+                module = value.info["module"]
+                layout = "lstm_state" if isinstance(module, nn.LSTM) else "final"
+                return value.then([], layout, out_shape, module=module)
             raise UnsupportedModuleError(what, f"index {index} of an RNN's output")
+        if value.layout == "lstm_state":
+            if index == 0:
+                return value.then([], "final", out_shape, module=value.info["module"])
+            if index == 1:  # unpacked with h_n; an error only if used (see convert_node)
+                return value.then([], "cell_state", out_shape)
+            raise UnsupportedModuleError(what, f"index {index} of an LSTM's (h_n, c_n)")
         if value.layout == "final":
             module = value.info["module"]
             count = module.num_layers * (2 if module.bidirectional else 1)
@@ -789,7 +899,7 @@ class _Aux:
 
 
 def _has_weights(layer: Layer) -> bool:
-    return isinstance(layer, (Linear, Conv, RNN))
+    return isinstance(layer, (Linear, Conv, RNN, GRU, LSTM))
 
 
 # -- public API ------------------------------------------------------------------------------------
@@ -815,7 +925,8 @@ def from_module(
     features, ``nn.AvgPool1d/2d``, ``nn.AdaptiveAvgPool1d/2d``, ``x.mean``
     over the grid or over time, ``nn.Flatten`` and flattening reshapes,
     ``nn.RNN(batch_first=True)`` followed by ``output[:, -1]``, ``h_n[-1]`` or
-    ``output.mean(1)``, residual sums ``x + f(x)`` and ``g(x) + f(x)``, and
+    ``output.mean(1)``, ``nn.GRU``/``nn.LSTM(batch_first=True)`` (not
+    bidirectional, no ``proj_size``; NNGP only) with the same readouts, residual sums ``x + f(x)`` and ``g(x) + f(x)``, and
     ``nn.Identity``/``nn.Dropout`` (the network in eval mode).  Anything else
     raises :class:`UnsupportedModuleError`.
 
@@ -832,7 +943,8 @@ def from_module(
       all its tensors with variance :math:`1/(3 H)` (:math:`H` hidden units):
       recurrent :math:`\sigma_w^2 = 1/3`, biases vanish, and the input weights of
       the first layer (variance :math:`d / (3H)` per fan-in :math:`d`) vanish
-      too, which raises (pass ``input_variance`` or use ``"measured"``).  A
+      too, which raises (pass ``input_variance`` or use ``"measured"``); the
+      same for every gate of ``nn.GRU``/``nn.LSTM``.  A
       warning tells when the weights exceed the default scheme's bound (a
       re-initialised or trained module).
     * ``"measured"``: the second moments of the module's current parameters
@@ -853,7 +965,8 @@ def from_module(
         or ``(T, d)`` for sequences (``None``: ``(in_features,)`` of a first nn.Linear).
     :param init: ``"pytorch"`` or ``"measured"`` (see above).
     :param weight_variance: :math:`\sigma_w^2` of every weight layer (and of recurrent weights).
-    :param bias_variance: :math:`\sigma_b^2` of every layer (an RNN's two biases together).
+    :param bias_variance: :math:`\sigma_b^2` of every layer (an RNN's two biases together; for
+        ``nn.GRU``/``nn.LSTM`` that of every gate pre-activation, see ``docs/from_module.md``).
     :param input_variance: :math:`\sigma_u^2` of every RNN's input weights.
     :param sequence: the input is a sequence ``(T, d)`` (``None``: when the network has a recurrent layer).
     :return: the architecture, for :class:`~gpytorch_tp.TensorProgramKernel`

@@ -191,15 +191,18 @@ def test_conv1d_with_flatten():
 class _RNNNet(nn.Module):
     """An input projection, nn.RNN and a readout: the RNN's input then has infinite width."""
 
-    def __init__(self, d=2, width=8, out=1, readout="last", **rnn):
+    def __init__(self, d=2, width=8, out=1, readout="last", cell=nn.RNN, **rnn):
         super().__init__()
         self.project = nn.Linear(d, width)
-        self.rnn = nn.RNN(width, width, batch_first=True, **rnn)
+        self.rnn = cell(width, width, batch_first=True, **rnn)
         self.readout_kind = readout
         self.readout = nn.Linear(width * (2 if rnn.get("bidirectional") else 1), out)
 
     def forward(self, x):
-        out, h_n = self.rnn(self.project(x))
+        if isinstance(self.rnn, nn.LSTM):
+            out, (h_n, _c_n) = self.rnn(self.project(x))
+        else:
+            out, h_n = self.rnn(self.project(x))
         if self.readout_kind == "last":
             return self.readout(out[:, -1])
         if self.readout_kind == "h_n":
@@ -227,6 +230,96 @@ class _RNNNet(nn.Module):
 def test_rnn_readouts_with_pytorch_default_init(readout, rnn, layers):
     hand = L.Sequential(L.Linear(THIRD, 1 / 6), *layers(), L.Linear(THIRD, 0.0))
     _assert_same_kernel(_RNNNet(readout=readout, **rnn), hand, input_shape=(4, 2), sequence=True)
+
+
+def _assert_same_nngp(module, hand, input_shape, **options):
+    """NNGP only (the gated layers have no NTK); the particle integration is deterministic, so exact."""
+    x = _inputs(3, math.prod(input_shape))
+    converted = kernel_from_module(module, "nngp", input_shape, **options).double()
+    expected = TensorProgramKernel(hand, "nngp", input_shape=input_shape, sequence=True).double()
+    with torch.no_grad():
+        nngp, nngp_hand = converted(x).to_dense(), expected(x).to_dense()
+    torch.testing.assert_close(nngp, nngp_hand, rtol=1e-10, atol=1e-12)
+    assert nngp.std() > 0.01 * nngp.abs().mean()
+
+
+@pytest.mark.parametrize("cell, layer", [(nn.GRU, L.GRU), (nn.LSTM, L.LSTM)])
+@pytest.mark.parametrize(
+    "readout, options",
+    [("last", {}), ("h_n", {"num_layers": 2}), ("mean", {"bias": False})],
+)
+def test_gated_readouts_with_pytorch_default_init(cell, layer, readout, options):
+    # Every tensor of nn.GRU/LSTM is U(+-1/sqrt(H)): recurrent and (infinite-width) input weights 1/3 per
+    # fan-in, the biases b_ih + b_hh vanish; the sigmoid gates and tanh candidate of torch's cells.
+    gated = [layer("tanh", "sigmoid", THIRD, THIRD, 0.0) for _ in range(options.get("num_layers", 1))]
+    readout_layer = L.TimeMean() if readout == "mean" else L.LastStep()
+    hand = L.Sequential(L.Linear(THIRD, 1 / 6), *gated, readout_layer, L.Linear(THIRD, 0.0))
+    module = _RNNNet(readout=readout, cell=cell, **options)
+    _assert_same_nngp(module, hand, (3, 2))
+
+
+@pytest.mark.parametrize("cell, layer", [(nn.GRU, L.GRU), (nn.LSTM, L.LSTM)])
+def test_gated_explicit_and_measured_variances(cell, layer):
+    hand = L.Sequential(L.Linear(0.5, 0.2), layer("tanh", "sigmoid", 0.5, 1.5, 0.2), L.LastStep(), L.Linear(0.5, 0.2))
+    module = _RNNNet(cell=cell)
+    _assert_same_nngp(module, hand, (3, 2), weight_variance=0.5, bias_variance=0.2, input_variance=1.5)
+    # Measured: fan-in times the mean square of each weight tensor (all gates), and the variance of each
+    # gate pre-activation's bias, b_ih + b_hh (the GRU's b_in and b_hn each alone).
+    torch.manual_seed(0)
+    module = _RNNNet(width=16, cell=cell).double()  # float64 parameters: the moments below hold to rounding
+    gates = 3 if cell is nn.GRU else 4
+    nn.init.normal_(module.rnn.weight_ih_l0, std=0.4)
+    nn.init.normal_(module.rnn.weight_hh_l0, std=0.2)
+    with torch.no_grad():
+        for bias in (module.rnn.bias_ih_l0, module.rnn.bias_hh_l0):
+            bias.copy_(torch.linspace(-1, 1, 16, dtype=DTYPE).repeat(gates) * 0.3)
+        if cell is nn.GRU:  # b_in and b_hn carry the whole bias of their terms: twice b_ir's variance
+            module.rnn.bias_ih_l0[32:] *= math.sqrt(2)
+            module.rnn.bias_hh_l0[32:] *= math.sqrt(2)
+    mean_square = {name: (p.detach().double() ** 2).mean().item() for name, p in module.named_parameters()}
+    bias = 2 * 0.3**2 * (torch.linspace(-1, 1, 16, dtype=DTYPE) ** 2).mean().item()  # b_ih + b_hh, per gate
+    hand = L.Sequential(
+        L.Linear(2 * mean_square["project.weight"], mean_square["project.bias"]),
+        layer("tanh", "sigmoid", 16 * mean_square["rnn.weight_hh_l0"], 16 * mean_square["rnn.weight_ih_l0"], bias),
+        L.LastStep(),
+        L.Linear(16 * mean_square["readout.weight"], mean_square["readout.bias"]),
+    )
+    _assert_same_nngp(module, hand, (3, 2), init="measured")
+
+
+def test_gated_layers_refuse_what_they_cannot_express():
+    with pytest.raises(UnsupportedModuleError, match=r"GRU 'rnn'.*bidirectional.*MonteCarloKernel"):
+        from_module(_RNNNet(cell=nn.GRU, bidirectional=True), (3, 2))
+    with pytest.raises(UnsupportedModuleError, match=r"LSTM 'rnn'.*bidirectional"):
+        from_module(_RNNNet(cell=nn.LSTM, bidirectional=True), (3, 2))
+    projected = _RNNNet(cell=nn.LSTM, proj_size=4)
+    projected.readout = nn.Linear(4, 1)
+    with pytest.raises(UnsupportedModuleError, match=r"LSTM 'rnn'.*proj_size"):
+        from_module(projected, (3, 2))
+    # PyTorch's default GRU biases: b_in, b_hn have half the variance of b_ir + b_hr, which one layer
+    # bias variance cannot express.
+    with pytest.raises(UnsupportedModuleError, match=r"GRU 'rnn'.*measured bias variances.*bias_variance="):
+        from_module(_RNNNet(width=64, cell=nn.GRU), (3, 2), init="measured")
+
+    class Bare(nn.Module):
+        def __init__(self, cell, use_cell_state=False):
+            super().__init__()
+            self.rnn, self.readout = cell(2, 8, batch_first=True), nn.Linear(8, 1)
+            self.use_cell_state = use_cell_state
+
+        def forward(self, x):
+            _out, (h_n, c_n) = self.rnn(x)
+            return self.readout(c_n[-1] if self.use_cell_state else h_n[-1])
+
+    with pytest.raises(UnsupportedModuleError, match=r"LSTM 'rnn'.*vanishes at infinite width"):
+        from_module(Bare(nn.LSTM), (3, 2))
+    with pytest.raises(UnsupportedModuleError, match=r"cell state c_n"):
+        from_module(Bare(nn.LSTM, use_cell_state=True), (3, 2), input_variance=1.0)
+    unidirectional = from_module(Bare(nn.LSTM), (3, 2), input_variance=1.0)
+    assert isinstance(unidirectional[0], L.LSTM) and unidirectional[0].input_variance.item() == pytest.approx(1.0)
+    kernel = kernel_from_module(_RNNNet(cell=nn.GRU), "ntk", (3, 2))
+    with pytest.raises(NotImplementedError, match=r"NTK of the GRU layer is not implemented"):
+        kernel(_inputs(2, 6)).to_dense()
 
 
 def test_explicit_variances_override_the_initialisation():
@@ -294,7 +387,9 @@ def test_conversion_leaves_the_module_untouched():
 # Calibration (4 seed sets each): NNGP at the wide width 0.054-0.124 (MLP, 512), 0.013-0.056
 # (RNN, 512), 0.028-0.087 (CNN, 128), 0.024-0.058 (Conv1d zoo, 512), 0.024-0.092 (RNN mean, 512);
 # at the narrow width 1.6-2.4, 0.62-1.1, 0.15-0.40, 0.23-0.38, 1.4-2.4.  NTK at
-# 256: 0.049-0.068 (MLP), 0.018-0.033 (RNN); at 16: 0.12-0.19, 0.08-0.26.  The finite-width
+# 256: 0.049-0.068 (MLP), 0.018-0.033 (RNN); at 16: 0.12-0.19, 0.08-0.26.  GRU / 2-layer LSTM
+# (NNGP, 1024 particles, includes their quasi-Monte Carlo error): 0.029-0.078 / 0.019-0.031 at 512,
+# 1.1-1.8 / 0.15-0.27 at 16.  The finite-width
 # error is mostly PyTorch's hidden biases (variance 1/(3 width), zero in the limit).  The CNN's
 # NTK (conv weights scale like dense ones) is left to the exact-equality tests above, for time.
 
@@ -308,6 +403,14 @@ def _kaiming_normal_zero_bias(module: nn.Module) -> nn.Module:
         if isinstance(sub, (nn.Linear, nn.Conv1d, nn.Conv2d)):
             nn.init.kaiming_normal_(sub.weight, nonlinearity="relu")
             nn.init.zeros_(sub.bias)
+    return module
+
+
+def _zero_biases(module: nn.Module) -> nn.Module:
+    with torch.no_grad():
+        for name, parameter in module.named_parameters():
+            if "bias" in name:
+                parameter.zero_()
     return module
 
 
@@ -336,6 +439,15 @@ FAMILIES = {
         {"weight_variance": 2.0, "bias_variance": 0.0},
     ),
     "rnn-mean": (lambda w, o: _RNNMean(w, o), (4, 2), {"nngp": (512, 16)}, {}),
+    "gru": (lambda w, o: _RNNNet(2, w, o, cell=nn.GRU), (3, 2), {"nngp": (512, 16)}, {}),
+    # The stacked LSTM's kernel is small (gates near 1/2 halve the state twice per layer) next to the
+    # 1/(3 width) variance of PyTorch's finite biases: the test zeroes them (a user init).
+    "lstm": (
+        lambda w, o: _zero_biases(_RNNNet(2, w, o, "h_n", cell=nn.LSTM, num_layers=2)),
+        (3, 2),
+        {"nngp": (512, 16)},
+        {"bias_variance": 0.0},
+    ),
 }
 
 
@@ -448,8 +560,8 @@ class _Wrap(nn.Module):
 
 
 UNSUPPORTED = {
-    "GRU": (lambda: nn.Sequential(nn.Linear(3, 8), nn.GRU(8, 8)), r"GRU '1'.*not available yet"),
-    "LSTM": (lambda: nn.Sequential(nn.Linear(3, 8), nn.LSTM(8, 8)), r"LSTM '1'.*not available yet"),
+    "GRU on features": (lambda: nn.Sequential(nn.Linear(3, 8), nn.GRU(8, 8)), r"GRU '1' on a tensor.*sequences"),
+    "LSTM on features": (lambda: nn.Sequential(nn.Linear(3, 8), nn.LSTM(8, 8)), r"LSTM '1' on a tensor.*sequences"),
     "BatchNorm1d": (lambda: nn.Sequential(nn.Linear(3, 8), nn.BatchNorm1d(8), nn.Linear(8, 1)), r"BatchNorm1d '1'"),
     "MultiheadAttention": (
         lambda: _Wrap(lambda s, h: s.attention(h, h, h)[0], attention=nn.MultiheadAttention(8, 2)),
