@@ -126,16 +126,31 @@ class _GatedRecurrent(Layer):
 
     def __init__(
         self,
-        nonlinearity: str | Nonlinearity,
-        gate: str,
-        weight_variance: float | Tensor,
-        input_variance: float | Tensor,
-        bias_variance: float | Tensor,
-        num_particles: int,
-        priors: dict,
-        constraints: dict,
-        batch_shape: torch.Size,
+        nonlinearity: str | Nonlinearity = "tanh",
+        gate: str = "sigmoid",
+        weight_variance: float | Tensor = 1.0,
+        input_variance: float | Tensor = 1.0,
+        bias_variance: float | Tensor = 0.1,
+        *,
+        num_particles: int = 1024,
+        weight_variance_prior: Prior | None = None,
+        input_variance_prior: Prior | None = None,
+        bias_variance_prior: Prior | None = None,
+        weight_variance_constraint: Interval | None = None,
+        input_variance_constraint: Interval | None = None,
+        bias_variance_constraint: Interval | None = None,
+        batch_shape: torch.Size = torch.Size(),
     ):
+        priors = {
+            "weight_variance": weight_variance_prior,
+            "input_variance": input_variance_prior,
+            "bias_variance": bias_variance_prior,
+        }
+        constraints = {
+            "weight_variance": weight_variance_constraint,
+            "input_variance": input_variance_constraint,
+            "bias_variance": bias_variance_constraint,
+        }
         super().__init__()
         phi = nonlinearity_from_name(nonlinearity)
         if not isinstance(phi, Nonlinearity):
@@ -429,43 +444,6 @@ class GRU(_GatedRecurrent):
     _families = (("gates", 1),)
     _uses_own_covariances = True
 
-    def __init__(
-        self,
-        nonlinearity: str | Nonlinearity = "tanh",
-        gate: str = "sigmoid",
-        weight_variance: float | Tensor = 1.0,
-        input_variance: float | Tensor = 1.0,
-        bias_variance: float | Tensor = 0.1,
-        *,
-        num_particles: int = 1024,
-        weight_variance_prior: Prior | None = None,
-        input_variance_prior: Prior | None = None,
-        bias_variance_prior: Prior | None = None,
-        weight_variance_constraint: Interval | None = None,
-        input_variance_constraint: Interval | None = None,
-        bias_variance_constraint: Interval | None = None,
-        batch_shape: torch.Size = torch.Size(),
-    ):
-        super().__init__(
-            nonlinearity,
-            gate,
-            weight_variance,
-            input_variance,
-            bias_variance,
-            num_particles,
-            {
-                "weight_variance": weight_variance_prior,
-                "input_variance": input_variance_prior,
-                "bias_variance": bias_variance_prior,
-            },
-            {
-                "weight_variance": weight_variance_constraint,
-                "input_variance": input_variance_constraint,
-                "bias_variance": bias_variance_constraint,
-            },
-            batch_shape,
-        )
-
     def _chunk(self, kx12, kx11, kx22, v1, v2, w, u, b, own1=None, own2=None) -> Tensor:
         """``K_h`` of a chunk of pairs ``(B, T, T)``: update-gate particles, the candidate integrated exactly.
 
@@ -632,43 +610,6 @@ class LSTM(_GatedRecurrent):
     """
 
     _families = (("gates", 3),)  # i, f, g; the output gate is integrated exactly
-
-    def __init__(
-        self,
-        nonlinearity: str | Nonlinearity = "tanh",
-        gate: str = "sigmoid",
-        weight_variance: float | Tensor = 1.0,
-        input_variance: float | Tensor = 1.0,
-        bias_variance: float | Tensor = 0.1,
-        *,
-        num_particles: int = 1024,
-        weight_variance_prior: Prior | None = None,
-        input_variance_prior: Prior | None = None,
-        bias_variance_prior: Prior | None = None,
-        weight_variance_constraint: Interval | None = None,
-        input_variance_constraint: Interval | None = None,
-        bias_variance_constraint: Interval | None = None,
-        batch_shape: torch.Size = torch.Size(),
-    ):
-        super().__init__(
-            nonlinearity,
-            gate,
-            weight_variance,
-            input_variance,
-            bias_variance,
-            num_particles,
-            {
-                "weight_variance": weight_variance_prior,
-                "input_variance": input_variance_prior,
-                "bias_variance": bias_variance_prior,
-            },
-            {
-                "weight_variance": weight_variance_constraint,
-                "input_variance": input_variance_constraint,
-                "bias_variance": bias_variance_constraint,
-            },
-            batch_shape,
-        )
 
     def _chunk(self, kx12, kx11, kx22, v1, v2, w, u, b) -> Tensor:
         """``K_h`` of a chunk of pairs ``(B, T, T)``: particles of ``i, f, g``, the output gate exactly.
