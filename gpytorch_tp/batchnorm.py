@@ -291,19 +291,68 @@ def batchnorm_relu_single(cov: Tensor, eps: float = 0.0, rule: QuadratureRule | 
     dtype, cov = cov.dtype, cov.to(torch.float64)
     centred = _centred(cov)
     s, weights, count = _grid(centred, cov.detach().abs().amax((-2, -1)), 1.0, rule, eps * size, size / 4)
-    # One Cholesky factorisation of I + 2 s S per node; M_s = (I + 2 s S)^(-1) S.
+    tilted, mass = _tilted_single(centred, s, weights, eps)
+    # Round-off can leave a variance of a point at its batch mean a hair below 0.
+    variances = tilted.diagonal(dim1=-2, dim2=-1).clamp_min(0.0)
+    j1, _ = arccos_moments(variances.unsqueeze(-1), variances.unsqueeze(-2), tilted)
+    return (size * _sum_with_tail(mass.unsqueeze(-1).unsqueeze(-1) * j1, count, count.dim())).to(dtype)
+
+
+def _tilted_single(centred: Tensor, s: Tensor, weights: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    """At every node ``s``: ``M_s = (I + 2 s S)^(-1) S`` (symmetrised) and its mass ``w det(I + 2 s S)^(-1/2) e^(-s B eps)``.
+
+    One Cholesky factorisation of ``I + 2 s S`` per node (``S`` the centred covariance, ``(..., B, B)``).
+    """
+    size = centred.shape[-1]
     s_ = s.unsqueeze(-1).unsqueeze(-1)
-    identity = torch.eye(size, dtype=cov.dtype, device=cov.device)
+    identity = torch.eye(size, dtype=centred.dtype, device=centred.device)
     factor = torch.linalg.cholesky(identity + 2 * s_ * centred.unsqueeze(-3))
     # cholesky_inverse and a product: much faster than cholesky_solve on many small matrices.
     tilted = torch.cholesky_inverse(factor) @ centred.unsqueeze(-3)
     tilted = (tilted + tilted.transpose(-1, -2)) / 2
     log_det = 2 * torch.log(factor.diagonal(dim1=-2, dim2=-1)).sum(-1)
-    mass = weights * torch.exp(-0.5 * log_det - s * (eps * size))
-    # Round-off can leave a variance of a point at its batch mean a hair below 0.
-    variances = tilted.diagonal(dim1=-2, dim2=-1).clamp_min(0.0)
-    j1, _ = arccos_moments(variances.unsqueeze(-1), variances.unsqueeze(-2), tilted)
-    return (size * _sum_with_tail(mass.unsqueeze(-1).unsqueeze(-1) * j1, count, count.dim())).to(dtype)
+    return tilted, weights * torch.exp(-0.5 * log_det - s * (eps * size))
+
+
+def _tilted_cross(
+    cov11: Tensor, cov12: Tensor, cov22: Tensor, eps: float, rule: QuadratureRule, growth: float = 0.0
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The two batches' joint tilt on the 2-d grid of ``(s, t)`` (float64 covariances in).
+
+    Returns ``(s, t, count_s, count_t, M, mass)``: nodes and node counts of
+    each batch's grid, the symmetrised tilted joint covariance ``M``
+    (``(..., Qs, Qt, B1 + B2, B1 + B2)``) and the nodes' masses ``(..., Qs, Qt)``.
+    """
+    b1, b2 = cov11.shape[-1], cov22.shape[-1]
+    centred_joint = torch.cat(
+        [
+            torch.cat([_centred(cov11), _centred(cov12)], -1),
+            torch.cat([_centred(cov12.transpose(-1, -2)), _centred(cov22)], -1),
+        ],
+        -2,
+    )
+    magnitude = torch.maximum(cov11.detach().abs().amax((-2, -1)), cov22.detach().abs().amax((-2, -1)))
+    magnitude = torch.maximum(magnitude, cov12.detach().abs().amax((-2, -1)))
+    bound = math.sqrt(b1 * b2) / 2
+    s, weight_s, count_s = _grid(centred_joint[..., :b1, :b1], magnitude, 0.5, rule, eps * b1, bound, growth=growth)
+    t, weight_t, count_t = _grid(centred_joint[..., b1:, b1:], magnitude, 0.5, rule, eps * b2, bound, growth=growth)
+    # Root tilts on the 2-d grid: (..., Qs, Qt, B1 + B2).
+    roots = torch.cat(
+        [
+            torch.sqrt(s)[..., :, None, None].expand(*s.shape, t.shape[-1], b1),
+            torch.sqrt(t)[..., None, :, None].expand(*s.shape[:-1], s.shape[-1], t.shape[-1], b2),
+        ],
+        -1,
+    )
+    scaled = roots.unsqueeze(-1) * centred_joint.unsqueeze(-3).unsqueeze(-3)  # Delta S
+    identity = torch.eye(b1 + b2, dtype=cov11.dtype, device=cov11.device)
+    factor = torch.linalg.cholesky(identity + 2 * scaled * roots.unsqueeze(-2))
+    tilted = (torch.cholesky_inverse(factor) @ scaled) / roots.unsqueeze(-1)
+    tilted = (tilted + tilted.transpose(-1, -2)) / 2
+    log_det = 2 * torch.log(factor.diagonal(dim1=-2, dim2=-1)).sum(-1)
+    s_, t_ = s[..., :, None], t[..., None, :]
+    mass = weight_s.unsqueeze(-1) * weight_t.unsqueeze(-2) * torch.exp(-0.5 * log_det - eps * (s_ * b1 + t_ * b2))
+    return s, t, count_s, count_t, tilted, mass
 
 
 def _safe_divide(numerator: Tensor, denominator: Tensor) -> Tensor:
@@ -360,12 +409,7 @@ def batchnorm_relu_single_ntk(
     magnitude = cov.detach().abs().amax((-2, -1))
     s, weights, count = _grid(centred, magnitude, 1.0, rule, eps * size, size / 4, growth=1.0)
     s_ = s.unsqueeze(-1).unsqueeze(-1)
-    identity = torch.eye(size, dtype=cov.dtype, device=cov.device)
-    factor = torch.linalg.cholesky(identity + 2 * s_ * centred.unsqueeze(-3))
-    tilted = torch.cholesky_inverse(factor) @ centred.unsqueeze(-3)
-    tilted = (tilted + tilted.transpose(-1, -2)) / 2
-    log_det = 2 * torch.log(factor.diagonal(dim1=-2, dim2=-1)).sum(-1)
-    mass = weights * torch.exp(-0.5 * log_det - s * (eps * size))
+    tilted, mass = _tilted_single(centred, s, weights, eps)
     variances = tilted.diagonal(dim1=-2, dim2=-1).clamp_min(0.0)
     a, b = variances.unsqueeze(-1), variances.unsqueeze(-2)
     j1, j0 = arccos_moments(a, b, tilted)
@@ -408,40 +452,9 @@ def batchnorm_relu_cross(
     rule = rule or quadrature_rule(torch.float64)
     dtype = cov11.dtype
     cov11, cov12, cov22 = cov11.to(torch.float64), cov12.to(torch.float64), cov22.to(torch.float64)
-    centred_joint = torch.cat(
-        [
-            torch.cat([_centred(cov11), _centred(cov12)], -1),
-            torch.cat([_centred(cov12.transpose(-1, -2)), _centred(cov22)], -1),
-        ],
-        -2,
-    )
-    magnitude = torch.maximum(cov11.detach().abs().amax((-2, -1)), cov22.detach().abs().amax((-2, -1)))
-    magnitude = torch.maximum(magnitude, cov12.detach().abs().amax((-2, -1)))
-    bound = math.sqrt(b1 * b2) / 2
-    s, weight_s, count_s = _grid(centred_joint[..., :b1, :b1], magnitude, 0.5, rule, eps * b1, bound)
-    t, weight_t, count_t = _grid(centred_joint[..., b1:, b1:], magnitude, 0.5, rule, eps * b2, bound)
-    # Root tilts on the 2-d grid: (..., Qs, Qt, B1 + B2).
-    roots = torch.cat(
-        [
-            torch.sqrt(s)[..., :, None, None].expand(*s.shape, t.shape[-1], b1),
-            torch.sqrt(t)[..., None, :, None].expand(*s.shape[:-1], s.shape[-1], t.shape[-1], b2),
-        ],
-        -1,
-    )
-    joint_ = centred_joint.unsqueeze(-3).unsqueeze(-3)
-    scaled = roots.unsqueeze(-1) * joint_  # Delta S
-    identity = torch.eye(b1 + b2, dtype=cov11.dtype, device=cov11.device)
-    factor = torch.linalg.cholesky(identity + 2 * scaled * roots.unsqueeze(-2))
-    tilted = (torch.cholesky_inverse(factor) @ scaled) / roots.unsqueeze(-1)
-    log_det = 2 * torch.log(factor.diagonal(dim1=-2, dim2=-1)).sum(-1)
-    mass = (
-        weight_s.unsqueeze(-1)
-        * weight_t.unsqueeze(-2)
-        * torch.exp(-0.5 * log_det - eps * (s.unsqueeze(-1) * b1 + t.unsqueeze(-2) * b2))
-    )
+    _, _, count_s, count_t, tilted, mass = _tilted_cross(cov11, cov12, cov22, eps, rule)
     variances = tilted.diagonal(dim1=-2, dim2=-1).clamp_min(0.0)
-    cross = (tilted[..., :b1, b1:] + tilted[..., b1:, :b1].transpose(-1, -2)) / 2
-    j1, _ = arccos_moments(variances[..., :b1].unsqueeze(-1), variances[..., b1:].unsqueeze(-2), cross)
+    j1, _ = arccos_moments(variances[..., :b1].unsqueeze(-1), variances[..., b1:].unsqueeze(-2), tilted[..., :b1, b1:])
     # Sum over t (with its tail) for every s node, then over s.
     contributions = mass.unsqueeze(-1).unsqueeze(-1) * j1
     batch_ndim = count_s.dim()
@@ -481,33 +494,8 @@ def batchnorm_relu_cross_ntk(
     dtype = cov11.dtype
     cov11, cov12, cov22 = cov11.to(torch.float64), cov12.to(torch.float64), cov22.to(torch.float64)
     theta = _centred(ntk12.to(torch.float64))
-    centred_joint = torch.cat(
-        [
-            torch.cat([_centred(cov11), _centred(cov12)], -1),
-            torch.cat([_centred(cov12.transpose(-1, -2)), _centred(cov22)], -1),
-        ],
-        -2,
-    )
-    magnitude = torch.maximum(cov11.detach().abs().amax((-2, -1)), cov22.detach().abs().amax((-2, -1)))
-    magnitude = torch.maximum(magnitude, cov12.detach().abs().amax((-2, -1)))
-    bound = math.sqrt(b1 * b2) / 2
-    s, weight_s, count_s = _grid(centred_joint[..., :b1, :b1], magnitude, 0.5, rule, eps * b1, bound, growth=1.0)
-    t, weight_t, count_t = _grid(centred_joint[..., b1:, b1:], magnitude, 0.5, rule, eps * b2, bound, growth=1.0)
-    roots = torch.cat(
-        [
-            torch.sqrt(s)[..., :, None, None].expand(*s.shape, t.shape[-1], b1),
-            torch.sqrt(t)[..., None, :, None].expand(*s.shape[:-1], s.shape[-1], t.shape[-1], b2),
-        ],
-        -1,
-    )
-    scaled = roots.unsqueeze(-1) * centred_joint.unsqueeze(-3).unsqueeze(-3)
-    identity = torch.eye(b1 + b2, dtype=cov11.dtype, device=cov11.device)
-    factor = torch.linalg.cholesky(identity + 2 * scaled * roots.unsqueeze(-2))
-    tilted = (torch.cholesky_inverse(factor) @ scaled) / roots.unsqueeze(-1)
-    tilted = (tilted + tilted.transpose(-1, -2)) / 2
-    log_det = 2 * torch.log(factor.diagonal(dim1=-2, dim2=-1)).sum(-1)
+    s, t, count_s, count_t, tilted, mass = _tilted_cross(cov11, cov12, cov22, eps, rule, growth=1.0)
     s_, t_ = s[..., :, None], t[..., None, :]
-    mass = weight_s.unsqueeze(-1) * weight_t.unsqueeze(-2) * torch.exp(-0.5 * log_det - eps * (s_ * b1 + t_ * b2))
     m11, m12, m22 = tilted[..., :b1, :b1], tilted[..., :b1, b1:], tilted[..., b1:, b1:]
     a = m11.diagonal(dim1=-2, dim2=-1).clamp_min(0.0).unsqueeze(-1)
     b = m22.diagonal(dim1=-2, dim2=-1).clamp_min(0.0).unsqueeze(-2)
