@@ -380,7 +380,15 @@ def print_table(title: str, results: list[Result], sizes: list[int], num_test: i
 
 
 # %%
-def plot(full: list[Result], cut_results: list[Result], sizes: list[int], cut_data: Digits) -> plt.Figure:
+def plot(
+    full: list[Result],
+    cut_results: list[Result],
+    sizes: list[int],
+    cut_data: Digits,
+    left_title: str = "whole digits, read as 8 rows of 8 pixels",
+    right_title: str = "digits cut after 3-8 rows (train and test)",
+    right_xlabel: str = "rows of the test digit seen (the rest: NaN padding, or 0 for MLP/RBF)",
+) -> plt.Figure:
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2), constrained_layout=True)
     markers = "osDv^<>"
     for marker, r in zip(markers, full):
@@ -391,7 +399,7 @@ def plot(full: list[Result], cut_results: list[Result], sizes: list[int], cut_da
     left.minorticks_off()
     left.set_xlabel("training digits")
     left.set_ylabel(f"test accuracy (%), {len(cut_data.test_labels)} digits")
-    left.set_title("whole digits, read as 8 rows of 8 pixels", fontsize=11)
+    left.set_title(left_title, fontsize=11)
     left.grid(alpha=0.3)
     left.legend(fontsize=8, loc="lower right")
 
@@ -407,9 +415,9 @@ def plot(full: list[Result], cut_results: list[Result], sizes: list[int], cut_da
             ms=5,
             label=f"{r.name}: {100 * r.accuracy[n]:.1f}%",
         )
-    right.set_xlabel("rows of the test digit seen (the rest: NaN padding, or 0 for MLP/RBF)")
+    right.set_xlabel(right_xlabel)
     right.set_ylabel("test accuracy (%)")
-    right.set_title(f"digits cut after 3-8 rows (train and test), N={n}", fontsize=11)
+    right.set_title(f"{right_title}, N={n}", fontsize=11)
     right.grid(alpha=0.3)
     right.legend(fontsize=8, loc="lower right", title="overall accuracy", title_fontsize=8)
     return fig

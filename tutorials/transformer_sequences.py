@@ -40,25 +40,37 @@ from __future__ import annotations
 
 import argparse
 import functools
+import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
-import gpytorch
 import matplotlib
 import torch
-from sklearn.datasets import load_digits
 
 matplotlib.use("Agg")  # write files; never open a window
 import matplotlib.pyplot as plt
 
 from gpytorch_tp import TransformerKernel
 
-DTYPE = torch.float64
-FIGURE_DIR = Path(__file__).resolve().parents[1] / "docs" / "figures"
-STEPS, FEATURES = 8, 8
-NUM_CLASSES = 10
-MIN_ROWS = 3
+# The data, the leave-one-out selection, the RBF baseline and the figure are
+# those of the RNN tutorial next to this file (tutorials/rnn_sequences.py).
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from rnn_sequences import (
+    DTYPE,
+    FEATURES,
+    FIGURE_DIR,
+    MIN_ROWS,
+    STEPS,
+    Candidates,
+    Digits,
+    Result,
+    accuracy_by_rows,
+    cut,
+    load_data,
+    plot,
+    rbf_candidates,
+    select_and_predict,
+)
 
 # %% [markdown]
 # ## Data
@@ -67,40 +79,9 @@ MIN_ROWS = 3
 # `(T, d) = (8, 8)` sequence that `TransformerKernel(input_shape=(8, 8))`
 # expects.  Pixels are divided by their root mean square over the training
 # digits.  For the second experiment every digit keeps its first L rows
-# (L uniform in 3..8) and the rest become NaN.
-
-
-# %%
-@dataclass
-class Digits:
-    train_x: torch.Tensor
-    train_labels: torch.Tensor
-    test_x: torch.Tensor
-    test_labels: torch.Tensor
-    test_rows: torch.Tensor
-
-
-def load_data(num_train: int, num_test: int, seed: int = 0) -> Digits:
-    digits = load_digits()
-    x = torch.tensor(digits.data, dtype=DTYPE)
-    labels = torch.tensor(digits.target)
-    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
-    train, test = order[:num_train], order[num_train : num_train + num_test]
-    scale = x[train].pow(2).mean().sqrt()
-    return Digits(x[train] / scale, labels[train], x[test] / scale, labels[test], torch.full((num_test,), STEPS))
-
-
-def cut(data: Digits, seed: int = 0) -> Digits:
-    g = torch.Generator().manual_seed(seed + 1)
-
-    def truncate(x):
-        rows = torch.randint(MIN_ROWS, STEPS + 1, (len(x),), generator=g)
-        steps = x.reshape(len(x), STEPS, FEATURES).clone()
-        steps[torch.arange(STEPS) >= rows.unsqueeze(-1)] = float("nan")
-        return steps.reshape(len(x), STEPS * FEATURES), rows
-
-    (train_x, _), (test_x, test_rows) = truncate(data.train_x), truncate(data.test_x)
-    return Digits(train_x, data.train_labels, test_x, data.test_labels, test_rows)
+# (L uniform in 3..8) and the rest become NaN.  `load_data` and `cut` are the
+# RNN tutorial's, as are the classification as regression with the noise chosen
+# by leave-one-out (`select_and_predict`), the RBF baseline and the figure.
 
 
 # %% [markdown]
@@ -113,8 +94,6 @@ def cut(data: Digits, seed: int = 0) -> Digits:
 
 
 # %%
-Candidates = dict[str, tuple[torch.Tensor, torch.Tensor]]
-
 VARIANTS = {
     "tied": {"query_key": "tied", "readout": "mean"},
     "uniform": {"query_key": "independent", "readout": "mean"},
@@ -137,71 +116,11 @@ def transformer_candidates(variant: str, scales, train_x, test_x) -> dict[str, C
     return out
 
 
-def rbf_candidates(train_x, test_x) -> Candidates:
-    train_x, test_x = torch.nan_to_num(train_x), torch.nan_to_num(test_x)
-    median = torch.pdist(train_x).median()
-    kernel = gpytorch.kernels.RBFKernel().to(DTYPE)
-    out = {}
-    with torch.no_grad():
-        for factor in (0.35, 0.5, 0.7, 1.0, 1.4):
-            kernel.lengthscale = factor * median
-            out[f"lengthscale={factor:g}*median"] = (kernel(train_x).to_dense(), kernel(test_x, train_x).to_dense())
-    return out
-
-
-# %% [markdown]
-# ## Classification as regression, hyperparameters by leave-one-out
-#
-# With $A = (K + \sigma^2 I)^{-1}$ the leave-one-out prediction of $y_i$ is
-# $y_i - [A Y]_i / A_{ii}$ (Rasmussen & Williams 2006, eq. 5.12); the noise is
-# relative to the kernel's mean diagonal.
-
-
-# %%
-NOISE_GRID = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)
-
-
-def targets(labels):
-    return torch.nn.functional.one_hot(labels, NUM_CLASSES).to(DTYPE) - 1.0 / NUM_CLASSES
-
-
-def _cholesky(k, ratio):
-    return torch.linalg.cholesky(k + ratio * k.diagonal().mean() * torch.eye(len(k), dtype=k.dtype))
-
-
-def select_and_predict(candidates: Candidates, labels, n: int):
-    labels = labels[:n]
-    y = targets(labels)
-    scores = {}
-    for name, (k_train, _) in candidates.items():
-        for ratio in NOISE_GRID:
-            try:
-                inverse = torch.cholesky_inverse(_cholesky(k_train[:n, :n], ratio))
-            except torch.linalg.LinAlgError:
-                continue
-            residuals = (inverse @ y) / inverse.diagonal().unsqueeze(-1)
-            accuracy = ((y - residuals).argmax(-1) == labels).double().mean().item()
-            scores[(name, ratio)] = (accuracy, -residuals.pow(2).mean().item())
-    name, ratio = max(scores, key=scores.get)
-    k_train, k_test = candidates[name]
-    weights = torch.cholesky_solve(y, _cholesky(k_train[:n, :n], ratio))
-    return (k_test[:, :n] @ weights).argmax(-1), f"{name} noise={ratio:g}".strip()
-
-
 # %% [markdown]
 # ## The experiments
 
 
 # %%
-@dataclass
-class Result:
-    name: str
-    accuracy: dict[int, float] = field(default_factory=dict)
-    chosen: dict[int, str] = field(default_factory=dict)
-    predictions: dict[int, torch.Tensor] = field(default_factory=dict)
-    kernel_seconds: float = 0.0
-
-
 def run(data: Digits, sizes: list[int], scales) -> list[Result]:
     methods = {f"transformer-{v}": functools.partial(transformer_candidates, v, scales) for v in VARIANTS}
     methods["rbf"] = lambda a, b: {"rbf": rbf_candidates(a, b)}
@@ -224,50 +143,6 @@ def run(data: Digits, sizes: list[int], scales) -> list[Result]:
                 flush=True,
             )
     return results
-
-
-def accuracy_by_rows(result: Result, data: Digits, n: int) -> dict[int, float]:
-    correct = result.predictions[n] == data.test_labels
-    return {rows: correct[data.test_rows == rows].double().mean().item() for rows in range(MIN_ROWS, STEPS + 1)}
-
-
-# %% [markdown]
-# ## Figure: accuracy against training size (left), and by rows seen for cut digits (right)
-
-
-# %%
-def plot(full: list[Result], cut_results: list[Result], sizes: list[int], cut_data: Digits):
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2), constrained_layout=True)
-    markers = "osDv^<>p"
-    for marker, r in zip(markers, full):
-        left.plot(sizes, [100 * r.accuracy[n] for n in sizes], marker=marker, lw=1.5, ms=5, label=r.name)
-    left.set_xscale("log")
-    left.set_xticks(sizes)
-    left.set_xticklabels([str(n) for n in sizes])
-    left.minorticks_off()
-    left.set_xlabel("training digits")
-    left.set_ylabel(f"test accuracy (%), {len(cut_data.test_labels)} digits")
-    left.set_title("transformer kernels, digits as 8 tokens of 8 pixels", fontsize=11)
-    left.grid(alpha=0.3)
-    left.legend(fontsize=8, loc="lower right")
-    n = sizes[-1]
-    rows = list(range(MIN_ROWS, STEPS + 1))
-    for marker, r in zip(markers, cut_results):
-        by_rows = accuracy_by_rows(r, cut_data, n)
-        right.plot(
-            rows,
-            [100 * by_rows[k] for k in rows],
-            marker=marker,
-            lw=1.5,
-            ms=5,
-            label=f"{r.name}: {100 * r.accuracy[n]:.1f}%",
-        )
-    right.set_xlabel("rows of the test digit seen (the rest: NaN padding; 0 for RBF)")
-    right.set_ylabel("test accuracy (%)")
-    right.set_title(f"digits cut after 3-8 rows, N={n}", fontsize=11)
-    right.grid(alpha=0.3)
-    right.legend(fontsize=8, loc="lower right", title="overall accuracy", title_fontsize=8)
-    return fig
 
 
 # %%
@@ -300,7 +175,15 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"\ntotal wall time: {time.perf_counter() - start:.1f} s")
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / "transformer_sequences.png"
-    fig = plot(full, cut_results, sizes, cut_data)
+    fig = plot(
+        full,
+        cut_results,
+        sizes,
+        cut_data,
+        left_title="transformer kernels, digits as 8 tokens of 8 pixels",
+        right_title="digits cut after 3-8 rows",
+        right_xlabel="rows of the test digit seen (the rest: NaN padding; 0 for RBF)",
+    )
     fig.savefig(path, dpi=110)
     plt.close(fig)
     print(f"saved {path}")
