@@ -26,6 +26,7 @@ import gpytorch
 import pytest
 import torch
 from gpytorch.test.base_kernel_test_case import BaseKernelTestCase
+from sequence_data import nan_padded, random_sequences
 
 from gpytorch_tp import TensorProgramKernel, TransformerKernel, evaluate
 from gpytorch_tp.empirical import build_network
@@ -47,24 +48,6 @@ from gpytorch_tp.layers import (
 
 DTYPE = torch.float64
 NAN = float("nan")
-
-
-def _sequences(lengths: tuple[int, ...], d: int, seed: int, dtype=DTYPE) -> list[torch.Tensor]:
-    """Unpadded sequences ``(L, d)``; the second one has twice the typical norm."""
-    g = torch.Generator().manual_seed(seed)
-    seqs = [torch.randn(length, d, generator=g, dtype=dtype) for length in lengths]
-    if len(seqs) > 1:
-        seqs[1] = 2.0 * seqs[1]
-    return seqs
-
-
-def _padded(seqs: list[torch.Tensor], steps: int) -> torch.Tensor:
-    """The sequences NaN-padded at the end to ``steps`` tokens, flattened time-major: ``(N, steps * d)``."""
-    d = seqs[0].shape[-1]
-    out = torch.full((len(seqs), steps, d), NAN, dtype=seqs[0].dtype)
-    for i, s in enumerate(seqs):
-        out[i, : s.shape[0]] = s
-    return out.reshape(len(seqs), steps * d)
 
 
 # =============================================================================================
@@ -324,9 +307,9 @@ REFERENCE_CASES = {
 }
 
 REF_STEPS, REF_D = 5, 3
-REF_SEQS = _sequences((5, 3, 1, 4), REF_D, seed=11)
+REF_SEQS = random_sequences((5, 3, 1, 4), REF_D, seed=11)
 REF_SEQS = REF_SEQS + [REF_SEQS[0].clone()]  # a duplicate
-REF_OTHER = _sequences((2, 5, 4), REF_D, seed=12)
+REF_OTHER = random_sequences((2, 5, 4), REF_D, seed=12)
 
 
 def reference_matrix(seqs1, seqs2, layers, readout, head):
@@ -342,7 +325,7 @@ def reference_matrix(seqs1, seqs2, layers, readout, head):
 def test_kernel_matches_the_per_pair_reference(name):
     layers, readout, head = REFERENCE_CASES[name]
     kernel = _kernel(layers, readout, head, REF_STEPS, REF_D)
-    x, y = _padded(REF_SEQS, REF_STEPS), _padded(REF_OTHER, REF_STEPS)
+    x, y = nan_padded(REF_SEQS, REF_STEPS), nan_padded(REF_OTHER, REF_STEPS)
     for a, b, sa, sb in ((x, None, REF_SEQS, REF_SEQS), (x, y, REF_SEQS, REF_OTHER)):
         nngp, ntk = kernel.nngp_and_ntk(a, b)
         expected_nngp, expected_ntk = reference_matrix(sa, sb, layers, readout, head)
@@ -365,7 +348,7 @@ def test_independent_query_key_attention_is_the_mean_of_the_values():
     for qk in (0.3, 5.0):
         kernel = _kernel([_attention(query_key="independent", qk=qk, v=1.5, o=2.0, b=0.1)], "last", (1.0, 0.0), 5, 3)
         expected = 1.5 * 2.0 * float(x.mean(0) @ y.mean(0)) / 3 + 0.1
-        value = kernel(_padded([x], 5), _padded([y], 5)).to_dense().item()
+        value = kernel(nan_padded([x], 5), nan_padded([y], 5)).to_dense().item()
         assert abs(value - expected) < 1e-13
 
 
@@ -445,7 +428,7 @@ def test_finite_tied_logits_and_attention_converge_to_the_layers():
 # at width 64 divided by FINITE_RATIO.
 
 FIN_STEPS, FIN_D = 4, 2
-FIN_SEQS = _sequences((4, 2, 3, 4), FIN_D, seed=21)
+FIN_SEQS = random_sequences((4, 2, 3, 4), FIN_D, seed=21)
 FINITE_NETWORKS = 4
 NARROW, WIDE = 64, 512
 
@@ -522,7 +505,7 @@ def _relative_error(estimate, exact) -> float:
 def _finite_errors(name: str, kind: str, seed_set: int = 0, cases=None, networks: int = FINITE_NETWORKS) -> dict:
     arch = (FINITE_CASES if cases is None else cases)[name]()
     kernel = TensorProgramKernel(arch, input_shape=(FIN_STEPS, FIN_D), sequence=True).double()
-    nngp, ntk = kernel.nngp_and_ntk(_padded(FIN_SEQS, FIN_STEPS))
+    nngp, ntk = kernel.nngp_and_ntk(nan_padded(FIN_SEQS, FIN_STEPS))
     exact, estimate = (nngp.detach(), _finite_nngp) if kind == "nngp" else (ntk.detach(), _finite_ntk)
     base = 10_000 * seed_set + (5_000 if kind == "ntk" else 0)
 
@@ -630,8 +613,8 @@ def test_query_key_gradients_are_negligible_in_the_ntk():
 # =============================================================================================
 
 PAD_D = 2
-PAD_SEQS = _sequences((5, 2, 4, 1, 3, 5), PAD_D, seed=31)
-PAD_OTHER = _sequences((3, 5, 2, 4), PAD_D, seed=32)
+PAD_SEQS = random_sequences((5, 2, 4, 1, 3, 5), PAD_D, seed=31)
+PAD_OTHER = random_sequences((3, 5, 2, 4), PAD_D, seed=32)
 PAD_CASES = {
     "causal-last-positional": {"depth": 2, "causal": True, "readout": "last", "positional": "add"},
     "mean-concat": {"readout": "mean", "positional": "concat", "query_key_variance": 2.0},
@@ -653,12 +636,12 @@ def _both(kernel, x1, x2=None, diag=False):
 def test_padding_to_a_longer_t_changes_nothing(name):
     options = PAD_CASES[name]
     short, long = _transformer(5, **options), _transformer(8, **options)
-    expected = _both(short, _padded(PAD_SEQS, 5), _padded(PAD_OTHER, 5))
-    got = _both(long, _padded(PAD_SEQS, 8), _padded(PAD_OTHER, 8))
+    expected = _both(short, nan_padded(PAD_SEQS, 5), nan_padded(PAD_OTHER, 5))
+    got = _both(long, nan_padded(PAD_SEQS, 8), nan_padded(PAD_OTHER, 8))
     torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(_both(long, _padded(PAD_SEQS, 8)), _both(short, _padded(PAD_SEQS, 5)))
+    torch.testing.assert_close(_both(long, nan_padded(PAD_SEQS, 8)), _both(short, nan_padded(PAD_SEQS, 5)))
     # Each sequence alone, unpadded, with a kernel of its own length.
-    own = _both(short, _padded(PAD_SEQS, 5))
+    own = _both(short, nan_padded(PAD_SEQS, 5))
     for i, s in enumerate(PAD_SEQS):
         alone = _both(_transformer(s.shape[0], **options), s.reshape(1, -1))
         torch.testing.assert_close(alone[:, 0, 0], own[:, i, i], rtol=1e-12, atol=1e-12)
@@ -669,7 +652,7 @@ def test_padding_to_a_longer_t_changes_nothing(name):
 def test_diag_tiles_and_other_sequences_change_nothing(name):
     options = PAD_CASES[name]
     whole = _transformer(6, tile_pairs=10**9, **options)
-    x1, x2 = _padded(PAD_SEQS, 6), _padded(PAD_OTHER, 6)
+    x1, x2 = nan_padded(PAD_SEQS, 6), nan_padded(PAD_OTHER, 6)
     full = _both(whole, x1, x2)
     torch.testing.assert_close(
         _both(whole, x1[:4], x2, diag=True), full[:, :4, :4].diagonal(dim1=-2, dim2=-1), rtol=1e-12, atol=1e-12
@@ -761,7 +744,7 @@ def test_exact_gp_with_a_transformer_kernel_trains_and_gradients_are_finite():
 def test_float32_agrees_with_float64_and_input_gradients_are_finite():
     kernel64 = _transformer(5, causal=True, readout="mean", positional="add", kind="ntk")
     kernel32 = TransformerKernel((5, PAD_D), causal=True, readout="mean", positional="add", kind="ntk")
-    x = _padded(PAD_SEQS, 5)
+    x = nan_padded(PAD_SEQS, 5)
     k64 = kernel64(x).to_dense().detach()
     k32 = kernel32(x.float()).to_dense().detach()
     assert k32.dtype == torch.float32

@@ -19,6 +19,7 @@ import gpytorch
 import numpy as np
 import pytest
 import torch
+from sequence_data import nan_padded, random_sequences
 
 from gpytorch_tp import GRUKernel, LSTMKernel, evaluate
 from gpytorch_tp.empirical import build_network
@@ -26,21 +27,6 @@ from gpytorch_tp.layers import GRU, LSTM, LastStep, Linear, Sequential
 
 DTYPE = torch.float64
 NAN = float("nan")
-
-
-def _sequences(lengths, d, seed):
-    g = torch.Generator().manual_seed(seed)
-    seqs = [torch.randn(length, d, generator=g, dtype=DTYPE) for length in lengths]
-    seqs[1] = 2.0 * seqs[1]
-    return seqs
-
-
-def _padded(seqs, steps):
-    d = seqs[0].shape[-1]
-    out = torch.full((len(seqs), steps, d), NAN, dtype=DTYPE)
-    for i, s in enumerate(seqs):
-        out[i, : s.shape[0]] = s
-    return out.reshape(len(seqs), steps * d)
 
 
 def _kernel(cls, steps, d, **options):
@@ -60,7 +46,7 @@ def _relative_error(estimate, exact):
 # Measured (8 seed sets): error at width 1024 0.02-0.06, mean error at 64 0.10-0.14.
 
 FIN_STEPS, FIN_D = 4, 2
-FIN_SEQS = _sequences((4, 2, 3, 4, 4), FIN_D, seed=21)
+FIN_SEQS = random_sequences((4, 2, 3, 4, 4), FIN_D, seed=21)
 FIN_SEQS = FIN_SEQS + [FIN_SEQS[0].clone()]  # a duplicate
 FINITE_NETWORKS = 4
 FINITE_CASES = {
@@ -89,7 +75,7 @@ def test_finite_width_networks_converge_to_the_kernel(name):
     cls, options = FINITE_CASES[name]
     kernel = _kernel(cls, FIN_STEPS, FIN_D, **options)
     with torch.no_grad():
-        exact = kernel(_padded(FIN_SEQS, FIN_STEPS)).to_dense()
+        exact = kernel(nan_padded(FIN_SEQS, FIN_STEPS)).to_dense()
     wide = _relative_error(_finite_nngp(kernel, 1024, [1024 + i for i in range(FINITE_NETWORKS)]), exact)
     narrow = [
         _relative_error(_finite_nngp(kernel, 64, [64 + 100 * b + i for i in range(FINITE_NETWORKS)]), exact)
@@ -104,7 +90,7 @@ def test_finite_width_networks_converge_to_the_kernel(name):
 # 2. The particle estimate.
 # =============================================================================================
 
-ACC_SEQS = _sequences((4, 2, 4), 2, seed=22)
+ACC_SEQS = random_sequences((4, 2, 4), 2, seed=22)
 
 
 @pytest.mark.parametrize(
@@ -116,7 +102,7 @@ ACC_SEQS = _sequences((4, 2, 4), 2, seed=22)
     ],
 )
 def test_default_particles_are_within_the_documented_error_of_many_more(cls, options, default_bound):
-    x = _padded(ACC_SEQS, 4)
+    x = nan_padded(ACC_SEQS, 4)
     with torch.no_grad():
         reference = _kernel(cls, 4, 2, num_particles=16384, **options)(x).to_dense()
         errors = [
@@ -166,8 +152,8 @@ def test_length_one_erf_gru_matches_an_independent_integration():
 # 3. Padding, batch, order, diag, tiles; symmetry and PSD.
 # =============================================================================================
 
-PAD_SEQS = _sequences((5, 2, 4, 1, 3, 5), 2, seed=31)
-PAD_OTHER = _sequences((3, 5, 2, 4), 2, seed=32)
+PAD_SEQS = random_sequences((5, 2, 4, 1, 3, 5), 2, seed=31)
+PAD_OTHER = random_sequences((3, 5, 2, 4), 2, seed=32)
 # Closed-form candidate (erf) for speed; the tanh rule is exercised by the other tests.
 PAD_CASES = {
     "gru-sigmoid-erf-last": (GRUKernel, {"nonlinearity": "erf", "num_particles": 64}),
@@ -189,9 +175,11 @@ def _value(kernel, x1, x2=None, diag=False):
 def test_padding_batch_order_diag_and_tiles_never_change_a_value(name):
     cls, options = PAD_CASES[name]
     short, long = _kernel(cls, 5, 2, **options), _kernel(cls, 7, 2, **options)
-    x1, x2 = _padded(PAD_SEQS, 5), _padded(PAD_OTHER, 5)
+    x1, x2 = nan_padded(PAD_SEQS, 5), nan_padded(PAD_OTHER, 5)
     full = _value(short, x1, x2)
-    torch.testing.assert_close(_value(long, _padded(PAD_SEQS, 7), _padded(PAD_OTHER, 7)), full, rtol=1e-8, atol=1e-10)
+    torch.testing.assert_close(
+        _value(long, nan_padded(PAD_SEQS, 7), nan_padded(PAD_OTHER, 7)), full, rtol=1e-8, atol=1e-10
+    )
     torch.testing.assert_close(_value(short, x2, x1), full.T, rtol=1e-8, atol=1e-10)
     torch.testing.assert_close(_value(short, x1[[2]], x2[[1]])[0, 0], full[2, 1], rtol=1e-8, atol=1e-10)
     own = _value(short, x1)
@@ -207,9 +195,9 @@ def test_padding_batch_order_diag_and_tiles_never_change_a_value(name):
 # near-duplicate of itself).
 @pytest.mark.parametrize(("cls", "tolerance"), [(GRUKernel, 1e-4), (LSTMKernel, 3e-3)])
 def test_kernel_matrix_is_symmetric_and_psd_up_to_the_particle_error(cls, tolerance):
-    seqs = _sequences((6, 2, 5, 1, 6, 3, 4, 6, 5, 6), 2, seed=49)
+    seqs = random_sequences((6, 2, 5, 1, 6, 3, 4, 6, 5, 6), 2, seed=49)
     seqs.append(seqs[0] + 1e-3)  # a near-duplicate
-    x = _padded(seqs, 6)
+    x = nan_padded(seqs, 6)
     options = {"nonlinearity": "erf"} if cls is GRUKernel else {}  # closed-form candidate: faster
     K = _value(_kernel(cls, 6, 2, num_particles=512, **options), x)
     assert torch.equal(K, K.T)
@@ -224,8 +212,8 @@ def test_kernel_matrix_is_symmetric_and_psd_up_to_the_particle_error(cls, tolera
 
 @pytest.mark.parametrize("cls", [GRUKernel, LSTMKernel])
 def test_gradients_are_finite_also_at_duplicates(cls):
-    seqs = _sequences((3, 2), 2, seed=51)
-    x = _padded(seqs + [seqs[0].clone()], 3).requires_grad_(True)
+    seqs = random_sequences((3, 2), 2, seed=51)
+    x = nan_padded(seqs + [seqs[0].clone()], 3).requires_grad_(True)
     kernel = _kernel(cls, 3, 2, num_particles=16, readout="mean")
     kernel(x).to_dense().sum().backward()
     grads = [p.grad for p in kernel.parameters()]
@@ -235,7 +223,7 @@ def test_gradients_are_finite_also_at_duplicates(cls):
 
 
 def test_float32_agrees_with_float64():
-    x = _padded(_sequences((4, 3, 4), 2, seed=52), 4)
+    x = nan_padded(random_sequences((4, 3, 4), 2, seed=52), 4)
     k64 = _kernel(GRUKernel, 4, 2, num_particles=64)
     k32 = GRUKernel((4, 2), num_particles=64)
     got = _value(k32, x.float())
@@ -244,8 +232,8 @@ def test_float32_agrees_with_float64():
 
 
 def test_exact_gp_trains_with_a_finite_padding_value():
-    seqs = _sequences((3, 2, 3, 1), 2, seed=53)
-    x = _padded(seqs, 3).nan_to_num(-1e6)
+    seqs = random_sequences((3, 2, 3, 1), 2, seed=53)
+    x = nan_padded(seqs, 3).nan_to_num(-1e6)
     y = torch.sin(x.clamp(-3, 3).sum(-1))
 
     class GP(gpytorch.models.ExactGP):
@@ -284,7 +272,7 @@ def test_bad_input_and_arguments():
     with pytest.raises(ValueError, match="needs sequence features"):
         evaluate(Sequential(GRU(num_particles=8), LastStep(), Linear()), torch.randn(3, 4, dtype=DTYPE))
     kernel = _kernel(GRUKernel, 4, 2, num_particles=8)
-    bad = _padded(_sequences((4, 3, 4), 2, seed=54), 4)
+    bad = nan_padded(random_sequences((4, 3, 4), 2, seed=54), 4)
     bad[0, 1] = NAN  # part of a step
     with pytest.raises(ValueError, match="NaN in some but not all features of a step"):
         kernel(bad).to_dense()

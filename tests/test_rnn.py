@@ -26,6 +26,7 @@ import gpytorch
 import pytest
 import torch
 from gpytorch.test.base_kernel_test_case import BaseKernelTestCase
+from sequence_data import nan_padded, random_sequences
 
 from gpytorch_tp import RNNKernel, TensorProgramKernel, evaluate
 from gpytorch_tp.empirical import build_network
@@ -33,29 +34,6 @@ from gpytorch_tp.layers import RNN, Conv1d, LastStep, Linear, Sequential, Tanh, 
 
 DTYPE = torch.float64
 NAN = float("nan")
-
-
-# =============================================================================================
-# Data: a few sequences of different lengths.
-# =============================================================================================
-
-
-def _sequences(lengths: tuple[int, ...], d: int, seed: int, dtype=DTYPE) -> list[torch.Tensor]:
-    """Unpadded sequences ``(L, d)``; the second one has twice the typical norm."""
-    g = torch.Generator().manual_seed(seed)
-    seqs = [torch.randn(length, d, generator=g, dtype=dtype) for length in lengths]
-    if len(seqs) > 1:
-        seqs[1] = 2.0 * seqs[1]
-    return seqs
-
-
-def _padded(seqs: list[torch.Tensor], steps: int) -> torch.Tensor:
-    """The sequences NaN-padded at the end to ``steps`` steps, flattened time-major: ``(N, steps * d)``."""
-    d = seqs[0].shape[-1]
-    out = torch.full((len(seqs), steps, d), NAN, dtype=seqs[0].dtype)
-    for i, s in enumerate(seqs):
-        out[i, : s.shape[0]] = s
-    return out.reshape(len(seqs), steps * d)
 
 
 # =============================================================================================
@@ -241,9 +219,9 @@ REFERENCE_CASES = {
 
 REF_STEPS, REF_D = 5, 3
 # Lengths 5 (full), 3, 1, 4 and 5: the last is a copy of the first (a duplicate).
-REF_SEQS = _sequences((5, 3, 1, 4), REF_D, seed=11)
+REF_SEQS = random_sequences((5, 3, 1, 4), REF_D, seed=11)
 REF_SEQS = REF_SEQS + [REF_SEQS[0].clone()]
-REF_OTHER = _sequences((2, 5, 4), REF_D, seed=12)
+REF_OTHER = random_sequences((2, 5, 4), REF_D, seed=12)
 
 
 def _reference_options(name: str) -> dict:
@@ -264,7 +242,7 @@ def _reference_options(name: str) -> dict:
 def test_kernel_matches_the_per_pair_reference(name):
     options = _reference_options(name)
     kernel = _kernel(REF_STEPS, REF_D, **options)
-    x, y = _padded(REF_SEQS, REF_STEPS), _padded(REF_OTHER, REF_STEPS)
+    x, y = nan_padded(REF_SEQS, REF_STEPS), nan_padded(REF_OTHER, REF_STEPS)
     for a, b, sa, sb in ((x, None, REF_SEQS, REF_SEQS), (x, y, REF_SEQS, REF_OTHER)):
         nngp, ntk = kernel.nngp_and_ntk(a, b)
         expected_nngp, expected_ntk = reference_matrix(sa, sb, **options)
@@ -294,7 +272,7 @@ def test_reference_of_a_length_one_sequence_is_the_one_layer_mlp():
     nngp, _ = reference_pair(x, y, nonlinearity="erf", w=5.0, u=u, b=b, readout_variance=v)
     assert abs(nngp - mlp) < 1e-14
     kernel = _kernel(4, 2, nonlinearity="erf", w=5.0, u=u, b=b, readout_variance=v)
-    value = kernel(_padded([x], 4), _padded([y], 4)).to_dense()
+    value = kernel(nan_padded([x], 4), nan_padded([y], 4)).to_dense()
     assert abs(value.item() - mlp) < 1e-13
 
 
@@ -318,7 +296,7 @@ def test_reference_of_a_length_one_sequence_is_the_one_layer_mlp():
 # (see the comments at FINITE_BOUNDS); the seeds are then fixed.
 
 FIN_STEPS, FIN_D = 4, 2
-FIN_SEQS = _sequences((4, 2, 3, 4, 4), FIN_D, seed=21)
+FIN_SEQS = random_sequences((4, 2, 3, 4, 4), FIN_D, seed=21)
 FIN_SEQS = FIN_SEQS + [FIN_SEQS[0].clone()]  # a duplicate
 FINITE_NETWORKS = 4
 FINITE_NARROW_BATCHES = 4
@@ -397,7 +375,7 @@ def _relative_error(estimate: torch.Tensor, exact: torch.Tensor) -> float:
 def _finite_errors(name: str, kind: str, seed_set: int = 0) -> dict:
     """Relative errors at each width: ``{width: error}``, and ``"narrow"``: the batches' errors at the narrowest."""
     kernel = _kernel(FIN_STEPS, FIN_D, **FINITE_CASES[name])
-    nngp, ntk = kernel.nngp_and_ntk(_padded(FIN_SEQS, FIN_STEPS))
+    nngp, ntk = kernel.nngp_and_ntk(nan_padded(FIN_SEQS, FIN_STEPS))
     exact, estimate = (nngp, _finite_nngp) if kind == "nngp" else (ntk, _finite_ntk)
     base = 10_000 * seed_set + (5_000 if kind == "ntk" else 0)
 
@@ -435,8 +413,8 @@ def test_finite_width_rnns_on_unpadded_sequences_converge_to_the_kernel(name, ki
 # =============================================================================================
 
 PAD_D = 2
-PAD_SEQS = _sequences((5, 2, 4, 1, 3, 5), PAD_D, seed=31)
-PAD_OTHER = _sequences((3, 5, 2, 4), PAD_D, seed=32)
+PAD_SEQS = random_sequences((5, 2, 4, 1, 3, 5), PAD_D, seed=31)
+PAD_OTHER = random_sequences((3, 5, 2, 4), PAD_D, seed=32)
 # Closed-form nonlinearities, so that the checks can be exact.  (Tanh by quadrature: see
 # test_default_tanh_rule_depends_on_the_batch_only_at_the_quadrature_error.)
 PAD_CASES = {
@@ -462,11 +440,11 @@ def _both(kernel, x1, x2=None, diag=False):
 def test_padding_to_a_longer_t_changes_nothing(name):
     options = PAD_CASES[name]
     short, long = _kernel(5, PAD_D, **options), _kernel(8, PAD_D, **options)
-    expected = _both(short, _padded(PAD_SEQS, 5), _padded(PAD_OTHER, 5))
-    got = _both(long, _padded(PAD_SEQS, 8), _padded(PAD_OTHER, 8))
+    expected = _both(short, nan_padded(PAD_SEQS, 5), nan_padded(PAD_OTHER, 5))
+    got = _both(long, nan_padded(PAD_SEQS, 8), nan_padded(PAD_OTHER, 8))
     torch.testing.assert_close(got, expected, rtol=1e-13, atol=1e-13)
     torch.testing.assert_close(
-        _both(long, _padded(PAD_SEQS, 8)), _both(short, _padded(PAD_SEQS, 5)), rtol=1e-13, atol=1e-13
+        _both(long, nan_padded(PAD_SEQS, 8)), _both(short, nan_padded(PAD_SEQS, 5)), rtol=1e-13, atol=1e-13
     )
     # x1 padded to 8 steps against x2 padded to 8 with a kernel of T = 8, and the values do
     # depend on the sequences (the check is not vacuous).
@@ -476,7 +454,7 @@ def test_padding_to_a_longer_t_changes_nothing(name):
 @pytest.mark.parametrize("name", list(PAD_CASES))
 def test_each_sequence_alone_unpadded_gives_the_same_values(name):
     options = PAD_CASES[name]
-    padded = _both(_kernel(5, PAD_D, **options), _padded(PAD_SEQS, 5))
+    padded = _both(_kernel(5, PAD_D, **options), nan_padded(PAD_SEQS, 5))
     for i, s in enumerate(PAD_SEQS):
         alone = _both(_kernel(s.shape[0], PAD_D, **options), s.reshape(1, -1))
         torch.testing.assert_close(padded[:, i, i], alone[:, 0, 0], rtol=1e-13, atol=1e-13)
@@ -499,7 +477,7 @@ def test_padded_pairs_of_different_lengths_match_the_reference_in_a_longer_t():
         "b": 0.15,
         "readout_variance": 1.1,
     }
-    nngp, ntk = _kernel(9, PAD_D, **options).nngp_and_ntk(_padded(PAD_SEQS, 9), _padded(PAD_OTHER, 9))
+    nngp, ntk = _kernel(9, PAD_D, **options).nngp_and_ntk(nan_padded(PAD_SEQS, 9), nan_padded(PAD_OTHER, 9))
     expected_nngp, expected_ntk = reference_matrix(PAD_SEQS, PAD_OTHER, **options)
     torch.testing.assert_close(nngp, expected_nngp, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(ntk, expected_ntk, rtol=1e-12, atol=1e-12)
@@ -508,8 +486,8 @@ def test_padded_pairs_of_different_lengths_match_the_reference_in_a_longer_t():
 @pytest.mark.parametrize("name", list(PAD_CASES))
 def test_diag_is_the_diagonal_of_the_full_matrix(name):
     kernel = _kernel(6, PAD_D, **PAD_CASES[name])
-    x1 = _padded(PAD_SEQS[:4], 6)
-    x2 = _padded(PAD_OTHER, 6)
+    x1 = nan_padded(PAD_SEQS[:4], 6)
+    x2 = nan_padded(PAD_OTHER, 6)
     full = _both(kernel, x1, x2)
     torch.testing.assert_close(
         _both(kernel, x1, x2, diag=True), full.diagonal(dim1=-2, dim2=-1), rtol=1e-13, atol=1e-13
@@ -525,7 +503,7 @@ def test_tiles_give_the_same_numbers_as_one_piece(name, tile_pairs):
     options = PAD_CASES[name]
     whole = _kernel(6, PAD_D, tile_pairs=10**9, **options)
     tiled = _kernel(6, PAD_D, tile_pairs=tile_pairs, **options)
-    x1, x2 = _padded(PAD_SEQS, 6), _padded(PAD_OTHER, 6)
+    x1, x2 = nan_padded(PAD_SEQS, 6), nan_padded(PAD_OTHER, 6)
     for a, b in ((x1, None), (x1, x2), (x2, x1)):
         torch.testing.assert_close(_both(tiled, a, b), _both(whole, a, b), rtol=1e-13, atol=1e-13)
     # With autograd recording the tiles are assembled differently.
@@ -535,7 +513,7 @@ def test_tiles_give_the_same_numbers_as_one_piece(name, tile_pairs):
 @pytest.mark.parametrize("name", list(PAD_CASES))
 def test_a_pairs_value_does_not_depend_on_the_other_sequences(name):
     kernel = _kernel(6, PAD_D, **PAD_CASES[name])
-    x = _padded(PAD_SEQS, 6)
+    x = nan_padded(PAD_SEQS, 6)
     full = _both(kernel, x)
     n = x.shape[0]
     for i in range(n):
@@ -559,7 +537,7 @@ def test_default_tanh_rule_depends_on_the_batch_only_at_the_quadrature_error():
     # up to 1.7e-6 (NNGP) and 1.2e-4 (NTK; the pre-activation variances reach about 17).
     kernel = _kernel(6, PAD_D, nonlinearity="tanh", readout="last")
     accurate = _kernel(6, PAD_D, nonlinearity=Tanh(num_quadrature_points=192), readout="last")
-    x = _padded(PAD_SEQS, 6)
+    x = nan_padded(PAD_SEQS, 6)
     full, exact = _both(kernel, x), _both(accurate, x)
     pair = torch.stack([_both(kernel, x[[1]], x[[j]])[:, 0, 0] for j in range(x.shape[0])], -1)
     torch.testing.assert_close(pair, full[:, 1], rtol=1e-5, atol=0)
@@ -570,7 +548,7 @@ def test_default_tanh_rule_depends_on_the_batch_only_at_the_quadrature_error():
 
 def test_leading_batch_dimensions_with_padding():
     kernel = _kernel(5, PAD_D, nonlinearity="erf", readout="mean")
-    x = _padded(PAD_SEQS, 5)
+    x = nan_padded(PAD_SEQS, 5)
     batch = torch.stack([x, x.flip(0)])
     got = _both(kernel, batch)
     torch.testing.assert_close(got[:, 0], _both(kernel, x), rtol=1e-13, atol=1e-13)
@@ -711,8 +689,8 @@ def test_exact_gp_trains_on_sequences_padded_with_a_finite_sentinel():
 
 def test_float32_works_and_agrees_with_float64():
     # (Closed forms: tanh's quadrature rule differs between float32 and float64.)
-    seqs = _sequences((5, 3, 4, 5), 3, seed=44)
-    x = _padded(seqs, 5)
+    seqs = random_sequences((5, 3, 4, 5), 3, seed=44)
+    x = nan_padded(seqs, 5)
     for nonlinearity, readout in (("erf", "last"), ("relu", "mean")):
         options = {"nonlinearity": nonlinearity, "kind": "ntk", "readout": readout, "depth": 2, "bidirectional": True}
         k64 = RNNKernel((5, 3), **options).double()
@@ -727,8 +705,8 @@ def test_float32_works_and_agrees_with_float64():
 @pytest.mark.parametrize("kind", ["nngp", "ntk"])
 @pytest.mark.parametrize("nonlinearity, readout", [("relu", "last"), ("erf", "mean"), ("tanh", "last")])
 def test_hyperparameter_and_input_gradients_are_finite_also_at_duplicate_sequences(nonlinearity, readout, kind):
-    seqs = _sequences((4, 2, 4), 2, seed=45)
-    x = _padded(seqs + [seqs[0].clone(), seqs[1].clone()], 4)  # duplicates, padded and not
+    seqs = random_sequences((4, 2, 4), 2, seed=45)
+    x = nan_padded(seqs + [seqs[0].clone(), seqs[1].clone()], 4)  # duplicates, padded and not
     # (Tanh's gradients go through quadratures of its higher derivatives: one layer keeps it quick.)
     depth = 1 if nonlinearity == "tanh" else 2
     kernel = RNNKernel(
@@ -750,7 +728,7 @@ def test_pickle_and_state_dict_round_trip():
     kernel = RNNKernel((4, 2), depth=2, nonlinearity="tanh", kind="ntk", readout="last", bidirectional=True).double()
     kernel.architecture[0].weight_variance = 1.7
     kernel.architecture[1].input_variance = 0.6
-    x = _padded(_sequences((4, 2, 3), 2, seed=46), 4)
+    x = nan_padded(random_sequences((4, 2, 3), 2, seed=46), 4)
     expected = kernel(x).to_dense()
     clone = pickle.loads(pickle.dumps(kernel))
     torch.testing.assert_close(clone(x).to_dense(), expected, rtol=0, atol=0)
@@ -761,7 +739,7 @@ def test_pickle_and_state_dict_round_trip():
 
 
 def test_batch_shape_gives_one_kernel_per_batch_entry():
-    x = _padded(_sequences((4, 2, 3, 4), 2, seed=47), 4)
+    x = nan_padded(random_sequences((4, 2, 3, 4), 2, seed=47), 4)
     batched = RNNKernel((4, 2), nonlinearity="erf", readout="mean", batch_shape=torch.Size([2])).double()
     values = torch.tensor([0.6, 1.9], dtype=DTYPE)
     batched.architecture[0].weight_variance = values
@@ -774,7 +752,7 @@ def test_batch_shape_gives_one_kernel_per_batch_entry():
 
 
 def test_nngp_and_ntk_in_one_pass_match_the_separate_kernels_and_evaluate():
-    x = _padded(_sequences((4, 3, 4), 2, seed=48), 4)
+    x = nan_padded(random_sequences((4, 3, 4), 2, seed=48), 4)
     nngp_kernel = _kernel(4, 2, nonlinearity="erf", readout="mean", depth=2)
     ntk_kernel = _kernel(4, 2, nonlinearity="erf", readout="mean", depth=2, kind="ntk")
     nngp, ntk = nngp_kernel.nngp_and_ntk(x)
@@ -786,8 +764,8 @@ def test_nngp_and_ntk_in_one_pass_match_the_separate_kernels_and_evaluate():
 
 
 def test_kernel_matrix_is_symmetric_and_positive_semidefinite():
-    seqs = _sequences((6, 2, 5, 1, 6, 3, 4, 6), 2, seed=49)
-    x = _padded(seqs + [seqs[2].clone()], 6)
+    seqs = random_sequences((6, 2, 5, 1, 6, 3, 4, 6), 2, seed=49)
+    x = nan_padded(seqs + [seqs[2].clone()], 6)
     for options in (
         {"nonlinearity": "relu", "readout": "last"},
         {"nonlinearity": "erf", "readout": "mean", "bidirectional": True},
@@ -809,7 +787,7 @@ def _bad_input_kernel():
 
 
 def _good_x():
-    return _padded(_sequences((4, 3, 4), 2, seed=51), 4)
+    return nan_padded(random_sequences((4, 3, 4), 2, seed=51), 4)
 
 
 def test_wrong_number_of_features():
@@ -886,7 +864,7 @@ def test_rnn_on_plain_inputs():
 
 @pytest.mark.parametrize("padded", [True, False])
 def test_conv1d_after_an_rnn_on_sequences(padded):
-    x = _good_x() if padded else _padded(_sequences((4, 4), 2, seed=52), 4)
+    x = _good_x() if padded else nan_padded(random_sequences((4, 4), 2, seed=52), 4)
     arch = Sequential(RNN("erf"), Conv1d(kernel_size=2), LastStep(), Linear())
     # Refused whether or not this batch happens to hold padding: a value must not depend on the batch.
     with pytest.raises(ValueError, match="Conv1d on padded sequences would mix padding into the kernel"):
