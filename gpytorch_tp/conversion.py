@@ -66,7 +66,7 @@ from .layers import (
 )
 
 if TYPE_CHECKING:
-    from .kernels import TensorProgramKernel
+    from .kernels import BatchNormMLPKernel, TensorProgramKernel
 
 __all__ = [
     "CONVERTERS",
@@ -140,6 +140,8 @@ class ConversionContext:
     input_variance: float | None
     #: per-parameter NTK learning-rate factors, filled in by converters (see :func:`ntk_parameter_scales`)
     scales: dict[str, float]
+    #: BatchNorm layers are accepted (``kernel_from_module(..., reference_points=...)``, see :func:`_batchnorm_kernel`)
+    batchnorm: bool = False
 
     def describe(self, module: nn.Module) -> str:
         return f"{type(module).__name__} {self.name!r}"
@@ -513,10 +515,72 @@ def _lstm(module: nn.LSTM, context: ConversionContext):
     return _gated(module, context, LSTM, 4)
 
 
+class _BatchNormMarker(Layer):
+    """Where an ``nn.BatchNorm1d`` sits in a converted network: not a layer of any architecture.
+
+    :func:`kernel_from_module` with ``reference_points`` reads the markers (and the
+    ``Linear``/``ReLU`` layers around them) into a :class:`~gpytorch_tp.BatchNormMLPKernel`.
+    """
+
+    def __init__(self, what: str, eps: float, gain: float):
+        super().__init__()
+        self.what, self.eps, self.gain = what, eps, gain
+
+    def forward(self, state):
+        raise UnsupportedModuleError(self.what, _BATCHNORM_REASON)
+
+
+_BATCHNORM_REASON = (
+    "a BatchNorm network's output at a point depends on its whole batch, so BatchNorm is not a layer of "
+    "these architectures; for a Linear -> BatchNorm1d -> ReLU MLP, kernel_from_module(module, kind, "
+    "reference_points=R) gives its gpytorch_tp.BatchNormMLPKernel (every point evaluated in a batch with the "
+    "reference points R)"
+)
+
+
+@register_converter(nn.BatchNorm1d)
+def _batch_norm(module: nn.BatchNorm1d, context: ConversionContext):
+    what = context.describe(module)
+    if not context.batchnorm:
+        raise UnsupportedModuleError(what, _BATCHNORM_REASON)
+    _require_layout(
+        module,
+        context,
+        ("features",),
+        "BatchNorm1d on (N, C, L) normalises each channel over the batch and the length; BatchNormMLPKernel "
+        "models BatchNorm1d on features (N, C) only",
+    )
+    if not module.training and module.track_running_stats:
+        raise UnsupportedModuleError(
+            f"{what} in eval mode",
+            "it normalises with its running statistics, a fixed affine map per unit, not the batch statistics "
+            "that BatchNormMLPKernel models (the network in training mode); convert module.train()",
+        )
+    gain = 1.0
+    if module.affine:
+        weight, bias = module.weight.detach().double(), module.bias.detach().double()
+        if context.init == "measured":
+            if bool((bias != 0).any()):
+                raise UnsupportedModuleError(
+                    what,
+                    "its shift (bias) is not zero, and BatchNormMLPKernel has no shift before the ReLU; "
+                    "use init='pytorch' (gain 1, shift 0) or zero the shift",
+                )
+            # relu(g y) = |g| relu(+-y), and y is symmetric: the gain multiplies the next layer's variance.
+            gain = float(weight.pow(2).mean())
+        elif bool((weight != 1).any()) or bool((bias != 0).any()):
+            warnings.warn(
+                f"{what}: its affine weight is not 1 or its bias not 0 (PyTorch's initialisation), so the module "
+                "was re-initialised (or trained); init='pytorch' assumes the default. Use init='measured'.",
+                stacklevel=4,
+            )
+        # BatchNormMLPKernel's NTK has no affine parameters: they are frozen (learning-rate factor 0).
+        context.scales[context.parameter_name("weight")] = 0.0
+        context.scales[context.parameter_name("bias")] = 0.0
+    return [_BatchNormMarker(what, float(module.eps), gain)], "features"
+
+
 _NOT_YET = {
-    nn.BatchNorm1d: "a BatchNorm network's output depends on its whole batch, so it is not a layer of "
-    "these architectures; for BatchNorm + ReLU MLPs use gpytorch_tp.BatchNormMLPKernel or the batch kernels "
-    "of gpytorch_tp.batchnorm",
     nn.MultiheadAttention: "nn.MultiheadAttention scales its logits by 1/sqrt(head size), which has no closed "
     "form at infinite width; gpytorch_tp.layers.SelfAttention (logits scaled by 1/n) and TransformerKernel "
     "describe the networks that have one",
@@ -528,7 +592,10 @@ _NO_CLOSED_FORM = {
     nn.MaxPool1d: "max pooling has no closed-form kernel",
     nn.MaxPool2d: "max pooling has no closed-form kernel",
     nn.Softmax: "softmax over features has no closed-form kernel",
-    nn.BatchNorm2d: "batch normalisation kernels are not available",
+    nn.BatchNorm2d: "it normalises each channel over the batch and the grid, which no kernel of the package "
+    "models (kernel_from_module(..., reference_points=...) converts BatchNorm1d on features in Linear -> "
+    "BatchNorm1d -> ReLU MLPs)",
+    nn.BatchNorm3d: "it normalises each channel over the batch and the grid, which no kernel of the package models",
     nn.Embedding: "embeddings of discrete tokens are not a layer of these kernels",
 }
 for _type, _reason in _NO_CLOSED_FORM.items():
@@ -619,6 +686,8 @@ class _Result:
     input_shape: tuple[int, ...]
     sequence: bool
     scales: dict[str, float]
+    #: the module or operation each layer came from (``id(layer)`` -> description)
+    origins: dict[int, str] = field(default_factory=dict)
 
 
 def _convert(
@@ -630,6 +699,7 @@ def _convert(
     input_variance: float | None,
     sequence: bool | None,
     check: bool = True,
+    batchnorm: bool = False,
 ) -> _Result:
     if not isinstance(module, nn.Module):
         raise TypeError(f"from_module needs a torch.nn.Module, got {type(module).__name__}")
@@ -658,7 +728,7 @@ def _convert(
     example = torch.randn(2, *input_shape, dtype=dtype, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         ShapeProp(graph).propagate(example)
-    converter = _GraphConverter(graph, init, weight_variance, bias_variance, input_variance)
+    converter = _GraphConverter(graph, init, weight_variance, bias_variance, input_variance, batchnorm)
     layout = "sequence" if sequence else ("features" if len(input_shape) == 1 else "grid")
     architecture = Sequential(*converter.run(Value((), layout, True, tuple(example.shape))))
     if check:
@@ -677,7 +747,9 @@ def _convert(
             raise UnsupportedModuleError(
                 f"{type(module).__name__} (as the architecture {_summary(architecture)})", str(error)
             ) from error
-    return _Result(architecture.to(torch.get_default_dtype()), input_shape, sequence, converter.scales)
+    return _Result(
+        architecture.to(torch.get_default_dtype()), input_shape, sequence, converter.scales, converter.origins
+    )
 
 
 class _Tracer(torch.fx.Tracer):
@@ -708,16 +780,19 @@ def _input_shape(graph: torch.fx.GraphModule, input_shape) -> tuple[int, ...]:
 
 
 class _GraphConverter:
-    def __init__(self, graph, init, weight_variance, bias_variance, input_variance):
+    def __init__(self, graph, init, weight_variance, bias_variance, input_variance, batchnorm=False):
         self.graph = graph
         self.options = {
             "init": init,
             "weight_variance": weight_variance,
             "bias_variance": bias_variance,
             "input_variance": input_variance,
+            "batchnorm": batchnorm,
         }
         self.scales: dict[str, float] = {}
         self.called: dict[str, str] = {}
+        #: ``id(layer)`` -> the module or operation it came from (for the BatchNorm path's messages)
+        self.origins: dict[int, str] = {}
 
     def run(self, input_value: Value) -> tuple[Layer, ...]:
         values: dict[torch.fx.Node, Any] = {}
@@ -779,6 +854,7 @@ class _GraphConverter:
         (value,) = tensors
         context = ConversionContext(node.target, value, out_shape, scales=self.scales, **self.options)
         layers, layout = converter(module, context)
+        self.origins.update((id(layer), what) for layer in layers)
         finite = value.finite and not any(_has_weights(layer) for layer in layers)
         info = {"module": module} if layout == "rnn" else {}
         return value.then(layers, layout, out_shape or value.shape, finite, **info)
@@ -804,6 +880,7 @@ class _GraphConverter:
                 raise UnsupportedModuleError(what, f"arguments {args[1:]}, {kwargs}") from error
             if layer is None:
                 raise UnsupportedModuleError(what, f"arguments {args[1:]}, {kwargs}")
+            self.origins[id(layer)] = what
             return first.then([layer], shape=out_shape)
         if node.op == "call_method" and target in ("contiguous", "clone"):
             return first
@@ -830,7 +907,9 @@ class _GraphConverter:
         if not tail_a:
             tail_a, tail_b = tail_b, tail_a
         skip = None if not tail_b else (tail_b[0] if len(tail_b) == 1 else Sequential(*tail_b))
-        return Value(a.layers[:common] + (Residual(*tail_a, skip=skip),), a.layout, a.finite and b.finite, a.shape)
+        residual = Residual(*tail_a, skip=skip)
+        self.origins[id(residual)] = f"{what}, a residual connection"
+        return Value(a.layers[:common] + (residual,), a.layout, a.finite and b.finite, a.shape)
 
     def getitem(self, what, value, index, out_shape) -> Any:
         if isinstance(value, _Aux):
@@ -991,16 +1070,41 @@ def kernel_from_module(
     bias_variance: float | None = None,
     input_variance: float | None = None,
     sequence: bool | None = None,
+    reference_points: Tensor | None = None,
     **kernel_kwargs,
-) -> TensorProgramKernel:
-    """The :class:`~gpytorch_tp.TensorProgramKernel` of :func:`from_module`'s architecture.
+) -> TensorProgramKernel | BatchNormMLPKernel:
+    r"""The :class:`~gpytorch_tp.TensorProgramKernel` of :func:`from_module`'s architecture.
 
     The kernel takes the module's items flattened, ``(N, prod(input_shape))``
     (for sequences: batch-first ``(N, T, d)`` reshaped to ``(N, T * d)``).
     ``kernel_kwargs`` go to :class:`~gpytorch_tp.TensorProgramKernel`.
+
+    **BatchNorm networks.**  With ``reference_points`` :math:`R` (``(m, d)``), a
+    network ``Linear -> BatchNorm1d -> ReLU`` (``depth`` times) ``-> Linear``
+    (BatchNorm in training mode, with or without affine parameters, any ``eps``;
+    functional ReLUs, ``nn.Identity`` and ``nn.Dropout`` may sit in between) gives
+    the :class:`~gpytorch_tp.BatchNormMLPKernel` of that depth: the kernel of the
+    module run, in training mode, on the batch :math:`[x; r_1; \dots; r_m]` and
+    read at :math:`x`.  Its dense layers' variances come from the arguments or
+    ``init`` as above (a BatchNorm gain :math:`\gamma` multiplies the next
+    layer's :math:`\sigma_w^2` by the mean of :math:`\gamma^2`: 1 under
+    PyTorch's initialisation; ``init="measured"`` needs a zero shift), its
+    ``eps`` is the module's, and ``kernel_kwargs`` (``accuracy``, priors) go to
+    :class:`~gpytorch_tp.BatchNormMLPKernel`.  The NTK is that of training with
+    the BatchNorm gain and shift frozen (:func:`ntk_parameter_scales` gives them
+    factor 0).  Any other BatchNorm network (BatchNorm before another
+    nonlinearity, a residual, BatchNorm in eval mode, ``nn.BatchNorm2d``) raises
+    :class:`UnsupportedModuleError`; without ``reference_points`` every BatchNorm
+    network does.  See ``docs/from_module.md``.
+
+    :param reference_points: the reference set :math:`R` of a BatchNorm network (``None``: no BatchNorm).
     """
     from .kernels import TensorProgramKernel
 
+    if reference_points is not None:
+        return _batchnorm_kernel(
+            module, kind, input_shape, init, weight_variance, bias_variance, reference_points, kernel_kwargs
+        )
     result = _convert(module, input_shape, init, weight_variance, bias_variance, input_variance, sequence)
     shape = result.input_shape
     return TensorProgramKernel(
@@ -1009,6 +1113,96 @@ def kernel_from_module(
         input_shape=shape if len(shape) > 1 else None,
         input_dim=math.prod(shape),
         sequence=result.sequence,
+        **kernel_kwargs,
+    )
+
+
+def _batchnorm_kernel(
+    module: nn.Module,
+    kind: str,
+    input_shape,
+    init: str,
+    weight_variance: float | None,
+    bias_variance: float | None,
+    reference_points: Tensor,
+    kernel_kwargs: dict,
+) -> BatchNormMLPKernel:
+    """``kernel_from_module`` of a ``Linear -> BatchNorm1d -> ReLU`` MLP: its :class:`~gpytorch_tp.BatchNormMLPKernel`."""
+    from .kernels import BatchNormMLPKernel
+
+    if not torch.is_tensor(reference_points) or reference_points.dim() != 2:
+        raise ValueError(
+            "reference_points must be an (m, d) tensor: the points every input is normalised with, "
+            f"got {reference_points if not torch.is_tensor(reference_points) else tuple(reference_points.shape)}"
+        )
+    if "eps" in kernel_kwargs:
+        raise ValueError("eps is the BatchNorm1d layers' own (module.eps); it is not a kernel argument here")
+    if not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in module.modules()):
+        raise ValueError("reference_points is for networks with nn.BatchNorm1d; this module has none")
+    for name, sub in module.named_modules():
+        if isinstance(sub, nn.modules.dropout._DropoutNd) and sub.p > 0 and sub.training:
+            raise UnsupportedModuleError(
+                f"{type(sub).__name__} {name!r} (p={sub.p:g})",
+                "BatchNormMLPKernel is the kernel of the network in training mode (batch statistics), where "
+                "dropout is active; use p=0",
+            )
+    result = _convert(
+        module, input_shape, init, weight_variance, bias_variance, None, False, check=False, batchnorm=True
+    )
+    if len(result.input_shape) != 1 or reference_points.shape[-1] != result.input_shape[0]:
+        raise ValueError(
+            f"reference_points has {reference_points.shape[-1]} features but the network takes items of shape "
+            f"{result.input_shape}; BatchNormMLPKernel takes feature vectors (d,)"
+        )
+    layers = list(result.architecture.double())  # .double() restores the exact variances (Layer._apply)
+
+    def origin(layer: Layer) -> str:
+        return result.origins.get(id(layer), type(layer).__name__)
+
+    def refuse(what: str, found: str) -> UnsupportedModuleError:
+        return UnsupportedModuleError(
+            what,
+            f"BatchNormMLPKernel models Linear -> BatchNorm1d -> ReLU blocks and a Linear readout, and {found}",
+        )
+
+    if not layers or not isinstance(layers[0], Linear):
+        found = origin(layers[0]) if layers else "nothing"
+        raise refuse(f"{type(module).__name__} (a BatchNorm network)", f"the network starts with {found}")
+    weights, biases = [float(layers[0].weight_variance.detach())], [float(layers[0].bias_variance.detach())]
+    markers = []
+    position = 1
+    while position < len(layers):
+        marker = layers[position]
+        if not isinstance(marker, _BatchNormMarker):
+            previous = origin(layers[position - 1])
+            raise refuse(origin(marker), f"it follows {previous} where a BatchNorm1d belongs")
+        after = layers[position + 1 : position + 3]
+        if len(after) < 1 or not isinstance(after[0], ReLU):
+            found = origin(after[0]) if after else "the network output"
+            raise refuse(marker.what, f"it is followed by {found}, not by a ReLU")
+        if len(after) < 2 or not isinstance(after[1], Linear):
+            found = origin(after[1]) if len(after) > 1 else "the network output"
+            raise refuse(origin(after[0]), f"it is followed by {found}, not by a Linear layer")
+        markers.append(marker)
+        weights.append(float(after[1].weight_variance.detach()) * marker.gain)
+        biases.append(float(after[1].bias_variance.detach()))
+        position += 3
+    if not markers:  # a BatchNorm inside a residual branch, or not called in forward
+        raise refuse(
+            f"{type(module).__name__} (as the architecture {_summary(result.architecture)})", "it has no such block"
+        )
+    if len({marker.eps for marker in markers}) != 1:
+        raise UnsupportedModuleError(
+            ", ".join(marker.what for marker in markers),
+            f"their eps differ ({', '.join(f'{m.eps:g}' for m in markers)}), and BatchNormMLPKernel has one eps",
+        )
+    return BatchNormMLPKernel(
+        reference_points,
+        len(markers),
+        weight_variance=weights,
+        bias_variance=biases,
+        eps=markers[0].eps,
+        kind=kind,
         **kernel_kwargs,
     )
 
@@ -1035,5 +1229,5 @@ def ntk_parameter_scales(
     as written with these per-tensor learning-rate factors follows the NTK.
     """
     return _convert(
-        module, input_shape, init, weight_variance, bias_variance, input_variance, sequence, check=False
+        module, input_shape, init, weight_variance, bias_variance, input_variance, sequence, check=False, batchnorm=True
     ).scales

@@ -9,6 +9,9 @@
    with the documented per-tensor learning-rate factors), closer than at a narrow width.
 3. Unsupported modules and operations raise UnsupportedModuleError naming them and pointing
    at MonteCarloKernel; the registry takes new converters in one line.
+4. BatchNorm networks with reference points: the converted kernel is the hand-built
+   BatchNormMLPKernel, the real module in training mode (each point in a batch with the
+   reference points) approaches it, and what it does not model raises.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gpytorch_tp import TensorProgramKernel
+from gpytorch_tp import BatchNormMLPKernel, TensorProgramKernel
 from gpytorch_tp import layers as L
 from gpytorch_tp.conversion import (
     CONVERTERS,
@@ -562,7 +565,10 @@ class _Wrap(nn.Module):
 UNSUPPORTED = {
     "GRU on features": (lambda: nn.Sequential(nn.Linear(3, 8), nn.GRU(8, 8)), r"GRU '1' on a tensor.*sequences"),
     "LSTM on features": (lambda: nn.Sequential(nn.Linear(3, 8), nn.LSTM(8, 8)), r"LSTM '1' on a tensor.*sequences"),
-    "BatchNorm1d": (lambda: nn.Sequential(nn.Linear(3, 8), nn.BatchNorm1d(8), nn.Linear(8, 1)), r"BatchNorm1d '1'"),
+    "BatchNorm1d": (
+        lambda: nn.Sequential(nn.Linear(3, 8), nn.BatchNorm1d(8), nn.Linear(8, 1)),
+        r"BatchNorm1d '1'.*reference_points=R",
+    ),
     "MultiheadAttention": (
         lambda: _Wrap(lambda s, h: s.attention(h, h, h)[0], attention=nn.MultiheadAttention(8, 2)),
         r"MultiheadAttention 'attention'.*no closed form",
@@ -622,3 +628,262 @@ def test_bad_arguments():
         from_module(lambda x: x)
     with pytest.raises(ValueError, match="needs input_shape"):
         from_module(nn.Sequential(nn.Conv1d(2, 4, 3), nn.Flatten(), nn.Linear(16, 1)))
+
+
+# =============================================================================================
+# 4. BatchNorm networks: kernel_from_module(..., reference_points=R) is a BatchNormMLPKernel.
+# =============================================================================================
+#
+# 8 features and 7 reference points: the pairwise NTK is finite only for batches of centred rank
+# at least 3, and the per-network NTK has heavy tails for low-rank batches (docs/batchnorm.md).
+
+
+def _batchnorm_data(points: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(5)
+    reference = torch.randn(7, 8, generator=generator, dtype=DTYPE)
+    x = torch.randn(points, 8, generator=generator, dtype=DTYPE)
+    return reference, torch.cat([x, x[:1]])  # with a duplicate
+
+
+def _batchnorm_mlp(width=16, out=1, depth=2, d=8, **batchnorm) -> nn.Sequential:
+    """Linear -> BatchNorm1d -> ReLU, ``depth`` times, and a Linear readout: PyTorch's default init."""
+    modules, fan_in = [], d
+    for _ in range(depth):
+        modules += [nn.Linear(fan_in, width), nn.BatchNorm1d(width, **batchnorm), nn.ReLU()]
+        fan_in = width
+    return nn.Sequential(*modules, nn.Linear(fan_in, out))
+
+
+class _BatchNormFunctional(nn.Module):
+    """A forward with F.relu and nn.Identity; no biases, BatchNorm without affine parameters or running statistics."""
+
+    def __init__(self, d=8, width=16):
+        super().__init__()
+        self.first = nn.Linear(d, width, bias=False)
+        self.norm = nn.BatchNorm1d(width, eps=1e-3, affine=False, track_running_stats=False)
+        self.identity, self.dropout = nn.Identity(), nn.Dropout(0.0)
+        self.readout = nn.Linear(width, 1, bias=False)
+
+    def forward(self, x):
+        return self.readout(self.dropout(F.relu(self.identity(self.norm(self.first(x))))))
+
+
+def _measured_batchnorm_mlp() -> tuple[nn.Module, dict]:
+    """A user initialisation (normal weights and biases, BatchNorm gains around 1) and its moments."""
+    torch.manual_seed(3)
+    module = _batchnorm_mlp(width=32)
+    for sub in module:
+        if isinstance(sub, nn.Linear):
+            nn.init.normal_(sub.weight, std=0.5 / math.sqrt(sub.in_features))
+            nn.init.normal_(sub.bias, std=0.2)
+        elif isinstance(sub, nn.BatchNorm1d):
+            nn.init.normal_(sub.weight, mean=1.0, std=0.5)
+
+    def moment(tensor):
+        return tensor.detach().double().pow(2).mean().item()
+
+    linear = [module[0], module[3], module[6]]
+    gains = [1.0, moment(module[1].weight), moment(module[4].weight)]  # each multiplies the next layer
+    weights = [layer.in_features * moment(layer.weight) * gain for layer, gain in zip(linear, gains)]
+    return module, {"depth": 2, "weight_variance": weights, "bias_variance": [moment(lay.bias) for lay in linear]}
+
+
+BATCHNORM_NETWORKS = {
+    # name: (module, from_module options, the hand-built kernel's options)
+    "pytorch-init": (
+        lambda: _batchnorm_mlp(),
+        {},
+        {"depth": 2, "weight_variance": THIRD, "bias_variance": [1 / 24, 0.0, 0.0], "eps": 1e-5},
+    ),
+    "functional-no-affine": (
+        _BatchNormFunctional,
+        {},
+        {"depth": 1, "weight_variance": THIRD, "bias_variance": 0.0, "eps": 1e-3},
+    ),
+    "explicit": (
+        lambda: _batchnorm_mlp(depth=1),
+        {"weight_variance": 2.0, "bias_variance": 0.1},
+        {"depth": 1, "weight_variance": 2.0, "bias_variance": 0.1, "eps": 1e-5},
+    ),
+    "measured": (lambda: _measured_batchnorm_mlp()[0], {"init": "measured"}, None),
+}
+
+
+@pytest.mark.parametrize("name", list(BATCHNORM_NETWORKS))
+def test_batchnorm_network_converts_to_the_hand_built_batchnorm_kernel(name):
+    make, options, expected = BATCHNORM_NETWORKS[name]
+    if expected is None:
+        expected = {**_measured_batchnorm_mlp()[1], "eps": 1e-5}
+    reference, x = _batchnorm_data()
+    module = make()
+    for kind in ("nngp", "ntk"):
+        converted = kernel_from_module(module, kind, reference_points=reference, accuracy="fast", **options)
+        hand = BatchNormMLPKernel(reference, kind=kind, accuracy="fast", **expected)
+        assert isinstance(converted, BatchNormMLPKernel) and converted.depth == hand.depth
+        assert converted.eps == hand.eps and torch.equal(converted.reference_points, reference)
+        with torch.no_grad():
+            value, value_hand = converted.double()(x).to_dense(), hand.double()(x).to_dense()
+        torch.testing.assert_close(value, value_hand, rtol=1e-10, atol=0)
+        assert value.std() > 0.05 * value.abs().mean()  # a kernel that depends on the inputs
+
+
+def test_batchnorm_affine_parameters_are_frozen_in_the_ntk_and_the_module_untouched():
+    module = _batchnorm_mlp()
+    before = {k: v.clone() for k, v in module.state_dict().items()}
+    scales = ntk_parameter_scales(module)
+    assert scales["1.weight"] == scales["1.bias"] == scales["4.weight"] == scales["4.bias"] == 0.0
+    assert scales["0.weight"] == pytest.approx(THIRD / 8) and scales["3.weight"] == pytest.approx(THIRD / 16)
+    kernel_from_module(module, reference_points=_batchnorm_data()[0])
+    # The example run (training mode) must not update the user's BatchNorm running statistics.
+    assert all(torch.equal(before[k], v) for k, v in module.state_dict().items())
+    with torch.no_grad():
+        module[1].weight.fill_(2.0)
+    with pytest.warns(UserWarning, match="BatchNorm1d '1'.*re-initialised"):
+        kernel_from_module(module, reference_points=_batchnorm_data()[0])
+
+
+class _EachWithReference(nn.Module):
+    """The module in training mode on each item's own batch ``[x_i; R]``, read at ``x_i``.
+
+    This is the definition of BatchNormMLPKernel's ``k(x, x')``: one random function of ``x``.
+    """
+
+    def __init__(self, module: nn.Module, reference: torch.Tensor):
+        super().__init__()
+        self.module = module
+        self.register_buffer("reference", reference)
+
+    def forward(self, x):
+        return torch.stack([self.module(torch.cat([item.unsqueeze(0), self.reference]))[0] for item in x])
+
+
+def _kaiming_normal_batchnorm_mlp(width, out):
+    # torch.func's Jacobians cannot update the running statistics (not used in training mode anyway).
+    return _kaiming_normal_zero_bias(_batchnorm_mlp(width, out, depth=1, track_running_stats=False))
+
+
+# kind: (module(width, out), from_module options, samples, (wide, narrow) widths)
+# NNGP: PyTorch's default initialisation.  NTK: the documented per-tensor factors; with normal first-layer
+# weights: PyTorch's uniform ones on 8 input features make the first pre-activations non-Gaussian, which
+# moves this NTK by about 10% even at infinite width (measured: 0.09-0.13 at width 512 and 2048).
+# Calibration (3 seed sets): NNGP 0.035-0.076 at 512, 0.10-0.51 at 32; NTK 0.022-0.08 at 512, 0.16-0.49 at 32.
+BATCHNORM_FAMILIES = {
+    "nngp": (lambda width, out: _batchnorm_mlp(width, out), {}, 8, (512, 32)),
+    "ntk": (_kaiming_normal_batchnorm_mlp, {"weight_variance": 2.0, "bias_variance": 0.0}, 6, (512, 32)),
+}
+
+
+@pytest.mark.parametrize("kind", list(BATCHNORM_FAMILIES))
+def test_real_batchnorm_module_in_training_mode_approaches_the_converted_kernel(kind):
+    make, options, samples, (wide, narrow) = BATCHNORM_FAMILIES[kind]
+    reference, x = _batchnorm_data(4)
+    kernel = kernel_from_module(make(8, 1), kind, reference_points=reference, **options).double()
+    with torch.no_grad():
+        exact = kernel(x).to_dense()
+
+    def estimate(width):
+        out = width if kind == "nngp" else 1  # a wide readout averages the NNGP over i.i.d. outputs
+        scales = {f"module.{k}": v for k, v in ntk_parameter_scales(make(width, out), **options).items()}
+        estimator = MonteCarloKernel(
+            lambda: _EachWithReference(make(width, out), reference),
+            kind,
+            samples,
+            seed=width,
+            parameter_scales=scales if kind == "ntk" else None,
+            train_mode=True,
+        )
+        with torch.no_grad():
+            return estimator(x).to_dense()
+
+    error_wide, error_narrow = _relative_error(estimate(wide), exact), _relative_error(estimate(narrow), exact)
+    assert error_wide < 0.12, (error_wide, error_narrow)
+    assert error_wide < error_narrow, (error_wide, error_narrow)
+
+
+class _BatchNormResidual(nn.Module):
+    def __init__(self, d=8, width=16):
+        super().__init__()
+        self.embed, self.block, self.readout = nn.Linear(d, width), nn.Linear(width, width), nn.Linear(width, 1)
+        self.norm = nn.BatchNorm1d(width)
+
+    def forward(self, x):
+        h = self.embed(x)
+        return self.readout(h + self.block(F.relu(self.norm(h))))
+
+
+BATCHNORM_UNSUPPORTED = {
+    # name: (module, input_shape, options, pattern)
+    "before tanh": (
+        lambda: nn.Sequential(nn.Linear(8, 16), nn.BatchNorm1d(16), nn.Tanh(), nn.Linear(16, 1)),
+        None,
+        {},
+        r"BatchNorm1d '1'.*followed by Tanh '2', not by a ReLU",
+    ),
+    "relu before batchnorm": (
+        lambda: nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.BatchNorm1d(16), nn.Linear(16, 1)),
+        None,
+        {},
+        r"ReLU '1'.*follows Linear '0' where a BatchNorm1d belongs",
+    ),
+    "no readout": (
+        lambda: nn.Sequential(nn.Linear(8, 16), nn.BatchNorm1d(16), nn.ReLU()),
+        None,
+        {},
+        r"ReLU '2'.*followed by the network output, not by a Linear",
+    ),
+    "residual": (_BatchNormResidual, None, {}, r"'add'.*residual connection.*where a BatchNorm1d belongs"),
+    "eval mode": (lambda: _batchnorm_mlp().eval(), None, {}, r"BatchNorm1d '1' in eval mode.*running statistics"),
+    "BatchNorm2d": (
+        lambda: nn.Sequential(nn.Conv2d(2, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(36, 1)),
+        (2, 5, 5),
+        {},
+        r"BatchNorm2d '1'.*over the batch and the grid",
+    ),
+    "BatchNorm1d on a grid": (
+        lambda: nn.Sequential(nn.Conv1d(2, 4, 3), nn.BatchNorm1d(4), nn.ReLU(), nn.Flatten(), nn.Linear(16, 1)),
+        (2, 6),
+        {},
+        r"BatchNorm1d '1' on a tensor.*\(N, C, L\)",
+    ),
+    "dropout": (
+        lambda: nn.Sequential(nn.Linear(8, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Dropout(0.1), nn.Linear(16, 1)),
+        None,
+        {},
+        r"Dropout '3' \(p=0.1\).*training mode",
+    ),
+    "two eps": (
+        lambda: nn.Sequential(*list(_batchnorm_mlp())[:4], nn.BatchNorm1d(16, eps=1e-3), *list(_batchnorm_mlp())[5:]),
+        None,
+        {},
+        r"BatchNorm1d '1', BatchNorm1d '4'.*eps differ",
+    ),
+    "measured shift": (
+        lambda: _batchnorm_mlp().apply(lambda m: nn.init.ones_(m.bias) if isinstance(m, nn.BatchNorm1d) else None),
+        None,
+        {"init": "measured"},
+        r"BatchNorm1d '1'.*shift \(bias\) is not zero",
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(BATCHNORM_UNSUPPORTED))
+def test_batchnorm_networks_the_kernel_does_not_model_raise(name):
+    make, shape, options, pattern = BATCHNORM_UNSUPPORTED[name]
+    reference = torch.randn(3, math.prod(shape) if shape else 8, dtype=DTYPE)
+    with pytest.raises(UnsupportedModuleError, match=pattern) as info:
+        kernel_from_module(make(), "nngp", shape, reference_points=reference, **options)
+    assert "MonteCarloKernel" in str(info.value)
+
+
+def test_batchnorm_without_reference_points_and_reference_points_without_batchnorm():
+    for convert in (from_module, kernel_from_module):
+        with pytest.raises(UnsupportedModuleError, match=r"BatchNorm1d '1'.*reference_points=R"):
+            convert(_batchnorm_mlp())
+    with pytest.raises(ValueError, match="reference_points is for networks with nn.BatchNorm1d"):
+        kernel_from_module(
+            nn.Sequential(nn.Linear(8, 4), nn.ReLU(), nn.Linear(4, 1)), reference_points=torch.randn(3, 8)
+        )
+    with pytest.raises(ValueError, match="reference_points has 3 features"):
+        kernel_from_module(_batchnorm_mlp(), reference_points=torch.randn(3, 3))
+    with pytest.raises(ValueError, match="eps is the BatchNorm1d layers' own"):
+        kernel_from_module(_batchnorm_mlp(), reference_points=torch.randn(3, 8), eps=0.1)

@@ -3,6 +3,7 @@ r"""Pairwise GPyTorch kernel of a BatchNorm + ReLU MLP, with a fixed reference s
 from __future__ import annotations
 
 import copy
+from collections.abc import Sequence
 
 import torch
 from gpytorch.kernels import Kernel
@@ -10,6 +11,7 @@ from gpytorch.priors import Prior
 from torch import Tensor, nn
 
 from ..batchnorm import (
+    _per_layer,
     batchnorm_relu_cross,
     batchnorm_relu_cross_ntk,
     batchnorm_relu_single,
@@ -73,9 +75,10 @@ class BatchNormMLPKernel(Kernel):
 
     :param reference_points: :math:`R`, ``(m, d)`` with :math:`m \ge 1`.
     :param depth: number of BatchNorm + ReLU blocks.
-    :param weight_variance: starting :math:`\sigma_w^2` of every dense layer (default 2).
-    :param bias_variance: starting :math:`\sigma_b^2` of every dense layer (default 0.1;
-        the hidden layers' biases are removed by the BatchNorm that follows).
+    :param weight_variance: starting :math:`\sigma_w^2` of every dense layer (default 2), or a
+        list of ``depth + 1``, one per dense layer (first to readout).
+    :param bias_variance: starting :math:`\sigma_b^2` of every dense layer (default 0.1; the
+        hidden layers' biases are removed by the BatchNorm that follows), or a list of ``depth + 1``.
     :param eps: BatchNorm's :math:`\epsilon` (default 0: exact normalisation; a
         batch of identical points then raises ``ValueError``).
     :param accuracy: ``"fast"`` (about 1e-6 relative, 4x faster), ``"default"`` (1e-9) or ``"fine"`` (see :func:`gpytorch_tp.batchnorm.quadrature_rule`).
@@ -99,8 +102,8 @@ class BatchNormMLPKernel(Kernel):
         reference_points: Tensor,
         depth: int = 2,
         *,
-        weight_variance: float = 2.0,
-        bias_variance: float = 0.1,
+        weight_variance: float | Sequence[float] = 2.0,
+        bias_variance: float | Sequence[float] = 0.1,
         eps: float = 0.0,
         accuracy: str = "default",
         weight_variance_prior: Prior | None = None,
@@ -126,16 +129,18 @@ class BatchNormMLPKernel(Kernel):
         if not eps >= 0:
             raise ValueError(f"eps must be non-negative, got {eps}")
         quadrature_rule(torch.float64, accuracy)  # validates ``accuracy``
+        weight_variances = _per_layer(weight_variance, depth, "weight_variance")
+        bias_variances = _per_layer(bias_variance, depth, "bias_variance")
         super().__init__(**kwargs)
         self.register_buffer("reference_points", reference_points.detach().clone())
         self.dense = nn.ModuleList(
             Linear(
-                weight_variance,
-                bias_variance,
+                weight,
+                bias,
                 weight_variance_prior=copy.deepcopy(weight_variance_prior),
                 bias_variance_prior=copy.deepcopy(bias_variance_prior),
             )
-            for _ in range(depth + 1)
+            for weight, bias in zip(weight_variances, bias_variances)
         )
         self.depth = depth
         self.eps = float(eps)
