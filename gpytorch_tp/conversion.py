@@ -16,7 +16,9 @@ The variances of the weights come from, in this order: explicit arguments of
 PyTorch's default initialisation of each module type, exactly, in the limit;
 ``init="measured"``: the second moments of the module's current parameters).
 See ``docs/from_module.md`` for the conventions, and for what the NTK of a
-converted module means.
+converted module means.  BatchNorm networks (``Linear -> BatchNorm1d -> ReLU``
+MLPs) are not architectures of pairwise layers: :func:`kernel_from_module` with
+``reference_points`` turns them into a :class:`~gpytorch_tp.BatchNormMLPKernel`.
 """
 
 from __future__ import annotations
@@ -1007,7 +1009,8 @@ def from_module(
     ``output.mean(1)``, ``nn.GRU``/``nn.LSTM(batch_first=True)`` (not
     bidirectional, no ``proj_size``; NNGP only) with the same readouts, residual sums ``x + f(x)`` and ``g(x) + f(x)``, and
     ``nn.Identity``/``nn.Dropout`` (the network in eval mode).  Anything else
-    raises :class:`UnsupportedModuleError`.
+    raises :class:`UnsupportedModuleError`, ``nn.BatchNorm1d`` too (its network is
+    converted by :func:`kernel_from_module` with ``reference_points``).
 
     Widths are ignored.  The variances (per fan-in for weights) are, for every
     layer: ``weight_variance`` / ``bias_variance`` / ``input_variance`` (RNN input

@@ -103,7 +103,9 @@ def make_data(n: int, seed: int = 0, noise_sd: float = 0.1) -> tuple[torch.Tenso
 # layer onto its infinite-width counterpart, with the variances of PyTorch's
 # default initialisation (weights: 1/3 per fan-in; biases: 1/(3 fan-in) for
 # the first layer, vanishing for the others at infinite width).  The Monte
-# Carlo kernel of the real module at a large width is the check.
+# Carlo kernel of the real module at a large width is the check.  (A
+# ``Linear -> BatchNorm1d -> ReLU`` network converts too, given reference points:
+# ``kernel_from_module(net, reference_points=R)``; see ``docs/from_module.md``.)
 
 
 # %%
