@@ -343,6 +343,24 @@ def test_pairwise_ntk_is_psd_consistent_and_the_limit_of_finite_networks():
     assert errors[512] < 0.09 and errors[512] < errors[32], errors
 
 
+def test_pairwise_kernel_takes_one_variance_per_dense_layer():
+    # Per-layer lists (as kernel_from_module gives them) against the batch functions, which take lists too.
+    reference, x = _points(3, 3, 29), _points(2, 3, 30)
+    weights, biases = [0.5, 3.0, 1.5], [0.2, 0.0, 0.4]
+    kernel = BatchNormMLPKernel(reference, depth=2, weight_variance=weights, bias_variance=biases).to(DTYPE)
+    assert [layer.weight_variance.item() for layer in kernel.dense] == pytest.approx(weights, rel=1e-12)
+    with torch.no_grad():
+        value = kernel(x).to_dense()
+    batches = torch.cat([x.unsqueeze(1), reference.expand(len(x), *reference.shape)], 1)
+    expected = batchnorm_mlp_nngp_cross(batches[0], batches[1], 2, weights, biases)[0, 0]
+    torch.testing.assert_close(value[0, 1], expected, rtol=1e-12, atol=0)
+    torch.testing.assert_close(
+        value[1, 1], batchnorm_mlp_nngp(batches[1], 2, weights, biases)[0, 0], rtol=1e-12, atol=0
+    )
+    with pytest.raises(ValueError, match="one value per dense layer"):
+        BatchNormMLPKernel(reference, depth=2, weight_variance=[1.0, 2.0])
+
+
 class _FirstOfBatch(torch.nn.Module):
     """The network on each batch ``(N, m + 1, d)``, read at the first point of the batch: ``(N, out)``."""
 
