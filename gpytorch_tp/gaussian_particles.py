@@ -41,7 +41,7 @@ import torch
 from torch import Tensor
 from torch.quasirandom import SobolEngine
 
-__all__ = ["JITTER", "PairParticles", "base_normals"]
+__all__ = ["JITTER", "PairParticles", "StepStack", "base_normals"]
 
 #: Relative jitter added to each step's 2 x 2 conditional covariance.
 JITTER = 1e-8
@@ -91,6 +91,46 @@ def _sqrt_and_cholesky(c11: Tensor, c12: Tensor, c22: Tensor) -> tuple[Tensor, .
     return s11, s12, s22, l11, l21, l22
 
 
+class StepStack:
+    """Tensors appended step by step along a new last axis, read back stacked.
+
+    Without autograd the steps are written into one buffer allocated at the
+    first step, so reading the first ``count`` steps is a view and earlier steps
+    are never copied again (the recursions read all previous steps at every
+    step: stacking them anew each time made the copies cost as much as the
+    arithmetic).  With autograd the steps are kept as separate tensors and
+    stacked on reading: writing into a buffer in place would invalidate the
+    values autograd saved for the backward pass.
+
+    :param steps: the largest number of steps that will be appended.
+    """
+
+    def __init__(self, steps: int):
+        self.steps = steps
+        self.count = 0
+        self.in_place = not torch.is_grad_enabled()
+        self._buffer: Tensor | None = None
+        self._items: list[Tensor] = []
+
+    def append(self, value: Tensor) -> None:
+        if self.in_place:
+            if self._buffer is None:
+                self._buffer = value.new_empty(*value.shape, self.steps)
+            self._buffer[..., self.count] = value
+        else:
+            self._items.append(value)
+        self.count += 1
+
+    def first(self, count: int) -> Tensor:
+        """The first ``count`` steps, stacked along the last axis."""
+        if self.in_place:
+            return self._buffer[..., :count]
+        return torch.stack(self._items[:count], -1)
+
+    def all(self) -> Tensor:
+        return self.first(self.count)
+
+
 class PairParticles:
     r"""Particles of independent Gaussian families sharing one covariance, for a batch of pairs of sequences.
 
@@ -108,6 +148,10 @@ class PairParticles:
         self.offsets = offsets
         self.factor: Tensor | None = None  # lower Cholesky factor of all previous variables (B, k, k)
         self.whitened: Tensor | None = None  # factor^-1 (previous particles): (B, M, families, k)
+        # Without autograd both grow inside buffers for all steps (see StepStack for why not with it).
+        self._in_place = not torch.is_grad_enabled()
+        self._factor_buffer: Tensor | None = None
+        self._whitened_buffer: Tensor | None = None
 
     def _base_at(self, t: int) -> Tensor:
         index = t - self.offsets
@@ -151,7 +195,9 @@ class PairParticles:
             new2 = new2 + mean[..., 1]
         block = torch.stack([torch.stack([l11, torch.zeros_like(l11)], -1), torch.stack([l21, l22], -1)], -2)
         whitened = torch.stack([w1, w2], -1)
-        if self.factor is None:
+        if self._in_place:
+            self._grow_in_place(block, whitened, None if cross_past is None else regression)
+        elif self.factor is None:
             self.factor, self.whitened = block, whitened
         else:
             batch, k = self.factor.shape[0], self.factor.shape[-1]
@@ -160,3 +206,17 @@ class PairParticles:
             self.factor = torch.cat([top, bottom], -2)
             self.whitened = torch.cat([self.whitened, whitened], -1)
         return torch.stack([new1, new2], -1)
+
+    def _grow_in_place(self, block: Tensor, whitened: Tensor, regression: Tensor | None) -> None:
+        """Append the new pair's rows of the factor and its whitened particles inside the buffers."""
+        if self._factor_buffer is None:
+            size = 2 * self.grid.shape[1]
+            self._factor_buffer = block.new_zeros(block.shape[0], size, size)
+            self._whitened_buffer = whitened.new_empty(*whitened.shape[:-1], size)
+        k = 0 if self.factor is None else self.factor.shape[-1]
+        if regression is not None:
+            self._factor_buffer[:, k : k + 2, :k] = regression.transpose(-1, -2)
+        self._factor_buffer[:, k : k + 2, k : k + 2] = block
+        self._whitened_buffer[..., k : k + 2] = whitened
+        self.factor = self._factor_buffer[:, : k + 2, : k + 2]
+        self.whitened = self._whitened_buffer[..., : k + 2]

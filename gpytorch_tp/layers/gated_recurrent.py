@@ -92,7 +92,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from ..finite import NTKGRU, NTKLSTM
-from ..gaussian_particles import PairParticles, base_normals
+from ..gaussian_particles import PairParticles, StepStack, base_normals
 from ..state import KernelState, per_item
 from .base import Layer, standard_deviation, variance_property
 from .elementwise import Erf, Nonlinearity, nonlinearity_from_name
@@ -318,11 +318,52 @@ def _correlated_nodes(k11: Tensor, k22: Tensor, k12: Tensor, nodes: Tensor) -> t
 class _Block:
     """One block (a side with the other, or with itself) of a pair's GRU recursion, shell by shell."""
 
-    def __init__(self, zero: Tensor):
+    def __init__(self, zero: Tensor, steps: int):
         self.zero = zero  # (B, 1)
+        self.steps = steps
         self.rows: list[Tensor] = []  # K_h(t, 0..t)
         self.cols: list[Tensor] = []  # K_h(0..t, t)
         self.row = self.col = None  # per particle: Q(m, 0..m), Q(0..m, m)
+        # Without autograd, Q's row and column are updated inside buffers for all steps (see StepStack).
+        self._in_place = not torch.is_grad_enabled()
+        self._row_buffer: Tensor | None = None
+        self._col_buffer: Tensor | None = None
+
+    def advance(self, m: int, h_n: Tensor, n_h: Tensor, keep_left: Tensor, keep_right: Tensor) -> None:
+        """Shell ``m`` of ``Q`` from shell ``m - 1``: ``h_t = z_t h_{t-1} + (1 - z_t) n_t`` on each side.
+
+        ``h_n``: ``E[h_a n'_m | z]`` and ``n_h``: ``E[n_m h'_b | z]`` for ``a, b = 0..m``;
+        ``keep_left``, ``keep_right``: each side's update gate at step ``m``.
+        """
+        if self._in_place:
+            self._advance_in_place(m, h_n, n_h, keep_left[..., 0], keep_right)
+        else:
+            if m == 0:
+                new_col = h_n[..., :0]
+                before = torch.zeros_like(n_h)
+            else:
+                new_col = torch.lerp(h_n[..., :m], self.col, keep_right)  # Q(a, m), a < m
+                before = torch.cat([self.row, new_col[..., m - 1 :]], -1)  # Q(m-1, b), b = 0..m
+            self.row = torch.lerp(n_h, before, keep_left)
+            self.col = torch.cat([new_col, self.row[..., m:]], -1)
+        self.rows.append(self.row.mean(1))
+        self.cols.append(self.col.mean(1))
+
+    def _advance_in_place(self, m: int, h_n: Tensor, n_h: Tensor, keep_left: Tensor, keep_right: Tensor) -> None:
+        if self._row_buffer is None:
+            self._row_buffer = n_h.new_empty(*n_h.shape[:-1], self.steps)
+            self._col_buffer = n_h.new_empty(*n_h.shape[:-1], self.steps)
+        rows, cols = self._row_buffer, self._col_buffer
+        if m == 0:
+            rows[..., 0] = n_h[..., 0] * (1 - keep_left)
+        else:
+            col = cols[..., :m]
+            torch.lerp(h_n[..., :m], col, keep_right, out=col)  # Q(a, m) from Q(a, m - 1), a < m
+            row = rows[..., :m]
+            torch.lerp(n_h[..., :m], row, keep_left[..., None], out=row)  # Q(m, b) from Q(m - 1, b), b < m
+            rows[..., m] = torch.lerp(n_h[..., m], cols[..., m - 1], keep_left)  # Q(m, m) from Q(m - 1, m)
+        cols[..., m] = rows[..., m]
+        self.row, self.col = rows[..., : m + 1], cols[..., : m + 1]
 
     def previous(self, m: int) -> tuple[Tensor, Tensor]:
         """``K_h(m - 1, a - 1)`` and ``K_h(a - 1, m - 1)`` for ``a = 0..m`` (0 where an index is -1)."""
@@ -351,14 +392,16 @@ class _GateProducts:
     ``enter_t = (1 - z_t) e^{-c_t}``.
     """
 
-    def __init__(self):
-        self.log_gates, self.grow, self.enter, self.gates = [], [], [], []
+    def __init__(self, steps: int):
+        self.log_gate: Tensor | None = None  # c of the last step
+        self.grow, self.enter = StepStack(steps), StepStack(steps)
+        self.gates: list[Tensor] = []
 
     def append(self, gate: Tensor) -> None:
         log_gate = torch.log(gate).clamp_min(-20.0)
-        if len(self.log_gates) % _SCAN_BLOCK:
-            log_gate = self.log_gates[-1] + log_gate
-        self.log_gates.append(log_gate)
+        if self.grow.count % _SCAN_BLOCK:
+            log_gate = self.log_gate + log_gate
+        self.log_gate = log_gate
         self.grow.append(torch.exp(log_gate))
         self.enter.append((1 - gate) * torch.exp(-log_gate))
         self.gates.append(gate)
@@ -370,7 +413,7 @@ def _gated_scan(gates: _GateProducts, values: Tensor) -> Tensor:
     Within a block ``y = e^{c} (carry + cumsum((1 - z) values e^{-c}))``; blocks are chained by their carries.
     """
     count = values.shape[-1]
-    grow, enter = torch.stack(gates.grow[:count], -1), torch.stack(gates.enter[:count], -1)
+    grow, enter = gates.grow.first(count), gates.enter.first(count)
     blocks, carry = [], None
     for start in range(0, count, _SCAN_BLOCK):
         part = slice(start, start + _SCAN_BLOCK)
@@ -383,7 +426,8 @@ def _gated_scan(gates: _GateProducts, values: Tensor) -> Tensor:
     return torch.cat(blocks, -1) if len(blocks) > 1 else blocks[0]
 
 
-_SCAN_BLOCK = 16
+# Steps per block of the scan: within a block e^{-c} <= e^{20 * 32}, finite in float64 (the chunks run in float64).
+_SCAN_BLOCK = 32
 
 
 def _shifted(k: Tensor) -> Tensor:
@@ -460,11 +504,11 @@ class GRU(_GatedRecurrent):
         lengths = torch.maximum(v1.sum(-1), v2.sum(-1)).round().long()
         sampler = PairParticles(base_normals(count, steps * 2, kx12.device), steps - lengths, 1)
         coef = (u[:, None], w[:, None], b[:, None])
-        gates = (_GateProducts(), _GateProducts())
+        gates = (_GateProducts(steps), _GateProducts(steps))
         pair = own1 is not None
         sides = {"12": (0, 1, kx12), "11": (0, 0, kx11), "22": (1, 1, kx22)} if pair else {"12": (0, 1, kx12)}
         valid = (v1, v2)
-        blocks = {name: _Block(kx12.new_zeros(batch, 1)) for name in sides}
+        blocks = {name: _Block(kx12.new_zeros(batch, 1), steps) for name in sides}
         for m in range(steps):
             kh = {name: block.previous(m) for name, block in blocks.items()}  # K_h(m-1, a-1), K_h(a-1, m-1)
             row12, col12 = kh["12"]
@@ -546,16 +590,7 @@ class GRU(_GatedRecurrent):
         ) * (valid_left[:, :m] * valid_right[:, m : m + 1])
         h_n = _gated_scan(gates_left, torch.cat([n_col, n_row[:, m:]], -1)[:, None])  # E[h_a n'_m | z]
         n_h = _gated_scan(gates_right, n_row[:, None])  # E[n_m h'_b | z]
-        if m == 0:
-            new_col = h_n[..., :0]
-            before = torch.zeros_like(n_h)
-        else:
-            new_col = keep_right * block.col + (1 - keep_right) * h_n[..., :m]
-            before = torch.cat([block.row, new_col[..., m - 1 :]], -1)  # Q(m-1, b), b = 0..m
-        block.row = keep_left * before + (1 - keep_left) * n_h
-        block.col = torch.cat([new_col, block.row[..., m:]], -1)
-        block.rows.append(block.row.mean(1))
-        block.cols.append(block.col.mean(1))
+        block.advance(m, h_n, n_h, keep_left, keep_right)
 
     def _candidate_moment(self, reset: tuple, inputs: tuple, hidden: tuple) -> Tensor:
         r"""``E[phi(A + r B) phi(A' + r' B')]`` from the covariances ``(k11, k22, k12)`` of the reset
@@ -625,8 +660,7 @@ class LSTM(_GatedRecurrent):
         lengths = torch.maximum(v1.sum(-1), v2.sum(-1)).round().long()
         sampler = PairParticles(base_normals(count, steps * 3 * 2, kx12.device), steps - lengths, 3)
         uw, ww, bw = u[:, None], w[:, None], b[:, None]
-        out1: list[Tensor] = []  # phi(c_t) per particle (B, M), 0 at padding
-        out2: list[Tensor] = []
+        out1, out2 = StepStack(steps), StepStack(steps)  # phi(c_t) per particle (B, M, t), 0 at padding
         diag1: list[Tensor] = []  # gate variances C(t, t) of each side (B,)
         diag2: list[Tensor] = []
         gate_rows: list[Tensor] = []  # C(t, 0..t): side 1 at t, side 2 at a
@@ -637,7 +671,8 @@ class LSTM(_GatedRecurrent):
             if t == 0:
                 kh_11 = kh_12 = kh_21 = kh_22 = kx12.new_zeros(batch, 1)
             else:
-                s1, s2 = torch.stack(out1, -1), torch.stack(out2, -1)  # (B, M, t)
+                s1, s2 = out1.all(), out2.all()  # (B, M, t)
+                last1, last2 = s1[..., -1], s2[..., -1]
                 d1, d2 = torch.stack(diag1, -1), torch.stack(diag2, -1)  # (B, t)
                 p11, p12, p21, p22 = previous  # covariances of step t-1 with a' = 0..t-1
 
@@ -646,16 +681,16 @@ class LSTM(_GatedRecurrent):
 
                 # K_h(a', t - 1) = E[o o'] E[phi(c) phi(c')] for a' = 0..t-1, then shifted to a = a' + 1.
                 kh_12 = _shifted(
-                    self._gate_moment(d1, last(d2), p12[:, :t]) * torch.einsum("bma,bm->ba", s1, out2[-1]) / count
+                    self._gate_moment(d1, last(d2), p12[:, :t]) * torch.einsum("bma,bm->ba", s1, last2) / count
                 )
                 kh_21 = _shifted(
-                    self._gate_moment(last(d1), d2, p21[:, :t]) * torch.einsum("bm,bma->ba", out1[-1], s2) / count
+                    self._gate_moment(last(d1), d2, p21[:, :t]) * torch.einsum("bm,bma->ba", last1, s2) / count
                 )
                 kh_11 = _shifted(
-                    self._gate_moment(d1, last(d1), p11[:, :t]) * torch.einsum("bma,bm->ba", s1, out1[-1]) / count
+                    self._gate_moment(d1, last(d1), p11[:, :t]) * torch.einsum("bma,bm->ba", s1, last1) / count
                 )
                 kh_22 = _shifted(
-                    self._gate_moment(d2, last(d2), p22[:, :t]) * torch.einsum("bma,bm->ba", s2, out2[-1]) / count
+                    self._gate_moment(d2, last(d2), p22[:, :t]) * torch.einsum("bma,bm->ba", s2, last2) / count
                 )
             c11 = uw * kx11[:, : t + 1, t] + ww * kh_11 + bw
             c12 = uw * kx12[:, : t + 1, t] + ww * kh_12 + bw  # side 1 at a, side 2 at t
@@ -675,7 +710,7 @@ class LSTM(_GatedRecurrent):
             state = self.nonlinearity.function(cell) * valid
             out1.append(state[..., 0])
             out2.append(state[..., 1])
-        cells = torch.einsum("bmt,bms->bts", torch.stack(out1, -1), torch.stack(out2, -1)) / count
+        cells = torch.einsum("bmt,bms->bts", out1.all(), out2.all()) / count
         lower = torch.stack([nn.functional.pad(r, (0, steps - r.shape[-1])) for r in gate_rows], -2)
         upper = torch.stack([nn.functional.pad(c, (0, steps - c.shape[-1])) for c in gate_cols], -1)
         gate_cov = torch.tril(lower) + torch.triu(upper, 1)
