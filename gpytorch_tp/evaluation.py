@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from .host_memory import empty_on_huge_pages, tune_allocator
 from .layers.base import Layer
 from .state import KernelState, per_item_cache, shared_per_item_work
 
@@ -573,6 +574,8 @@ def _evaluate_tiles(
     # The first tile runs in this thread before the others: it fills the caches
     # of hyperparameters and per-item work that all tiles share.  Tiles are small
     # enough that their operations run best on one core each (see _map_tiles).
+    if x1.device.type == "cpu" and len(tasks) > 1:
+        tune_allocator()  # temporaries kept between tiles: see host_memory
     with _intra_op_threads(1 if x1.device.type == "cpu" else None):
         cache = per_item_cache()
         held_before = 0 if cache is None else cache.held_bytes
@@ -589,7 +592,9 @@ def _evaluate_tiles(
             _map_tiles(compute, tasks[1:], workers, grad=True, progress=plan.progress)
         else:
             # No autograd: each tile (and its mirror image) goes straight into the output.
-            outputs = [None if value is None else value.new_empty(*value.shape[:-2], n1, n2) for value in first]
+            outputs = [
+                None if value is None else empty_on_huge_pages(value, *value.shape[:-2], n1, n2) for value in first
+            ]
 
             def store(r: int, c: int, values: tuple[Tensor, Tensor | None]) -> None:
                 for out, value in zip(outputs, values):
