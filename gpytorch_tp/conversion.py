@@ -13,7 +13,9 @@ works for every network.
 Widths in the module are ignored (the kernels are the infinite-width limit).
 The variances of the weights come from, in this order: explicit arguments of
 :func:`from_module`; the module's initialisation (``init="pytorch"``:
-PyTorch's default initialisation of each module type, exactly, in the limit;
+the variances of PyTorch's default initialisation of each module type, whose
+limit the kernel is, except that the first layer's uniform weights over a few
+input features are taken as Gaussian ones of the same variance;
 ``init="measured"``: the second moments of the module's current parameters).
 See ``docs/from_module.md`` for the conventions, and for what the NTK of a
 converted module means.  BatchNorm networks (``Linear -> BatchNorm1d -> ReLU``
