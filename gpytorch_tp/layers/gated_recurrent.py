@@ -84,6 +84,8 @@ NTK is not implemented.
 
 from __future__ import annotations
 
+import math
+
 import numpy
 import torch
 from gpytorch.constraints import Interval
@@ -96,6 +98,7 @@ from ..gaussian_particles import PairParticles, base_normals
 from ..state import KernelState, per_item
 from .base import Layer, standard_deviation, variance_property
 from .elementwise import Erf, Nonlinearity, nonlinearity_from_name
+from .gated_tangents import GATE_DERIVATIVES, derivative, shift_both, tangent_rows
 from .recurrent import _check_sequence
 
 __all__ = ["GATES", "GRU", "LSTM"]
@@ -113,6 +116,10 @@ GATES = {"sigmoid": torch.sigmoid, "erf": erf_gate}
 # a chunk may take; with autograd the chunk is recomputed in the backward pass
 # (checkpointing), and its graph holds about ``families * M * T^2`` numbers per pair.
 _CHUNK_BYTES = 96 * 2**20
+# Relative jitter of the NTK's forward particles: a low-rank input covariance (steps of few
+# features) makes conditional variances vanish, and rounding of the covariances (float32 inputs)
+# is amplified by about 1 / sqrt(jitter); the jitter's own error is far below the particles'.
+_TANGENT_JITTER = 1e-6
 
 
 class _GatedRecurrent(Layer):
@@ -194,8 +201,6 @@ class _GatedRecurrent(Layer):
             raise RuntimeError(
                 f"{type(self).__name__} needs all step pairs; evaluate through gpytorch_tp.evaluate or a kernel"
             )
-        if state.track_ntk:
-            raise NotImplementedError(f"the NTK of the {type(self).__name__} layer is not implemented; use kind='nngp'")
         w, u, b = self.weight_variance, self.input_variance, self.bias_variance
         rows1 = None if state.valid1 is None else state.valid1[..., 0]  # (..., N1, 1, T)
         rows2 = None if state.valid2 is None else state.valid2[..., 0, :]  # (..., 1, N2, T)
@@ -203,7 +208,21 @@ class _GatedRecurrent(Layer):
         hidden2 = per_item(self._self_covariance, state.var2, rows2, w, u, b, state.item_ndim)
         own = (hidden1, hidden2) if self._uses_own_covariances else ()
         cross = self._covariance(state.cross, state.var1, state.var2, rows1, rows2, (w, u, b), state.item_ndim, *own)
-        return state.replace(cross=cross, var1=hidden1, var2=hidden2, ntk=None, gaussian=False, fresh=True)
+        out = state.replace(cross=cross, var1=hidden1, var2=hidden2, ntk=None, gaussian=False, fresh=True)
+        if state.track_ntk:
+            # out.cross: pairs of identical items hold their own K_h exactly, so that their forward
+            # covariance over both sides' steps is consistent (else rounding is amplified by the jitter).
+            input_ntk = torch.zeros_like(state.cross) if state.ntk is None else state.ntk
+            steps = cross.shape[-1]
+
+            def per_pair(grad: bool) -> int:
+                # Paths, coefficients and the decay matrix per particle; with autograd every row's graph.
+                return self.num_particles * 8 * (steps * steps * (10 if grad else 2) + 64 * steps)
+
+            matrices = [state.cross, state.var1, state.var2, out.cross, hidden1, hidden2, input_ntk]
+            ntk = self._in_chunks(self._tangent_chunk, matrices, (), rows1, rows2, (w, u, b), state.item_ndim, per_pair)
+            out = out.replace(ntk=ntk)
+        return out
 
     def _self_covariance(self, inputs: Tensor, valid: Tensor | None, w, u, b, item_ndim: int) -> Tensor:
         """Each item's own ``K_h(t, s)``: the pair computation of the item with itself."""
@@ -218,7 +237,24 @@ class _GatedRecurrent(Layer):
         them, the items are paired with themselves.
         """
         steps = kx12.shape[-1]
-        pieces = [kx12, kx11, kx22, *own]
+        families = sum(n for _, n in self._families)
+
+        def per_pair(grad: bool) -> int:
+            return self.num_particles * steps * 8 * (steps * (families + 4) * 2 if grad else 2 * families * 3 + 16)
+
+        return self._in_chunks(self._chunk, [kx12, kx11, kx22], own, valid1, valid2, params, item_ndim, per_pair)
+
+    def _in_chunks(self, fn, matrices, trailing, valid1, valid2, params, item_ndim: int, per_pair) -> Tensor:
+        """``fn(*matrices, v1, v2, w, u, b, *trailing)`` over all pairs, flattened to a batch, in chunks, in float64.
+
+        ``matrices``/``trailing``: ``(..., T, T)`` per pair (or per item, broadcast);
+        ``per_pair(grad)``: bytes one pair takes, with or without autograd (then
+        each chunk is recomputed in the backward pass).  Returns ``(..., T, T)``
+        in the first matrix's dtype.
+        """
+        kx12 = matrices[0]
+        steps = kx12.shape[-1]
+        pieces = [*matrices, *trailing]
         params = [p.reshape(*p.shape, *([1] * item_ndim)) for p in params]  # hyperparameter batch first
         lead = torch.broadcast_shapes(*(p.shape[:-2] for p in pieces), *(p.shape for p in params))
 
@@ -233,25 +269,23 @@ class _GatedRecurrent(Layer):
         def flat_param(p: Tensor) -> Tensor:
             return p.to(torch.float64).expand(lead).reshape(-1)
 
-        matrices = [flat_matrix(p) for p in pieces]
-        own_flat = matrices[3:]
-        matrices = matrices[:3]
+        flat = [flat_matrix(p) for p in pieces]
+        trailing_flat = flat[len(matrices) :]
+        matrices = flat[: len(matrices)]
         w, u, b = (flat_param(p) for p in params)
         v1, v2 = flat_valid(valid1), flat_valid(valid2)
         count = v1.shape[0]
-        families = sum(n for _, n in self._families)
-        grad = torch.is_grad_enabled() and any(t.requires_grad for t in (*matrices, *own_flat, w, u, b))
-        per_pair = self.num_particles * steps * 8 * (steps * (families + 4) * 2 if grad else 2 * families * 3 + 16)
-        chunk = max(1, min(count, _CHUNK_BYTES // per_pair))
+        grad = torch.is_grad_enabled() and any(t.requires_grad for t in (*matrices, *trailing_flat, w, u, b))
+        chunk = max(1, min(count, _CHUNK_BYTES // per_pair(grad)))
         outputs = []
         for start in range(0, count, chunk):
             part = slice(start, start + chunk)
             args = [m[part] for m in matrices] + [v1[part], v2[part], w[part], u[part], b[part]]
-            args += [m[part] for m in own_flat]
+            args += [m[part] for m in trailing_flat]
             if grad:
-                outputs.append(checkpoint(self._chunk, *args, use_reentrant=False))
+                outputs.append(checkpoint(fn, *args, use_reentrant=False))
             else:
-                outputs.append(self._chunk(*args))
+                outputs.append(fn(*args))
         out = torch.cat(outputs) if len(outputs) > 1 else outputs[0]
         return out.reshape(*lead, steps, steps).to(kx12.dtype)
 
@@ -269,6 +303,34 @@ class _GatedRecurrent(Layer):
 
     def _gate(self, x: Tensor) -> Tensor:
         return GATES[self.gate](x)
+
+    # -- the NTK (see gated_tangents) ----------------------------------------------------------
+
+    def _tangent_chunk(self, kx12, kx11, kx22, kh12, kh11, kh22, tx12, v1, v2, w, u, b) -> Tensor:
+        """``Theta_h`` of a chunk of pairs ``(B, T, T)`` from the inputs' ``K``, ``Theta`` and the layer's ``K_h``."""
+        raise NotImplementedError  # pragma: no cover - abstract
+
+    def _sample_paths(self, c11, c12, c22, v1, v2, families: int, stream: int) -> Tensor:
+        """Particles ``(B, M, T, families, 2)`` of ``families`` independent families with covariance blocks
+        ``c11[a, t]`` (side 1 with itself), ``c12[a, t]`` (side 1 at ``a``, side 2 at ``t``), ``c22``.
+
+        The same construction as the NNGP's particles (padding, symmetry), from base points of
+        their own ``stream``.
+        """
+        steps = v1.shape[-1]
+        lengths = torch.maximum(v1.sum(-1), v2.sum(-1)).round().long()
+        base = base_normals(self.num_particles, steps * families * 2, c12.device, stream=stream)
+        sampler = PairParticles(base, steps - lengths, families, jitter=_TANGENT_JITTER)
+        paths = []
+        for t in range(steps):
+            covariances = _new_step_covariances(
+                c11[:, : t + 1, t], c12[:, : t + 1, t], c12[:, t, : t + 1], c22[:, : t + 1, t], v1, v2, t
+            )
+            paths.append(sampler.step(t, *covariances))
+        return torch.stack(paths, 2)
+
+    def _gate_derivative(self, x: Tensor) -> Tensor:
+        return GATE_DERIVATIVES[self.gate](x)
 
     def extra_repr(self) -> str:
         return (
@@ -580,6 +642,54 @@ class GRU(_GatedRecurrent):
             moment = torch.einsum("...ij,i,j->...", fn(u) * fn(v), cand_weights, cand_weights)
         return torch.einsum("...ij,i,j->...", moment, weights, weights)
 
+    def _tangent_chunk(self, kx12, kx11, kx22, kh12, kh11, kh22, tx12, v1, v2, w, u, b) -> Tensor:
+        r"""``Theta_h`` of a chunk of pairs ``(B, T, T)``: particles of all four families, then the tangent recursion.
+
+        Families :math:`\tilde z, \tilde r` (the gates' covariance), :math:`A = W_n x + b_n` and
+        :math:`B = U_n h + b_{hn}`, drawn with the covariances of the given ``K_h``; per particle
+        :math:`dh_t = z_t dh_{t-1} + c^z_t \tau^z_t + c^r_t \tau^r_t + c^A_t \tau^A_t + c^B_t \tau^B_t`
+        with :math:`c^z = (h_{t-1} - n_t) \sigma'(\tilde z_t)`, :math:`c^A = (1 - z_t) \phi'(A_t + r_t B_t)`,
+        :math:`c^B = c^A r_t`, :math:`c^r = c^A B_t \sigma'(\tilde r_t)`.
+        """
+        steps = v1.shape[-1]
+        u_, w_, b_ = u[:, None, None], w[:, None, None], b[:, None, None]
+        inputs = [u_ * kx + b_ for kx in (kx11, kx12, kx22)]  # Cov(A): blocks 11, 12, 22
+        hidden = [w_ * shift_both(kh) + b_ for kh in (kh11, kh12, kh22)]  # Cov(B)
+        gates = self._sample_paths(*(a + h - b_ for a, h in zip(inputs, hidden)), v1, v2, 2, stream=1)
+        candidate_inputs = self._sample_paths(*inputs, v1, v2, 1, stream=2)
+        candidate_hidden = self._sample_paths(*hidden, v1, v2, 1, stream=3)
+        coefficients, keeps = [], []
+        for side, valid in enumerate((v1, v2)):
+            z_pre, r_pre = gates[..., 0, side], gates[..., 1, side]  # (B, M, T)
+            a, bh = candidate_inputs[..., 0, side], candidate_hidden[..., 0, side]
+            z, r = self._gate(z_pre), self._gate(r_pre)
+            pre = a + r * bh
+            n = self.nonlinearity.function(pre)
+            state, before = torch.zeros_like(n[..., 0]), []
+            for t in range(steps):
+                before.append(state)
+                state = ((1 - z[..., t]) * n[..., t] + z[..., t] * state) * valid[:, None, t]
+            c_a = (1 - z) * derivative(self.nonlinearity, pre)
+            c_z = (torch.stack(before, -1) - n) * self._gate_derivative(z_pre)
+            c_r = c_a * bh * self._gate_derivative(r_pre)
+            coefficients.append(torch.stack([c_z, c_r, c_a, c_a * r], -2) * valid[:, None, None, :])
+            keeps.append(z)
+        input_part = u_ * (kx12 + tx12) + b_  # Gamma of A
+        hidden_part = w_ * shift_both(kh12) + b_  # Gamma of B, before Theta_h
+
+        def gammas(t: int, previous: Tensor | None) -> Tensor:
+            recurrent = hidden_part[:, t]
+            if previous is not None:
+                recurrent = recurrent + w[:, None] * nn.functional.pad(previous[:, :-1], (1, 0))
+            gate = input_part[:, t] + recurrent - b[:, None]
+            return torch.stack([gate, gate, input_part[:, t], recurrent], 1)
+
+        def readout(t: int, moments: Tensor, gamma: Tensor) -> Tensor:
+            return moments.mean(1)
+
+        theta = tangent_rows(*coefficients, *keeps, gammas, readout)
+        return theta * v1[:, :, None] * v2[:, None, :]
+
     def finite_module(self, in_shape: tuple[int, ...], width: int) -> tuple[nn.Module, tuple[int, ...]]:
         if len(in_shape) != 2:
             raise ValueError(f"GRU needs sequence features (channels, T), got feature shape {tuple(in_shape)}")
@@ -682,6 +792,76 @@ class LSTM(_GatedRecurrent):
         d1, d2 = torch.stack(diag1, -1), torch.stack(diag2, -1)
         outputs = self._gate_moment(d1[:, :, None].expand_as(gate_cov), d2[:, None, :].expand_as(gate_cov), gate_cov)
         return outputs * cells
+
+    def _tangent_chunk(self, kx12, kx11, kx22, kh12, kh11, kh22, tx12, v1, v2, w, u, b) -> Tensor:
+        r"""``Theta_h`` of a chunk of pairs ``(B, T, T)``: particles of :math:`\tilde i, \tilde f, \tilde g`,
+        the output gate by quadrature, and the tangent recursion of the cell state.
+
+        :math:`dc_t = f_t dc_{t-1} + c_{t-1} \sigma'(\tilde f_t) \tau^f_t + g_t \sigma'(\tilde i_t) \tau^i_t
+        + i_t \phi'(\tilde g_t) \tau^g_t` and :math:`dh_t = \phi(c_t) \sigma'(\tilde o_t) \tau^o_t
+        + o_t \phi'(c_t) dc_t`; the output gate is independent of the rest, so
+        :math:`\Theta_h(t, s) = E[\sigma'(\tilde o_t) \sigma'(\tilde o'_s)] E[\phi(c_t) \phi(c'_s)] \Gamma(t, s)
+        + E[o_t o'_s] E[\phi'(c_t) \phi'(c'_s) P^c(t, s)]`.
+        """
+        steps, count = v1.shape[-1], self.num_particles
+        u_, w_, b_ = u[:, None, None], w[:, None, None], b[:, None, None]
+        cov11, cov12, cov22 = (
+            u_ * kx + w_ * shift_both(kh) + b_ for kx, kh in ((kx11, kh11), (kx12, kh12), (kx22, kh22))
+        )
+        paths = self._sample_paths(cov11, cov12, cov22, v1, v2, 3, stream=1)
+        coefficients, keeps, values, slopes = [], [], [], []
+        for side, valid in enumerate((v1, v2)):
+            i_pre, f_pre, g_pre = (paths[..., k, side] for k in range(3))  # (B, M, T)
+            i, f, g = self._gate(i_pre), self._gate(f_pre), self.nonlinearity.function(g_pre)
+            cell, before, cells = torch.zeros_like(i[..., 0]), [], []
+            for t in range(steps):
+                before.append(cell)
+                cell = (f[..., t] * cell + i[..., t] * g[..., t]) * valid[:, None, t]
+                cells.append(cell)
+            cell_before, cell_now = torch.stack(before, -1), torch.stack(cells, -1)
+            coefficients.append(
+                torch.stack(
+                    [
+                        g * self._gate_derivative(i_pre),
+                        cell_before * self._gate_derivative(f_pre),
+                        i * derivative(self.nonlinearity, g_pre),
+                    ],
+                    -2,
+                )
+                * valid[:, None, None, :]
+            )
+            keeps.append(f)
+            values.append(self.nonlinearity.function(cell_now) * valid[:, None, :])
+            slopes.append(derivative(self.nonlinearity, cell_now) * valid[:, None, :])
+        d1 = cov11.diagonal(0, -2, -1)[:, :, None].expand_as(cov12)
+        d2 = cov22.diagonal(0, -2, -1)[:, None, :].expand_as(cov12)
+        output_gates = self._gate_moment(d1, d2, cov12)  # E[o_t o'_s]
+        output_slopes = self._gate_slope_moment(d1, d2, cov12)  # E[sigma'(o~_t) sigma'(o~'_s)]
+        states = torch.einsum("bmt,bms->bts", *values) / count  # E[phi(c_t) phi(c'_s)]
+        forward_part = cov12 + u_ * tx12  # Gamma before Theta_h
+
+        def gammas(t: int, previous: Tensor | None) -> Tensor:
+            gamma = forward_part[:, t]
+            if previous is not None:
+                gamma = gamma + w[:, None] * nn.functional.pad(previous[:, :-1], (1, 0))
+            return gamma[:, None].expand(-1, 3, -1)
+
+        def readout(t: int, moments: Tensor, gamma: Tensor) -> Tensor:
+            through_cell = torch.einsum("bm,bms->bs", slopes[0][..., t], slopes[1] * moments) / count
+            return output_slopes[:, t] * states[:, t] * gamma[:, 0] + output_gates[:, t] * through_cell
+
+        theta = tangent_rows(*coefficients, *keeps, gammas, readout)
+        return theta * v1[:, :, None] * v2[:, None, :]
+
+    def _gate_slope_moment(self, k11: Tensor, k22: Tensor, k12: Tensor) -> Tensor:
+        """``E[sigma'(u) sigma'(v)]`` for a centred pair with covariance ``[[k11, k12], [k12, k22]]``."""
+        if self.gate == "erf":
+            # sigma'(x) = exp(-x^2) / sqrt(pi), and E[exp(-u^2 - v^2)] = det(I + 2 C)^(-1/2).
+            return 1 / (math.pi * torch.sqrt((1 + 2 * k11) * (1 + 2 * k22) - 4 * k12 * k12))
+        nodes, weights = _hermite_rule(_GATE_NODES, k11.dtype, k11.device)
+        first, second = _correlated_nodes(k11, k22, k12, nodes)
+        products = self._gate_derivative(first) * self._gate_derivative(second)
+        return torch.einsum("...ij,i,j->...", products, weights, weights)
 
     def finite_module(self, in_shape: tuple[int, ...], width: int) -> tuple[nn.Module, tuple[int, ...]]:
         if len(in_shape) != 2:

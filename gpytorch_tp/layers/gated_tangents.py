@@ -1,0 +1,126 @@
+r"""The tangent recursion behind the NTK of the gated recurrent layers (GRU, LSTM).
+
+The NTK is :math:`\Theta(x, x') = E_{\dot\theta}[\,df(x)\, df(x')]` with
+:math:`df` the forward-mode derivative of the network along a random
+parameter direction :math:`\dot\theta \sim N(0, I)`.  That derivative is
+itself a Netsor program (Yang 2019, TP1): per unit, the derivative of each
+pre-activation family :math:`W x_t + U h_{t-1} + b` is a new centred Gaussian
+family :math:`\tau`, independent of every forward family and of the other
+matrices' tangent families, with covariance the forward one with every
+:math:`K` replaced by :math:`K + \Theta`:
+
+.. math::
+
+    \Gamma(t, s) = \sigma_u^2 (K_x + \Theta_x)(t, s) + \sigma_w^2 (K_h + \Theta_h)(t - 1, s - 1) + \sigma_b^2
+
+(independent because :math:`\dot\theta \to -\dot\theta` leaves the forward
+values and flips the tangents, so :math:`E[h\, dh] = 0`).  A gated state's
+tangent is linear in the :math:`\tau` with coefficients that are functions of
+the forward families:
+
+.. math::
+
+    dh_t = k_t\, dh_{t-1} + e_t, \qquad e_t = \sum_f c^f_t \tau^f_t
+
+(GRU: :math:`k = z`, LSTM cell: :math:`k = f`), so, per particle of the
+forward families, the conditional second moments need no sampling of
+:math:`\tau`:
+
+.. math::
+
+    P(t, s) = E[dh_t\, dh'_s \mid \text{forward}] = k_t P(t - 1, s) + R(t; s), \qquad
+    R(t; s) = E[e_t\, dh'_s \mid \cdot] = \sum_{b \le s} \Big(\prod_{b < l \le s} k'_l\Big) E(t, b),
+
+with :math:`E(t, s) = \sum_f c^f_t c'^f_s \Gamma^f(t, s)`.  Row :math:`t` of
+:math:`\Gamma` needs row :math:`t - 1` of :math:`\Theta_h` (a particle mean of
+:math:`P`), so the recursion runs row by row, vectorised over the columns,
+the pairs and the particles (:func:`tangent_rows`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+from torch import Tensor, nn
+
+from .elementwise import Erf, Nonlinearity
+
+__all__ = ["GATE_DERIVATIVES", "decay_matrix", "derivative", "shift_both", "tangent_rows"]
+
+
+def _sigmoid_derivative(x: Tensor) -> Tensor:
+    s = torch.sigmoid(x)
+    return s * (1 - s)
+
+
+def _erf_gate_derivative(x: Tensor) -> Tensor:
+    return torch.exp(-x * x) / math.sqrt(math.pi)
+
+
+#: Derivatives of the gate functions of :data:`~gpytorch_tp.layers.gated_recurrent.GATES`, by name.
+GATE_DERIVATIVES = {"sigmoid": _sigmoid_derivative, "erf": _erf_gate_derivative}
+
+
+def derivative(phi: Nonlinearity, x: Tensor) -> Tensor:
+    """``phi'(x)`` elementwise: a closed form where the nonlinearity has one, else forward-mode autodiff."""
+    if isinstance(phi, Erf):
+        return torch.exp(-x * x) * (2 / math.sqrt(math.pi))
+    closed = getattr(phi, "derivatives", None)
+    value = closed(x, 1) if closed is not None else None
+    if value is None and callable(getattr(phi, "derivative", None)):
+        value = phi.derivative(x)
+    if value is None:
+        # An elementwise function's Jacobian is diagonal: the JVP with ones is its derivative.
+        value = torch.func.jvp(phi.function, (x,), (torch.ones_like(x),))[1]
+    return value
+
+
+def shift_both(k: Tensor) -> Tensor:
+    """``K(t - 1, s - 1)`` of a ``(..., T, T)`` matrix, 0 where an index is -1."""
+    return nn.functional.pad(k[..., :-1, :-1], (1, 0, 1, 0))
+
+
+def decay_matrix(keep: Tensor) -> Tensor:
+    """``L[s, b] = prod_{b < l <= s} keep_l`` for ``b <= s`` (else 0): ``(..., T) -> (..., T, T)``.
+
+    From cumulative logs; factors below 1e-18 count as 1e-18 (then the product is
+    negligible anyway), so that the logs stay finite.
+    """
+    logs = torch.cumsum(keep.clamp_min(1e-18).log(), -1)
+    exponent = logs[..., :, None] - logs[..., None, :]
+    steps = keep.shape[-1]
+    lower = torch.ones(steps, steps, dtype=torch.bool, device=keep.device).tril()
+    return exponent.masked_fill(~lower, -math.inf).exp()
+
+
+def tangent_rows(
+    coef1: Tensor,
+    coef2: Tensor,
+    keep1: Tensor,
+    keep2: Tensor,
+    gammas: Callable[[int, Tensor | None], Tensor],
+    readout: Callable[[int, Tensor, Tensor], Tensor],
+) -> Tensor:
+    r"""The tangent recursion of a chunk of pairs, row by row: ``Theta_h`` ``(B, T, T)``.
+
+    :param coef1: side 1's coefficients :math:`c^f_t` per particle ``(B, M, F, T)`` (0 at padding).
+    :param coef2: side 2's ``(B, M, F, T)``.
+    :param keep1: side 1's factor :math:`k_t` on the previous tangent ``(B, M, T)``.
+    :param keep2: side 2's ``(B, M, T)``.
+    :param gammas: ``(t, Theta_h(t - 1, :) or None) -> Gamma^f(t, :)`` ``(B, F, T)``.
+    :param readout: ``(t, P(t, :) (B, M, T), Gamma(t, :)) -> Theta_h(t, :)`` ``(B, T)``.
+    """
+    decay = decay_matrix(keep2)  # (B, M, s, b)
+    steps = coef1.shape[-1]
+    moments = previous = None
+    rows = []
+    for t in range(steps):
+        gamma = gammas(t, previous)
+        innovation = torch.einsum("bmf,bmfs,bfs->bms", coef1[..., t], coef2, gamma)  # E(t, s)
+        carried = torch.einsum("bmsk,bmk->bms", decay, innovation)  # R(t; s)
+        moments = carried if moments is None else keep1[..., t : t + 1] * moments + carried
+        previous = readout(t, moments, gamma)
+        rows.append(previous)
+    return torch.stack(rows, -2)
