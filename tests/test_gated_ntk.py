@@ -215,7 +215,7 @@ def test_exact_gp_trains_with_the_ntk():
             super().__init__(x, y, likelihood)
             self.mean = gpytorch.means.ConstantMean()
             self.covar = gpytorch.kernels.ScaleKernel(
-                GRUKernel((3, 2), kind="ntk", num_particles=32, padding_value=-1e6)
+                GRUKernel((3, 2), nonlinearity="erf", kind="ntk", num_particles=32, padding_value=-1e6)
             )
 
         def forward(self, inputs):

@@ -47,7 +47,7 @@ from torch import Tensor, nn
 
 from .elementwise import Erf, Nonlinearity
 
-__all__ = ["GATE_DERIVATIVES", "decay_matrix", "derivative", "shift_both", "tangent_rows"]
+__all__ = ["GATE_DERIVATIVES", "DecayedSums", "derivative", "shift_both", "tangent_rows"]
 
 
 def _sigmoid_derivative(x: Tensor) -> Tensor:
@@ -82,17 +82,38 @@ def shift_both(k: Tensor) -> Tensor:
     return nn.functional.pad(k[..., :-1, :-1], (1, 0, 1, 0))
 
 
-def decay_matrix(keep: Tensor) -> Tensor:
-    """``L[s, b] = prod_{b < l <= s} keep_l`` for ``b <= s`` (else 0): ``(..., T) -> (..., T, T)``.
+# Steps per block of :class:`DecayedSums`, and the smallest factor it resolves: within a block the
+# inverse cumulative product stays below 2e-9 ** -16 = 1e139, finite in float64.
+_BLOCK = 16
+_SMALLEST_FACTOR = 2e-9
 
-    From cumulative logs; factors below 1e-18 count as 1e-18 (then the product is
-    negligible anyway), so that the logs stay finite.
+
+class DecayedSums:
+    """``y_s = keep_s y_{s-1} + v_s`` along the last axis (``y_{-1} = 0``), for many ``v`` with the same ``keep``.
+
+    That is ``y_s = sum_{b <= s} (prod_{b < l <= s} keep_l) v_b``, computed per block of
+    steps as ``e^{c_s} (y_before + cumsum_b(e^{-c_b} v_b))`` with ``c`` the cumulative log of
+    ``keep`` within the block: ``O(T)`` per ``v``.  Factors below 2e-9 count as 2e-9 (the
+    products they enter are negligible then), so that ``e^{-c}`` stays finite.
     """
-    logs = torch.cumsum(keep.clamp_min(1e-18).log(), -1)
-    exponent = logs[..., :, None] - logs[..., None, :]
-    steps = keep.shape[-1]
-    lower = torch.ones(steps, steps, dtype=torch.bool, device=keep.device).tril()
-    return exponent.masked_fill(~lower, -math.inf).exp()
+
+    def __init__(self, keep: Tensor):
+        logs = keep.clamp_min(_SMALLEST_FACTOR).log()
+        self.blocks = []
+        for start in range(0, keep.shape[-1], _BLOCK):
+            cumulative = torch.cumsum(logs[..., start : start + _BLOCK], -1)
+            self.blocks.append((slice(start, start + _BLOCK), cumulative.exp(), (-cumulative).exp()))
+
+    def __call__(self, values: Tensor) -> Tensor:
+        out, carry = [], None
+        for part, grow, shrink in self.blocks:
+            total = torch.cumsum(values[..., part] * shrink, -1)
+            if carry is not None:
+                total = total + carry
+            y = grow * total
+            out.append(y)
+            carry = y[..., -1:]
+        return torch.cat(out, -1) if len(out) > 1 else out[0]
 
 
 def tangent_rows(
@@ -112,14 +133,14 @@ def tangent_rows(
     :param gammas: ``(t, Theta_h(t - 1, :) or None) -> Gamma^f(t, :)`` ``(B, F, T)``.
     :param readout: ``(t, P(t, :) (B, M, T), Gamma(t, :)) -> Theta_h(t, :)`` ``(B, T)``.
     """
-    decay = decay_matrix(keep2)  # (B, M, s, b)
+    decayed_sums = DecayedSums(keep2)
     steps = coef1.shape[-1]
     moments = previous = None
     rows = []
     for t in range(steps):
         gamma = gammas(t, previous)
         innovation = torch.einsum("bmf,bmfs,bfs->bms", coef1[..., t], coef2, gamma)  # E(t, s)
-        carried = torch.einsum("bmsk,bmk->bms", decay, innovation)  # R(t; s)
+        carried = decayed_sums(innovation)  # R(t; s)
         moments = carried if moments is None else keep1[..., t : t + 1] * moments + carried
         previous = readout(t, moments, gamma)
         rows.append(previous)
