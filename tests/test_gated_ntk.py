@@ -21,6 +21,7 @@ from sequence_data import nan_padded, random_sequences
 from gpytorch_tp import GRUKernel, LSTMKernel, TensorProgramKernel, evaluate
 from gpytorch_tp import layers as L
 from gpytorch_tp.empirical import build_network, network_jacobian
+from gpytorch_tp.layers import gated_recurrent
 
 DTYPE = torch.float64
 
@@ -48,11 +49,12 @@ FIN_STEPS, FIN_D = 4, 2
 FIN_SEQS = random_sequences((4, 2, 3, 4), FIN_D, seed=21)
 
 
+# 4096 particles: the kernel's own error (2-7e-2 below the readout with 1024) stays well under the bound.
 FINITE_CASES = {
-    "gru-tanh-last": lambda: L.Sequential(L.GRU(weight_variance=1.5), L.LastStep(), L.Linear()),
+    "gru-tanh-last": lambda: L.Sequential(L.GRU(weight_variance=1.5, num_particles=4096), L.LastStep(), L.Linear()),
     # A Linear below: the GRU's input has an NTK of its own.
     "linear-gru-erf-erf-mean": lambda: L.Sequential(
-        L.Linear(1.0, 0.1), L.GRU("erf", "erf", weight_variance=1.5), L.TimeMean(), L.Linear()
+        L.Linear(1.0, 0.1), L.GRU("erf", "erf", weight_variance=1.5, num_particles=4096), L.TimeMean(), L.Linear()
     ),
     "lstm-tanh-last": lambda: L.Sequential(L.LSTM(weight_variance=1.5, num_particles=4096), L.LastStep(), L.Linear()),
 }
@@ -99,8 +101,11 @@ def test_finite_width_ntk_converges_to_the_kernel(name):
 # 2. The particle estimate.
 # =============================================================================================
 #
-# Measured (3 sequences, T = 4, against 16384 particles): NTK error with 1024 particles 0.6e-2 (GRU
-# tanh, mean), 2.0e-2 (GRU erf), 1.3e-2 (LSTM); with 64 particles 0.065, 0.081, 0.087.
+# The reference averages two independent scramblings of the base points (another stream): the
+# first M points of one scrambling are a prefix of its first 2M, so a reference from the same
+# stream would share points with the estimate and understate its error.  Measured (3 sequences,
+# T = 4, against 4 x 16384 particles, 3 scramblings): NTK error with 1024 particles 1.2-3.6e-2 (GRU
+# tanh, mean), 1.8-3.8e-2 (GRU erf), 0.8-1.2e-2 (LSTM); with 64 particles 0.03-0.33.
 
 ACC_SEQS = random_sequences((4, 2, 4), 2, seed=22)
 
@@ -108,14 +113,19 @@ ACC_SEQS = random_sequences((4, 2, 4), 2, seed=22)
 @pytest.mark.parametrize(
     ("cls", "options"), [(GRUKernel, {"nonlinearity": "erf", "gate": "erf"}), (LSTMKernel, {"readout": "mean"})]
 )
-def test_default_particles_are_within_the_documented_error_of_many_more(cls, options):
+def test_default_particles_are_within_the_documented_error_of_many_more(cls, options, monkeypatch):
     x = nan_padded(ACC_SEQS, 4)
-    reference = _value(cls((4, 2), kind="ntk", num_particles=16384, **options).double(), x)
+    references = []
+    for stream in (101, 201):
+        monkeypatch.setattr(gated_recurrent, "_TANGENT_STREAM", stream)
+        references.append(_value(cls((4, 2), kind="ntk", num_particles=8192, **options).double(), x))
+    monkeypatch.undo()
+    reference = sum(references) / 2
     errors = [
         _relative_error(_value(cls((4, 2), kind="ntk", num_particles=m, **options).double(), x), reference)
         for m in (64, 1024)
     ]
-    assert errors[1] < 0.04, errors
+    assert errors[1] < 0.05, errors
     assert errors[1] < errors[0] / 2, errors
 
 
@@ -215,7 +225,7 @@ def test_exact_gp_trains_with_the_ntk():
             super().__init__(x, y, likelihood)
             self.mean = gpytorch.means.ConstantMean()
             self.covar = gpytorch.kernels.ScaleKernel(
-                GRUKernel((3, 2), nonlinearity="erf", kind="ntk", num_particles=32, padding_value=-1e6)
+                GRUKernel((3, 2), nonlinearity="erf", kind="ntk", num_particles=16, padding_value=-1e6)
             )
 
         def forward(self, inputs):

@@ -33,8 +33,8 @@ class GRUKernel(GatedRecurrentKernel):
     ``kind="ntk"``: the readout's NTK :math:`\sigma_v^2 (K_h + \Theta_h) + \sigma_b^2`, with
     :math:`\Theta_h` the GRU states' tangent kernel, from a tangent recursion over
     particles of all four gate and candidate families (see
-    :mod:`gpytorch_tp.layers.gated_tangents`); relative error about 0.6e-2 (tanh) to
-    2e-2 (erf) with 1024 particles, at about twice the NNGP's cost with the erf candidate.
+    :mod:`gpytorch_tp.layers.gated_tangents`); relative error 1-4e-2 with 1024 particles
+    (about 1e-2 with 4096), at about twice the NNGP's cost with the erf candidate.
 
     Inputs are sequences flattened time-major, ``(..., N, T * d)``, shorter
     ones padded at the end with whole steps of ``padding_value`` (NaN by

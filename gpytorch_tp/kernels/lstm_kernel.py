@@ -30,7 +30,7 @@ class LSTMKernel(GatedRecurrentKernel):
     Cost :math:`O(M T^2)` per pair of sequences.  ``kind="ntk"``: the tangent
     recursion of the cell state over the same kind of particles (the output
     gate by quadrature; see :mod:`gpytorch_tp.layers.gated_tangents`), relative
-    error about 1.3e-2 with 1024 particles, at about twice the NNGP's cost.
+    error about 1e-2 with 1024 particles, at about twice the NNGP's cost.
 
     Inputs: as :class:`GRUKernel` (time-major ``(..., N, T * d)``, NaN-padded at the end).
 

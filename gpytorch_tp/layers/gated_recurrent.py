@@ -95,9 +95,10 @@ points of their own, the same construction: deterministic, symmetric,
 padding-invariant, a pair's value its own), the conditional second moments
 of the tangents are carried exactly, row by row of step pairs, and
 :math:`\Theta_h(t, s)` is their particle mean.  Relative errors (Frobenius,
-against 16384 particles, T = 4) of the whole network's NTK with the default
-1024 particles: 0.6e-2 (GRU tanh), 2e-2 (GRU erf), 1.3e-2 (LSTM); of its
-part below the readout (:math:`\Theta_h`) 1.2e-2 to 4e-2.  Cost: another
+against independent scramblings of 4 x 16384 particles, T = 4) of the whole
+network's NTK with the default 1024 particles: 1-4e-2 (GRU), 1e-2 (LSTM),
+about twice that for its part below the readout (:math:`\Theta_h`); 4096
+particles halve to third them.  Cost: another
 :math:`O(M T^2)` per pair (the particles of four (GRU) or three (LSTM)
 families and the recursion), about as much again as the NNGP with the erf
 candidate (see ``docs/rnn.md``).
@@ -141,6 +142,9 @@ _CHUNK_BYTES = 96 * 2**20
 # features) makes conditional variances vanish, and rounding of the covariances (float32 inputs)
 # is amplified by about 1 / sqrt(jitter); the jitter's own error is far below the particles'.
 _TANGENT_JITTER = 1e-6
+# Base-point stream of the NTK's forward particles (the NNGP's is 0); tests change it to get
+# independent scramblings.
+_TANGENT_STREAM = 1
 
 
 class _GatedRecurrent(Layer):
@@ -331,24 +335,34 @@ class _GatedRecurrent(Layer):
         """``Theta_h`` of a chunk of pairs ``(B, T, T)`` from the inputs' ``K``, ``Theta`` and the layer's ``K_h``."""
         raise NotImplementedError  # pragma: no cover - abstract
 
-    def _sample_paths(self, c11, c12, c22, v1, v2, families: int, stream: int) -> Tensor:
-        """Particles ``(B, M, T, families, 2)`` of ``families`` independent families with covariance blocks
-        ``c11[a, t]`` (side 1 with itself), ``c12[a, t]`` (side 1 at ``a``, side 2 at ``t``), ``c22``.
+    def _sample_paths(self, groups, v1, v2) -> list[Tensor]:
+        """Particles of independent families, ``(B, M, T, families, 2)`` per group ``(c11, c12, c22, families)``
+        of families sharing the covariance blocks ``c11[a, t]`` (side 1 with itself), ``c12[a, t]``
+        (side 1 at ``a``, side 2 at ``t``), ``c22``.
 
-        The same construction as the NNGP's particles (padding, symmetry), from base points of
-        their own ``stream``.
+        The same construction as the NNGP's particles (padding, symmetry).  All groups take their
+        base points from one set (``_TANGENT_STREAM``, not the NNGP's), each group its own coordinates of
+        every step: scramblings of the same Sobol coordinates are functions of each other, so
+        independent families must never take the same coordinates from two streams.
         """
         steps = v1.shape[-1]
         lengths = torch.maximum(v1.sum(-1), v2.sum(-1)).round().long()
-        base = base_normals(self.num_particles, steps * families * 2, c12.device, stream=stream)
-        sampler = PairParticles(base, steps - lengths, families, jitter=_TANGENT_JITTER)
-        paths = []
-        for t in range(steps):
-            covariances = _new_step_covariances(
-                c11[:, : t + 1, t], c12[:, : t + 1, t], c12[:, t, : t + 1], c22[:, : t + 1, t], v1, v2, t
-            )
-            paths.append(sampler.step(t, *covariances))
-        return torch.stack(paths, 2)
+        total = sum(families for *_, families in groups)
+        base = base_normals(self.num_particles, steps * total * 2, v1.device, stream=_TANGENT_STREAM)
+        base = base.reshape(self.num_particles, steps, total, 2)
+        out, first = [], 0
+        for c11, c12, c22, families in groups:
+            own = base[:, :, first : first + families].reshape(self.num_particles, -1)
+            first += families
+            sampler = PairParticles(own, steps - lengths, families, jitter=_TANGENT_JITTER)
+            paths = []
+            for t in range(steps):
+                covariances = _new_step_covariances(
+                    c11[:, : t + 1, t], c12[:, : t + 1, t], c12[:, t, : t + 1], c22[:, : t + 1, t], v1, v2, t
+                )
+                paths.append(sampler.step(t, *covariances))
+            out.append(torch.stack(paths, 2))
+        return out
 
     def _gate_derivative(self, x: Tensor) -> Tensor:
         return GATE_DERIVATIVES[self.gate](x)
@@ -678,9 +692,10 @@ class GRU(_GatedRecurrent):
         u_, w_, b_ = u[:, None, None], w[:, None, None], b[:, None, None]
         inputs = [u_ * kx + b_ for kx in (kx11, kx12, kx22)]  # Cov(A): blocks 11, 12, 22
         hidden = [w_ * shift_both(kh) + b_ for kh in (kh11, kh12, kh22)]  # Cov(B)
-        gates = self._sample_paths(*(a + h - b_ for a, h in zip(inputs, hidden)), v1, v2, 2, stream=1)
-        candidate_inputs = self._sample_paths(*inputs, v1, v2, 1, stream=2)
-        candidate_hidden = self._sample_paths(*hidden, v1, v2, 1, stream=3)
+        gate_covariances = [a + h - b_ for a, h in zip(inputs, hidden)]
+        gates, candidate_inputs, candidate_hidden = self._sample_paths(
+            [(*gate_covariances, 2), (*inputs, 1), (*hidden, 1)], v1, v2
+        )
         coefficients, keeps = [], []
         for side, valid in enumerate((v1, v2)):
             z_pre, r_pre = gates[..., 0, side], gates[..., 1, side]  # (B, M, T)
@@ -832,7 +847,7 @@ class LSTM(_GatedRecurrent):
         cov11, cov12, cov22 = (
             u_ * kx + w_ * shift_both(kh) + b_ for kx, kh in ((kx11, kh11), (kx12, kh12), (kx22, kh22))
         )
-        paths = self._sample_paths(cov11, cov12, cov22, v1, v2, 3, stream=1)
+        (paths,) = self._sample_paths([(cov11, cov12, cov22, 3)], v1, v2)
         coefficients, keeps, values, slopes = [], [], [], []
         for side, valid in enumerate((v1, v2)):
             i_pre, f_pre, g_pre = (paths[..., k, side] for k in range(3))  # (B, M, T)
