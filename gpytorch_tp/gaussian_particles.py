@@ -70,9 +70,11 @@ def base_normals(num_particles: int, dims: int, device: torch.device | str = "cp
 
     Coordinates come in pairs ``(2 j, 2 j + 1)`` (the two sequences of a pair);
     the second half of the particles is the first half with every pair swapped.
-    Coordinate ``k`` of a particle does not depend on ``dims``.  Different
-    ``stream`` numbers give point sets scrambled with other seeds (for
-    families that must not reuse another computation's points).
+    Coordinate ``k`` of a particle does not depend on ``dims``.  Another
+    ``stream`` is another scrambling (other seeds) of the same Sobol
+    coordinates: an independent replicate for a *separate* estimate.  Within one
+    estimate, independent families need different coordinates of one stream —
+    coordinate ``k`` of two streams are functions of each other.
     """
     if num_particles < 2 or num_particles % 2:
         raise ValueError(f"num_particles must be an even number >= 2, got {num_particles}")

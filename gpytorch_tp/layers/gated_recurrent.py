@@ -241,7 +241,7 @@ class _GatedRecurrent(Layer):
             steps = cross.shape[-1]
 
             def per_pair(grad: bool) -> int:
-                # Paths, coefficients and the decay matrix per particle; with autograd every row's graph.
+                # Per particle: every family's path and whitened coordinates; with autograd every step's graph.
                 return self.num_particles * 8 * (steps * steps * (10 if grad else 2) + 64 * steps)
 
             matrices = [state.cross, state.var1, state.var2, out.cross, hidden1, hidden2, input_ntk]
