@@ -34,7 +34,8 @@ class GRUKernel(GatedRecurrentKernel):
     :math:`\Theta_h` the GRU states' tangent kernel, from a tangent recursion over
     particles of all four gate and candidate families (see
     :mod:`gpytorch_tp.layers.gated_tangents`); relative error 1-4e-2 with 1024 particles
-    (about 1e-2 with 4096), at about twice the NNGP's cost with the erf candidate.
+    (1-2e-2 with the erf candidate, whose input is then integrated out; about 1e-2 with
+    4096), at about twice the NNGP's cost with the erf candidate.
 
     Inputs are sequences flattened time-major, ``(..., N, T * d)``, shorter
     ones padded at the end with whole steps of ``padding_value`` (NaN by

@@ -47,7 +47,7 @@ from torch import Tensor, nn
 
 from .elementwise import Erf, Nonlinearity
 
-__all__ = ["GATE_DERIVATIVES", "DecayedSums", "derivative", "shift_both", "tangent_rows"]
+__all__ = ["GATE_DERIVATIVES", "DecayedSums", "derivative", "erf_slope_moment", "shift_both", "tangent_rows"]
 
 
 def _sigmoid_derivative(x: Tensor) -> Tensor:
@@ -75,6 +75,18 @@ def derivative(phi: Nonlinearity, x: Tensor) -> Tensor:
         # An elementwise function's Jacobian is diagonal: the JVP with ones is its derivative.
         value = torch.func.jvp(phi.function, (x,), (torch.ones_like(x),))[1]
     return value
+
+
+def erf_slope_moment(mean1: Tensor, mean2: Tensor, var1: Tensor, var2: Tensor, cov: Tensor) -> Tensor:
+    r"""``E[erf'(U) erf'(V)]`` for a Gaussian pair with means ``mean1, mean2`` and covariance ``[[var1, cov], [cov, var2]]``.
+
+    :math:`\operatorname{erf}'(x) = \frac{2}{\sqrt\pi} e^{-x^2}` and
+    :math:`E[e^{-X^\top X}] = \det(I + 2C)^{-1/2} \exp(-\mu^\top (I + 2C)^{-1} \mu)`.
+    """
+    a11, a22, a12 = 1 + 2 * var1, 1 + 2 * var2, 2 * cov
+    det = a11 * a22 - a12 * a12
+    quadratic = (mean1 * mean1 * a22 - 2 * a12 * mean1 * mean2 + mean2 * mean2 * a11) / det
+    return (4 / math.pi) * torch.exp(-quadratic) / det.sqrt()
 
 
 def shift_both(k: Tensor) -> Tensor:
@@ -123,6 +135,7 @@ def tangent_rows(
     keep2: Tensor,
     gammas: Callable[[int, Tensor | None], Tensor],
     readout: Callable[[int, Tensor, Tensor], Tensor],
+    integrated: Callable[[int, Tensor], Tensor] | None = None,
 ) -> Tensor:
     r"""The tangent recursion of a chunk of pairs, row by row: ``Theta_h`` ``(B, T, T)``.
 
@@ -132,6 +145,8 @@ def tangent_rows(
     :param keep2: side 2's ``(B, M, T)``.
     :param gammas: ``(t, Theta_h(t - 1, :) or None) -> Gamma^f(t, :)`` ``(B, F, T)``.
     :param readout: ``(t, P(t, :) (B, M, T), Gamma(t, :)) -> Theta_h(t, :)`` ``(B, T)``.
+    :param integrated: ``(t, Gamma(t, :)) -> `` further terms of :math:`E(t, :)` ``(B, M, T)``
+        (families integrated out given the sampled ones).
     """
     decayed_sums = DecayedSums(keep2)
     steps = coef1.shape[-1]
@@ -139,7 +154,9 @@ def tangent_rows(
     rows = []
     for t in range(steps):
         gamma = gammas(t, previous)
-        innovation = torch.einsum("bmf,bmfs,bfs->bms", coef1[..., t], coef2, gamma)  # E(t, s)
+        innovation = torch.einsum("bmf,bmfs,bfs->bms", coef1[..., t], coef2, gamma[:, : coef1.shape[2]])  # E(t, s)
+        if integrated is not None:
+            innovation = innovation + integrated(t, gamma)
         carried = decayed_sums(innovation)  # R(t; s)
         moments = carried if moments is None else keep1[..., t : t + 1] * moments + carried
         previous = readout(t, moments, gamma)
