@@ -143,7 +143,8 @@ def tangent_rows(
     :param coef2: side 2's ``(B, M, F, T)``.
     :param keep1: side 1's factor :math:`k_t` on the previous tangent ``(B, M, T)``.
     :param keep2: side 2's ``(B, M, T)``.
-    :param gammas: ``(t, Theta_h(t - 1, :) or None) -> Gamma^f(t, :)`` ``(B, F, T)``.
+    :param gammas: ``(t, Theta_h(t - 1, :) or None) -> Gamma^f(t, :)`` ``(B, F', T)``; its first
+        ``F`` channels pair with the coefficients, all of them go to ``integrated``.
     :param readout: ``(t, P(t, :) (B, M, T), Gamma(t, :)) -> Theta_h(t, :)`` ``(B, T)``.
     :param integrated: ``(t, Gamma(t, :)) -> `` further terms of :math:`E(t, :)` ``(B, M, T)``
         (families integrated out given the sampled ones).
