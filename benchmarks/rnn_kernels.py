@@ -36,6 +36,7 @@ Usage (from the repository root)::
     python benchmarks/rnn_kernels.py --threads 1              # one core
     python benchmarks/rnn_kernels.py --smoke                  # seconds, for the tests
     python benchmarks/rnn_kernels.py --gated                  # GRU and LSTM NNGP: N:T = 50:20 and 200:50
+    python benchmarks/rnn_kernels.py --gated --kind ntk       # GRU and LSTM NNGP + NTK (one pass)
 """
 
 from __future__ import annotations
@@ -312,6 +313,9 @@ def parse_args(argv=None):
     parser.add_argument("--particles", type=int, default=1024, help="num_particles of --gated (default 1024)")
     parser.add_argument("--kernels", nargs="+", default=["GRUKernel", "LSTMKernel"], help="kernels of --gated")
     parser.add_argument("--options", default="", help="kernel keyword arguments of --gated, e.g. 'gate=\"erf\"'")
+    parser.add_argument(
+        "--kind", choices=["nngp", "ntk"], default="nngp", help="--gated: the NNGP, or NNGP + NTK (nngp_and_ntk)"
+    )
     return parser.parse_args(argv)
 
 
@@ -321,9 +325,15 @@ def parse_args(argv=None):
 
 
 def gated_benchmark(
-    cells: list[tuple[int, int]], particles: int, long_seconds: float, kernels=("GRUKernel", "LSTMKernel"), options=""
+    cells: list[tuple[int, int]],
+    particles: int,
+    long_seconds: float,
+    kernels=("GRUKernel", "LSTMKernel"),
+    options="",
+    kind="nngp",
 ) -> dict:
-    """GRU and LSTM NNGP (last state), float64, x1 is x2: time and peak memory per cell.
+    """GRU and LSTM NNGP (or, with ``kind="ntk"``, NNGP + NTK from one pass; last state), float64,
+    x1 is x2: time and peak memory per cell.
 
     ``options``: extra keyword arguments of the kernels, as Python source
     (e.g. ``nonlinearity="erf", gate="erf"``; default: sigmoid gates, tanh).
@@ -341,30 +351,42 @@ def gated_benchmark(
                 "import resource, sys, time, torch\n"
                 f"sys.path.insert(0, {str(REPO)!r})\n"
                 f"from gpytorch_tp import {name}\n"
-                f"k = {name}(({steps}, {FEATURES}), num_particles={particles}, {options}).double()\n"
+                f"k = {name}(({steps}, {FEATURES}), num_particles={particles}, kind={kind!r}, {options}).double()\n"
                 f"x = torch.randn({n}, {steps * FEATURES}, generator=torch.Generator().manual_seed(0), "
                 "dtype=torch.float64)\n"
                 "start = time.perf_counter()\n"
                 "with torch.no_grad():\n"
-                "    k(x).to_dense()\n"
-                "print(time.perf_counter() - start, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)\n"
+                + ("    k.nngp_and_ntk(x)\n" if kind == "ntk" else "    k(x).to_dense()\n")
+                + "print(time.perf_counter() - start, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)\n"
             )
             done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
             seconds, rss = (float(v) for v in done.stdout.split())
-            rows.append({"kernel": f"{name}({options})", "n": n, "t": steps, "seconds": seconds, "peak_rss_mib": rss})
+            rows.append(
+                {
+                    "kernel": f"{name}({options})",
+                    "kind": kind,
+                    "n": n,
+                    "t": steps,
+                    "seconds": seconds,
+                    "peak_rss_mib": rss,
+                }
+            )
             print(
-                f"  {name} N={n:4d} T={steps:3d}: {seconds:.1f} s, peak RSS {rss:.0f} MiB", file=sys.stderr, flush=True
+                f"  {name} {kind} N={n:4d} T={steps:3d}: {seconds:.1f} s, peak RSS {rss:.0f} MiB",
+                file=sys.stderr,
+                flush=True,
             )
     return {"gated": rows, "particles": particles}
 
 
 def format_gated_table(result: dict) -> str:
     lines = [
-        f"| kernel | N | T | time (s) | peak RSS (MiB) |  (num_particles={result['particles']})",
-        "|---|---:|---:|---:|---:|",
+        f"| kernel | kind | N | T | time (s) | peak RSS (MiB) |  (num_particles={result['particles']})",
+        "|---|---|---:|---:|---:|---:|",
     ]
     for r in result["gated"]:
-        lines.append(f"| {r['kernel']} | {r['n']} | {r['t']} | {r['seconds']:.1f} | {r['peak_rss_mib']:.0f} |")
+        kind = "nngp + ntk" if r["kind"] == "ntk" else "nngp"
+        lines.append(f"| {r['kernel']} | {kind} | {r['n']} | {r['t']} | {r['seconds']:.1f} | {r['peak_rss_mib']:.0f} |")
     return "\n".join(lines)
 
 
@@ -376,7 +398,8 @@ def main(argv=None) -> dict:
         default_cells = ["6:4"] if args.smoke else ["50:20", "200:50"]
         cells = [tuple(int(v) for v in cell.split(":")) for cell in (args.cells or default_cells)]
         print(machine_summary())
-        result = gated_benchmark(cells, 64 if args.smoke else args.particles, args.long, args.kernels, args.options)
+        particles = 64 if args.smoke else args.particles
+        result = gated_benchmark(cells, particles, args.long, args.kernels, args.options, args.kind)
         print(format_gated_table(result))
         print(f"Load average at the end: {', '.join(f'{v:.2f}' for v in os.getloadavg())}")
         return result

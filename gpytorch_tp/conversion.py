@@ -443,8 +443,8 @@ def _rnn(module: nn.RNN, context: ConversionContext):
 def _gate_bias_variances(module: nn.Module, context: ConversionContext, tag: str, gates: int) -> list[float]:
     """Measured variance of each gate's bias slices ``b_ih`` and ``b_hh``: ``gates`` pairs.
 
-    The NTK scale recorded per tensor is its mean square (the gated layers have no NTK yet; an
-    explicit ``bias_variance`` of a GRU records none, its tensors' slices having different variances).
+    The NTK scale recorded per tensor is its mean square (an explicit ``bias_variance`` of a GRU
+    records none, its tensors' slices having different variances).
     """
     pairs = []
     for attribute in (f"bias_ih{tag}", f"bias_hh{tag}"):
@@ -1009,7 +1009,7 @@ def from_module(
     over the grid or over time, ``nn.Flatten`` and flattening reshapes,
     ``nn.RNN(batch_first=True)`` followed by ``output[:, -1]``, ``h_n[-1]`` or
     ``output.mean(1)``, ``nn.GRU``/``nn.LSTM(batch_first=True)`` (not
-    bidirectional, no ``proj_size``; NNGP only) with the same readouts, residual sums ``x + f(x)`` and ``g(x) + f(x)``, and
+    bidirectional, no ``proj_size``) with the same readouts, residual sums ``x + f(x)`` and ``g(x) + f(x)``, and
     ``nn.Identity``/``nn.Dropout`` (the network in eval mode).  Anything else
     raises :class:`UnsupportedModuleError`, ``nn.BatchNorm1d`` too (its network is
     converted by :func:`kernel_from_module` with ``reference_points``).

@@ -51,30 +51,36 @@ JITTER = 1e-8
 # that a coordinate never depends on how many coordinates are asked for.
 _BLOCK = 32
 _SEED = 20250101
+# Seeds of different streams are this far apart (more than any number of blocks).
+_STREAM_SEEDS = 1_000_003
 
 
 @functools.lru_cache(maxsize=16)
-def _base_normals_cpu(num_points: int, dims: int) -> Tensor:
+def _base_normals_cpu(num_points: int, dims: int, stream: int = 0) -> Tensor:
     blocks = []
     for c in range(-(-dims // _BLOCK)):
-        engine = SobolEngine((c + 1) * _BLOCK, scramble=True, seed=_SEED + c)
+        engine = SobolEngine((c + 1) * _BLOCK, scramble=True, seed=_SEED + stream * _STREAM_SEEDS + c)
         blocks.append(engine.draw(num_points, dtype=torch.float64)[:, c * _BLOCK :])
     uniform = torch.cat(blocks, -1)[:, :dims].clamp(1e-12, 1 - 1e-12)
     return torch.special.ndtri(uniform)
 
 
-def base_normals(num_particles: int, dims: int, device: torch.device | str = "cpu") -> Tensor:
+def base_normals(num_particles: int, dims: int, device: torch.device | str = "cpu", stream: int = 0) -> Tensor:
     """Fixed standard-normal base points ``(num_particles, dims)`` in float64, closed under swapping sides.
 
     Coordinates come in pairs ``(2 j, 2 j + 1)`` (the two sequences of a pair);
     the second half of the particles is the first half with every pair swapped.
-    Coordinate ``k`` of a particle does not depend on ``dims``.
+    Coordinate ``k`` of a particle does not depend on ``dims``.  Another
+    ``stream`` is another scrambling (other seeds) of the same Sobol
+    coordinates: an independent replicate for a *separate* estimate.  Within one
+    estimate, independent families need different coordinates of one stream —
+    coordinate ``k`` of two streams are functions of each other.
     """
     if num_particles < 2 or num_particles % 2:
         raise ValueError(f"num_particles must be an even number >= 2, got {num_particles}")
     if dims % 2:
         raise ValueError(f"dims must be even (pairs of sides), got {dims}")
-    half = _base_normals_cpu(num_particles // 2, dims)
+    half = _base_normals_cpu(num_particles // 2, dims, stream)
     swapped = half.reshape(-1, dims // 2, 2).flip(-1).reshape(-1, dims)
     return torch.cat([half, swapped]).to(device)
 
@@ -138,14 +144,16 @@ class PairParticles:
     :param offsets: ``(B,)`` each pair's first real step; step ``t`` of a pair
         draws from the base's step ``t - offset`` (steps before get zeros).
     :param families: number of independent families drawn with the same covariance.
+    :param jitter: relative jitter of each step's conditional covariance (default :data:`JITTER`).
 
     Call :meth:`step` once per step with the covariances of the step's new
     pair of variables; it returns the particles ``(B, M, families, 2)``.
     """
 
-    def __init__(self, base: Tensor, offsets: Tensor, families: int):
+    def __init__(self, base: Tensor, offsets: Tensor, families: int, jitter: float = JITTER):
         self.grid = base.reshape(base.shape[0], -1, families, 2)
         self.offsets = offsets
+        self.jitter = jitter
         self.factor: Tensor | None = None  # lower Cholesky factor of all previous variables (B, k, k)
         self.whitened: Tensor | None = None  # factor^-1 (previous particles): (B, M, families, k)
         # Without autograd both grow inside buffers for all steps (see StepStack for why not with it).
@@ -168,8 +176,10 @@ class PairParticles:
         """
         eps = self._base_at(t)
         # Relative to the marginal variances: conditional variances that vanish
-        # (a low-rank input covariance, a sequence with itself) stay well above rounding.
-        jitter = JITTER * (c11 + c22).clamp_min(1e-300) / 2
+        # (a low-rank input covariance, a sequence with itself) stay well above rounding;
+        # the floor keeps the 2 x 2 determinant of a family of variance 0 (a bias-free
+        # recurrent term at the first step) from underflowing.
+        jitter = self.jitter * (c11 + c22).clamp_min(1e-140) / 2
         if cross_past is not None:
             regression = torch.linalg.solve_triangular(self.factor, cross_past, upper=False)  # (B, k, 2)
             c11 = c11 - regression[..., 0].pow(2).sum(-1)

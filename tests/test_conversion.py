@@ -236,7 +236,7 @@ def test_rnn_readouts_with_pytorch_default_init(readout, rnn, layers):
 
 
 def _assert_same_nngp(module, hand, input_shape, **options):
-    """NNGP only (the gated layers have no NTK); the particle integration is deterministic, so exact."""
+    """NNGP only; the particle integration is deterministic, so exact."""
     x = _inputs(3, math.prod(input_shape))
     converted = kernel_from_module(module, "nngp", input_shape, **options).double()
     expected = TensorProgramKernel(hand, "nngp", input_shape=input_shape, sequence=True).double()
@@ -320,9 +320,15 @@ def test_gated_layers_refuse_what_they_cannot_express():
         from_module(Bare(nn.LSTM, use_cell_state=True), (3, 2), input_variance=1.0)
     unidirectional = from_module(Bare(nn.LSTM), (3, 2), input_variance=1.0)
     assert isinstance(unidirectional[0], L.LSTM) and unidirectional[0].input_variance.item() == pytest.approx(1.0)
-    kernel = kernel_from_module(_RNNNet(cell=nn.GRU), "ntk", (3, 2))
-    with pytest.raises(NotImplementedError, match=r"NTK of the GRU layer is not implemented"):
-        kernel(_inputs(2, 6)).to_dense()
+
+
+@pytest.mark.parametrize("cell, layer", [(nn.GRU, L.GRU), (nn.LSTM, L.LSTM)])
+def test_gated_ntk_with_pytorch_default_init(cell, layer):
+    # The NTK too: the particle integration is deterministic, so converted == hand-built exactly.
+    hand = L.Sequential(
+        L.Linear(THIRD, 1 / 6), layer("tanh", "sigmoid", THIRD, THIRD, 0.0), L.LastStep(), L.Linear(THIRD, 0.0)
+    )
+    _assert_same_kernel(_RNNNet(cell=cell), hand, input_shape=(3, 2), sequence=True)
 
 
 def test_explicit_variances_override_the_initialisation():

@@ -261,8 +261,8 @@ def test_exact_gp_trains_with_a_finite_padding_value():
 
 
 def test_bad_input_and_arguments():
-    with pytest.raises(NotImplementedError, match="NTK of gated recurrent networks is not implemented"):
-        GRUKernel((4, 2), kind="ntk")
+    with pytest.raises(ValueError, match="kind must be 'nngp' or 'ntk'"):
+        GRUKernel((4, 2), kind="ntkk")
     with pytest.raises(ValueError, match="num_particles must be even"):
         LSTM(num_particles=101)
     with pytest.raises(ValueError, match="gate must be one of"):

@@ -35,12 +35,8 @@ class GatedRecurrentKernel(TensorProgramKernel):
         **kwargs,
     ):
         name = type(self).__name__
-        if kind == "ntk":
-            raise NotImplementedError(
-                f"{name}: the NTK of gated recurrent networks is not implemented; use kind='nngp'"
-            )
-        if kind != "nngp":
-            raise ValueError(f"kind must be 'nngp' for {name}, got {kind!r}")
+        if kind not in ("nngp", "ntk"):
+            raise ValueError(f"kind must be 'nngp' or 'ntk' for {name}, got {kind!r}")
         if isinstance(depth, bool) or not isinstance(depth, int) or depth < 1:
             raise ValueError(f"depth must be a positive integer, got {depth!r}")
         if readout not in READOUTS:
