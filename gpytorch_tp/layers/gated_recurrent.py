@@ -684,13 +684,18 @@ class GRU(_GatedRecurrent):
             (at(a_left), a_right, u * kx[:, m, : m + 1] + b),
             (at(b_left), b_right, w * kh_row + b),
         ) * (valid_left[:, m : m + 1] * valid_right[:, : m + 1])
-        n_col = self._candidate_moment(
-            (g_left[:, :m], at(g_right)[:, :m], c_col[:, :m]),
-            (a_left[:, :m], at(a_right)[:, :m], u * kx[:, :m, m] + b),
-            (b_left[:, :m], at(b_right)[:, :m], w * kh_col[:, :m] + b),
-        ) * (valid_left[:, :m] * valid_right[:, m : m + 1])
-        h_n = _gated_scan(gates_left, torch.cat([n_col, n_row[:, m:]], -1)[:, None])  # E[h_a n'_m | z]
-        n_h = _gated_scan(gates_right, n_row[:, None])  # E[n_m h'_b | z]
+        if gates_left is gates_right:
+            # A sequence with itself: E[n_a n_m] = E[n_m n_a] (both rules are exactly symmetric up to
+            # rounding), so the column is the row, and the two scans are one.
+            h_n = n_h = _gated_scan(gates_left, n_row[:, None])
+        else:
+            n_col = self._candidate_moment(
+                (g_left[:, :m], at(g_right)[:, :m], c_col[:, :m]),
+                (a_left[:, :m], at(a_right)[:, :m], u * kx[:, :m, m] + b),
+                (b_left[:, :m], at(b_right)[:, :m], w * kh_col[:, :m] + b),
+            ) * (valid_left[:, :m] * valid_right[:, m : m + 1])
+            h_n = _gated_scan(gates_left, torch.cat([n_col, n_row[:, m:]], -1)[:, None])  # E[h_a n'_m | z]
+            n_h = _gated_scan(gates_right, n_row[:, None])  # E[n_m h'_b | z]
         block.advance(m, h_n, n_h, keep_left, keep_right)
 
     def _candidate_moment(self, reset: tuple, inputs: tuple, hidden: tuple) -> Tensor:
