@@ -1,6 +1,8 @@
-"""Sequence inputs shared by the tests of the sequence families (RNN, GRU/LSTM, attention)."""
+"""Sequence inputs and checks shared by the tests of the sequence families (RNN, GRU/LSTM, attention)."""
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 
@@ -23,3 +25,22 @@ def nan_padded(seqs: list[torch.Tensor], steps: int) -> torch.Tensor:
     for i, s in enumerate(seqs):
         out[i, : s.shape[0]] = s
     return out.reshape(len(seqs), steps * d)
+
+
+def kernel_value(kernel, x1: torch.Tensor, x2: torch.Tensor | None = None, diag: bool = False) -> torch.Tensor:
+    """The kernel's dense matrix (or diagonal), without autograd."""
+    with torch.no_grad():
+        out = kernel(x1, x2, diag=diag)
+        return out if diag else out.to_dense()
+
+
+def assert_wide_beats_narrow(
+    error_at: Callable[[int, list[int]], float], name: str, networks: int, bound: float, ratio: float
+) -> None:
+    """Finite networks approach the kernel: ``error_at(width, seeds)`` at width 1024 is below ``bound``
+    and ``ratio`` times below its mean over three seed sets at width 64."""
+    wide = error_at(1024, [1024 + i for i in range(networks)])
+    narrow = [error_at(64, [64 + 100 * b + i for i in range(networks)]) for b in range(3)]
+    message = f"{name}: width 64 {sum(narrow) / 3:.4f} (mean), 1024 {wide:.4f}"
+    assert wide < bound, message
+    assert wide < sum(narrow) / 3 / ratio, message

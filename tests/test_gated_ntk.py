@@ -16,7 +16,7 @@ import math
 import gpytorch
 import pytest
 import torch
-from sequence_data import nan_padded, random_sequences
+from sequence_data import assert_wide_beats_narrow, kernel_value, nan_padded, random_sequences
 
 from gpytorch_tp import GRUKernel, LSTMKernel, TensorProgramKernel, evaluate
 from gpytorch_tp import layers as L
@@ -28,12 +28,6 @@ DTYPE = torch.float64
 
 def _relative_error(estimate, exact):
     return ((estimate - exact).norm() / exact.norm()).item()
-
-
-def _value(kernel, x1, x2=None, diag=False):
-    with torch.no_grad():
-        out = kernel(x1, x2, diag=diag)
-        return out if diag else out.to_dense()
 
 
 # =============================================================================================
@@ -85,16 +79,13 @@ def _finite_below_readout(architecture, width, seeds):
 def test_finite_width_ntk_converges_to_the_kernel(name):
     architecture = FINITE_CASES[name]()
     exact = _below_readout(architecture)
-    wide = _relative_error(_finite_below_readout(architecture, 1024, [1024 + i for i in range(FINITE_NETWORKS)]), exact)
-    narrow = [
-        _relative_error(
-            _finite_below_readout(architecture, 64, [64 + 100 * b + i for i in range(FINITE_NETWORKS)]), exact
-        )
-        for b in range(3)
-    ]
-    message = f"{name}: width 64 {sum(narrow) / 3:.4f} (mean), 1024 {wide:.4f}"
-    assert wide < FINITE_BOUND, message
-    assert wide < sum(narrow) / 3 / FINITE_RATIO, message
+    assert_wide_beats_narrow(
+        lambda width, seeds: _relative_error(_finite_below_readout(architecture, width, seeds), exact),
+        name,
+        FINITE_NETWORKS,
+        FINITE_BOUND,
+        FINITE_RATIO,
+    )
 
 
 # =============================================================================================
@@ -119,11 +110,11 @@ def test_default_particles_are_within_the_documented_error_of_many_more(cls, opt
     references = []
     for stream in (101, 201):
         monkeypatch.setattr(gated_recurrent, "_TANGENT_STREAM", stream)
-        references.append(_value(cls((4, 2), kind="ntk", num_particles=8192, **options).double(), x))
+        references.append(kernel_value(cls((4, 2), kind="ntk", num_particles=8192, **options).double(), x))
     monkeypatch.undo()
     reference = sum(references) / 2
     errors = [
-        _relative_error(_value(cls((4, 2), kind="ntk", num_particles=m, **options).double(), x), reference)
+        _relative_error(kernel_value(cls((4, 2), kind="ntk", num_particles=m, **options).double(), x), reference)
         for m in (64, 1024)
     ]
     assert errors[1] < 0.05, errors
@@ -153,17 +144,17 @@ def test_padding_batch_order_diag_and_tiles_never_change_a_value(name):
     cls, options = PAD_CASES[name]
     short, long = (cls((steps, 2), kind="ntk", **options).double() for steps in (5, 7))
     x1, x2 = nan_padded(PAD_SEQS, 5), nan_padded(PAD_OTHER, 5)
-    full = _value(short, x1, x2)
+    full = kernel_value(short, x1, x2)
     close = {"rtol": 1e-8, "atol": 1e-10}
-    torch.testing.assert_close(_value(long, nan_padded(PAD_SEQS, 7), nan_padded(PAD_OTHER, 7)), full, **close)
-    torch.testing.assert_close(_value(short, x2, x1), full.T, **close)
-    torch.testing.assert_close(_value(short, x1[[2]], x2[[1]])[0, 0], full[2, 1], **close)
-    own = _value(short, x1)
-    torch.testing.assert_close(_value(short, x1, diag=True), own.diagonal(), **close)
-    torch.testing.assert_close(_value(short, x1[[3, 0]]), own[[3, 0]][:, [3, 0]], **close)
+    torch.testing.assert_close(kernel_value(long, nan_padded(PAD_SEQS, 7), nan_padded(PAD_OTHER, 7)), full, **close)
+    torch.testing.assert_close(kernel_value(short, x2, x1), full.T, **close)
+    torch.testing.assert_close(kernel_value(short, x1[[2]], x2[[1]])[0, 0], full[2, 1], **close)
+    own = kernel_value(short, x1)
+    torch.testing.assert_close(kernel_value(short, x1, diag=True), own.diagonal(), **close)
+    torch.testing.assert_close(kernel_value(short, x1[[3, 0]]), own[[3, 0]][:, [3, 0]], **close)
     tiled = cls((5, 2), kind="ntk", tile_pairs=4, **options).double()
-    torch.testing.assert_close(_value(tiled, x1), own, **close)
-    nngp = _value(cls((5, 2), **options).double(), x1, x2)
+    torch.testing.assert_close(kernel_value(tiled, x1), own, **close)
+    nngp = kernel_value(cls((5, 2), **options).double(), x1, x2)
     assert ((full - nngp).max() - (full - nngp).min()) > 1e-2  # the tangent part is not vacuous
 
 
@@ -211,9 +202,9 @@ def test_float32_agrees_with_float64():
     x = nan_padded(random_sequences((4, 3, 4), 2, seed=52), 4)
     k64 = GRUKernel((4, 2), kind="ntk", num_particles=64).double()
     k32 = GRUKernel((4, 2), kind="ntk", num_particles=64)
-    got = _value(k32, x.float())
+    got = kernel_value(k32, x.float())
     assert got.dtype == torch.float32
-    torch.testing.assert_close(got.double(), _value(k64, x), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(got.double(), kernel_value(k64, x), rtol=1e-4, atol=1e-5)
 
 
 def test_exact_gp_trains_with_the_ntk():

@@ -19,7 +19,7 @@ import gpytorch
 import numpy as np
 import pytest
 import torch
-from sequence_data import nan_padded, random_sequences
+from sequence_data import assert_wide_beats_narrow, kernel_value, nan_padded, random_sequences
 
 from gpytorch_tp import GRUKernel, LSTMKernel, evaluate
 from gpytorch_tp.empirical import build_network
@@ -76,14 +76,13 @@ def test_finite_width_networks_converge_to_the_kernel(name):
     kernel = _kernel(cls, FIN_STEPS, FIN_D, **options)
     with torch.no_grad():
         exact = kernel(nan_padded(FIN_SEQS, FIN_STEPS)).to_dense()
-    wide = _relative_error(_finite_nngp(kernel, 1024, [1024 + i for i in range(FINITE_NETWORKS)]), exact)
-    narrow = [
-        _relative_error(_finite_nngp(kernel, 64, [64 + 100 * b + i for i in range(FINITE_NETWORKS)]), exact)
-        for b in range(3)
-    ]
-    message = f"{name}: width 64 {sum(narrow) / 3:.4f} (mean), 1024 {wide:.4f}"
-    assert wide < FINITE_BOUND, message
-    assert wide < sum(narrow) / 3 / FINITE_RATIO, message
+    assert_wide_beats_narrow(
+        lambda width, seeds: _relative_error(_finite_nngp(kernel, width, seeds), exact),
+        name,
+        FINITE_NETWORKS,
+        FINITE_BOUND,
+        FINITE_RATIO,
+    )
 
 
 # =============================================================================================
@@ -165,28 +164,22 @@ PAD_CASES = {
 }
 
 
-def _value(kernel, x1, x2=None, diag=False):
-    with torch.no_grad():
-        out = kernel(x1, x2, diag=diag)
-        return out if diag else out.to_dense()
-
-
 @pytest.mark.parametrize("name", list(PAD_CASES))
 def test_padding_batch_order_diag_and_tiles_never_change_a_value(name):
     cls, options = PAD_CASES[name]
     short, long = _kernel(cls, 5, 2, **options), _kernel(cls, 7, 2, **options)
     x1, x2 = nan_padded(PAD_SEQS, 5), nan_padded(PAD_OTHER, 5)
-    full = _value(short, x1, x2)
+    full = kernel_value(short, x1, x2)
     torch.testing.assert_close(
-        _value(long, nan_padded(PAD_SEQS, 7), nan_padded(PAD_OTHER, 7)), full, rtol=1e-8, atol=1e-10
+        kernel_value(long, nan_padded(PAD_SEQS, 7), nan_padded(PAD_OTHER, 7)), full, rtol=1e-8, atol=1e-10
     )
-    torch.testing.assert_close(_value(short, x2, x1), full.T, rtol=1e-8, atol=1e-10)
-    torch.testing.assert_close(_value(short, x1[[2]], x2[[1]])[0, 0], full[2, 1], rtol=1e-8, atol=1e-10)
-    own = _value(short, x1)
-    torch.testing.assert_close(_value(short, x1, diag=True), own.diagonal(), rtol=1e-8, atol=1e-10)
-    torch.testing.assert_close(_value(short, x1[[3, 0]]), own[[3, 0]][:, [3, 0]], rtol=1e-8, atol=1e-10)
+    torch.testing.assert_close(kernel_value(short, x2, x1), full.T, rtol=1e-8, atol=1e-10)
+    torch.testing.assert_close(kernel_value(short, x1[[2]], x2[[1]])[0, 0], full[2, 1], rtol=1e-8, atol=1e-10)
+    own = kernel_value(short, x1)
+    torch.testing.assert_close(kernel_value(short, x1, diag=True), own.diagonal(), rtol=1e-8, atol=1e-10)
+    torch.testing.assert_close(kernel_value(short, x1[[3, 0]]), own[[3, 0]][:, [3, 0]], rtol=1e-8, atol=1e-10)
     tiled = _kernel(cls, 5, 2, tile_pairs=4, **options)
-    torch.testing.assert_close(_value(tiled, x1), own, rtol=1e-8, atol=1e-10)
+    torch.testing.assert_close(kernel_value(tiled, x1), own, rtol=1e-8, atol=1e-10)
     assert (full.max() - full.min()) > 1e-2  # not vacuous
 
 
@@ -199,7 +192,7 @@ def test_kernel_matrix_is_symmetric_and_psd_up_to_the_particle_error(cls, tolera
     seqs.append(seqs[0] + 1e-3)  # a near-duplicate
     x = nan_padded(seqs, 6)
     options = {"nonlinearity": "erf"} if cls is GRUKernel else {}  # closed-form candidate: faster
-    K = _value(_kernel(cls, 6, 2, num_particles=512, **options), x)
+    K = kernel_value(_kernel(cls, 6, 2, num_particles=512, **options), x)
     assert torch.equal(K, K.T)
     eigenvalues = torch.linalg.eigvalsh(K)
     assert eigenvalues.min() > -tolerance * eigenvalues.max(), eigenvalues
@@ -226,9 +219,9 @@ def test_float32_agrees_with_float64():
     x = nan_padded(random_sequences((4, 3, 4), 2, seed=52), 4)
     k64 = _kernel(GRUKernel, 4, 2, num_particles=64)
     k32 = GRUKernel((4, 2), num_particles=64)
-    got = _value(k32, x.float())
+    got = kernel_value(k32, x.float())
     assert got.dtype == torch.float32
-    torch.testing.assert_close(got.double(), _value(k64, x), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(got.double(), kernel_value(k64, x), rtol=1e-4, atol=1e-5)
 
 
 def test_exact_gp_trains_with_a_finite_padding_value():
