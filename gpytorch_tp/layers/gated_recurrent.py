@@ -493,7 +493,6 @@ class _GateProducts:
     def __init__(self, steps: int):
         self.log_gate: Tensor | None = None  # c of the last step
         self.grow, self.enter = StepStack(steps), StepStack(steps)
-        self.gates: list[Tensor] = []
 
     def append(self, gate: Tensor) -> None:
         log_gate = torch.log(gate).clamp_min(-20.0)
@@ -502,7 +501,6 @@ class _GateProducts:
         self.log_gate = log_gate
         self.grow.append(torch.exp(log_gate))
         self.enter.append((1 - gate) * torch.exp(-log_gate))
-        self.gates.append(gate)
 
 
 def _gated_scan(gates: _GateProducts, values: Tensor) -> Tensor:
