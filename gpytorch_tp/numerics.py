@@ -33,6 +33,7 @@ __all__ = [
     "gaussian_pair_moment",
     "gaussian_rule",
     "safe_correlation",
+    "tanh_pair_moment",
 ]
 
 _TWO_PI = 2.0 * math.pi
@@ -312,3 +313,43 @@ def gaussian_pair_moment(
     """
     integrand = _Integrand(fn, derivative_fn, derivatives)
     return _GaussianPairMoment.apply(k11, k22, k12, integrand, order, order, num_points)
+
+
+# tanh(x) = sum_k c_k erf(a_k x) + e(x) with |e(x)| <= 1.5e-6 for all real x: a
+# least-squares fit on [0, 60] with sum(c_k) = 1 (so the limits at +-infinity
+# are exact), checked on a grid of 3 million points.  Pairs (a_k, c_k):
+_TANH_AS_ERFS = (
+    (0.41131648243479418, 0.022702987993834307),
+    (0.57893017115791723, 0.20356625348014257),
+    (0.81075077139511043, 0.42738901759016862),
+    (1.1308309747483274, 0.29992683233787104),
+    (1.5804059818780651, 0.046414908597983501),
+)
+TANH_PAIR_MOMENT_ERROR = 3e-6
+
+
+def tanh_pair_moment(k11: Tensor, k22: Tensor, k12: Tensor) -> Tensor:
+    r""":math:`E[\tanh(U) \tanh(V)]` of a centred Gaussian pair, in closed form up to 3e-6.
+
+    With :math:`\tanh(x) \approx \sum_k c_k \operatorname{erf}(a_k x)` (five
+    terms, sup error 1.5e-6, so the moment is off by at most twice that) and
+    Williams' (1997) closed form for each pair of terms,
+
+    .. math::
+
+        E[\operatorname{erf}(a U) \operatorname{erf}(b V)] = \frac{2}{\pi}
+        \arcsin \frac{2 a b k_{12}}{\sqrt{(1 + 2 a^2 k_{11})(1 + 2 b^2 k_{22})}},
+
+    the moment is 25 arcsines, against hundreds of function values for a
+    two-dimensional quadrature of comparable accuracy.  The arcsine's argument
+    stays strictly inside (-1, 1) for finite variances, so the value is
+    smooth everywhere, correlation one included.  Inputs broadcast.
+    """
+    a = torch.tensor([pair[0] for pair in _TANH_AS_ERFS], dtype=k12.dtype, device=k12.device)
+    c = torch.tensor([pair[1] for pair in _TANH_AS_ERFS], dtype=k12.dtype, device=k12.device)
+    # sqrt(2) a_k / sqrt(1 + 2 a_k^2 k): one factor per side and term, the argument their product times k12.
+    scale = math.sqrt(2.0) * a
+    left = scale * torch.rsqrt(1 + 2 * a * a * k11[..., None])
+    right = scale * torch.rsqrt(1 + 2 * a * a * k22[..., None])
+    argument = (left * k12[..., None])[..., :, None] * right[..., None, :]
+    return torch.einsum("...kl,k,l->...", torch.asin(argument), c, c) * (2 / math.pi)

@@ -825,3 +825,21 @@ def test_quadrature_gradients_consistent_with_values_in_a_typical_tanh_ntk():
     grads = torch.stack(torch.autograd.grad(kernel(x).to_dense().sum(), params))
     fd = _parameter_differences(kernel, x, params)
     assert ((grads - fd).abs() / fd.abs()).max().item() < 1e-4, (grads, fd)
+
+
+def test_tanh_pair_moment_closed_form_matches_integration():
+    """The GRU candidate's tanh moment (five erf terms) against the independent 2-D integrator."""
+    from gpytorch_tp.numerics import TANH_PAIR_MOMENT_ERROR, tanh_pair_moment
+
+    rows = _grid(VARIANCE_PAIRS + [(40.0, 0.01)], CORRELATIONS)
+    k11, k22, k12 = (torch.tensor(column, dtype=DTYPE) for column in zip(*rows))
+    ours = tanh_pair_moment(k11, k22, k12)
+    reference = np.array([ref_expect2(np.tanh, np.tanh, *row) for row in rows])
+    error = np.abs(ours.numpy() - reference)
+    assert error.max() < TANH_PAIR_MOMENT_ERROR, rows[int(error.argmax())]
+    # Smooth at correlation one: a finite gradient on the diagonal of a kernel matrix.
+    k = torch.tensor([1.5, 20.0], dtype=DTYPE, requires_grad=True)
+    (grad,) = torch.autograd.grad(tanh_pair_moment(k, k, k).sum(), k)
+    assert torch.isfinite(grad).all()
+    # Symmetric in the two variables up to rounding.
+    assert torch.allclose(ours, tanh_pair_moment(k22, k11, k12), rtol=0, atol=1e-15)

@@ -28,7 +28,7 @@ class GRUKernel(GatedRecurrentKernel):
     1.2e-2 with 256; kernel matrices are symmetric and positive
     semi-definite up to that error.  Cost :math:`O(M T^2)` per pair of
     sequences plus :math:`T^2` quadratures of the candidate (6 x 6 nodes with
-    the closed form of erf, 6 x 6 x 10 x 10 function values otherwise).
+    the closed forms of erf and tanh, 6 x 6 x 10 x 10 function values otherwise).
 
     ``kind="ntk"``: the readout's NTK :math:`\sigma_v^2 (K_h + \Theta_h) + \sigma_b^2`, with
     :math:`\Theta_h` the GRU states' tangent kernel, from a tangent recursion over

@@ -77,8 +77,10 @@ forward per particle, and :math:`K_h(t, s)` is the particle mean of
   that covers it.
 
 Cost: :math:`O(M T^2)` per pair of sequences (:math:`M` particles), plus
-:math:`T^2` Gauss-Hermite integrals for the GRU's candidate (the dominant
-cost with tanh); all step pairs are kept (:math:`T^2` numbers per pair).
+:math:`T^2` Gauss-Hermite integrals over the reset gates for the GRU's
+candidate (closed forms inside for erf and tanh, another 10 x 10 nodes for
+other nonlinearities, then the dominant cost); all step pairs are kept
+(:math:`T^2` numbers per pair).
 
 **The NTK** (``state.track_ntk``, ``kind="ntk"``) is the forward-mode
 tangent along a random parameter direction, itself a Netsor program (see
@@ -118,9 +120,10 @@ from torch.utils.checkpoint import checkpoint
 
 from ..finite import NTKGRU, NTKLSTM
 from ..gaussian_particles import PairParticles, StepStack, base_normals
+from ..numerics import tanh_pair_moment
 from ..state import KernelState, per_item
 from .base import Layer, standard_deviation, variance_property
-from .elementwise import Erf, Nonlinearity, nonlinearity_from_name
+from .elementwise import Erf, Nonlinearity, Tanh, nonlinearity_from_name
 from .gated_tangents import GATE_DERIVATIVES, derivative, erf_slope_moment, shift_both, tangent_rows
 from .recurrent import _check_sequence
 
@@ -563,8 +566,9 @@ class GRU(_GatedRecurrent):
     Particles: the update-gate family :math:`\tilde z` only; given it, the
     state is linear in the candidates :math:`n_t`, whose second moments
     :math:`E[n_a n'_b]` are Gauss-Hermite integrals over the reset-gate pair
-    (6 x 6 nodes) of the nonlinearity's closed form (erf) or of a 10 x 10-node
-    rule (other nonlinearities).  The NTK samples all four families
+    (6 x 6 nodes) of the nonlinearity's closed form (erf; tanh through its
+    five-term erf expansion, :func:`~gpytorch_tp.numerics.tanh_pair_moment`,
+    3e-6) or of a 10 x 10-node rule (other nonlinearities).  The NTK samples all four families
     (:meth:`_tangent_chunk`), with erf integrating the candidate input out of the
     terms through :math:`\phi'` (closed form; half the error).
 
@@ -699,7 +703,7 @@ class GRU(_GatedRecurrent):
     def _candidate_moment(self, reset: tuple, inputs: tuple, hidden: tuple) -> Tensor:
         r"""``E[phi(A + r B) phi(A' + r' B')]`` from the covariances ``(k11, k22, k12)`` of the reset
         pre-activations, of ``(A, A')`` and of ``(B, B')``: Gauss-Hermite over the reset pair, then the
-        nonlinearity's closed form (erf) or Gauss-Hermite over the candidate pair.
+        nonlinearity's closed form (erf, tanh to 3e-6) or Gauss-Hermite over the candidate pair.
 
         Both rules act on the symmetric square roots of the pair covariances, so the value is
         exactly symmetric in the two sequences.
@@ -712,6 +716,8 @@ class GRU(_GatedRecurrent):
         k11, k22, k12 = a11 + r1 * r1 * b11, a22 + r2 * r2 * b22, a12 + r1 * r2 * b12
         if isinstance(self.nonlinearity, Erf):
             moment = self.nonlinearity.pair_moments(k11, k22, k12, False)[0]
+        elif isinstance(self.nonlinearity, Tanh):
+            moment = tanh_pair_moment(k11, k22, k12)
         else:
             cand_nodes, cand_weights = _hermite_rule(_CANDIDATE_NODES, k11.dtype, k11.device)
             u, v = _correlated_nodes(k11, k22, k12, cand_nodes)  # (..., G, G, H, H)
