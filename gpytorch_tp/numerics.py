@@ -139,6 +139,8 @@ class _ArcCosineMoments(torch.autograd.Function):
     @staticmethod
     def forward(ctx, k11: Tensor, k22: Tensor, k12: Tensor):
         j1, j0, c = _arccos_moments_forward(k11, k22, k12)
+        # An output nothing used (J0 of an NNGP-only recursion) gets None, not a tensor of zeros.
+        ctx.set_materialize_grads(False)
         ctx.save_for_backward(k11, k22, c, j0)
         return j1, j0
 
@@ -146,28 +148,37 @@ class _ArcCosineMoments(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_j1: Tensor | None, grad_j0: Tensor | None):
         k11, k22, c, j0 = ctx.saved_tensors
+        # Per-item factors are applied after summing the pair terms down to the
+        # variances' shapes ((N1, 1) and (1, N2)): fewer full-size passes.
         r1, r2 = _rsqrt_or_zero(k11), _rsqrt_or_zero(k22)
-        one_minus_c2 = (1 - c * c).clamp_(min=0.0)
-        g12 = torch.zeros_like(c)
-        g11 = torch.zeros_like(c)
-        g22 = torch.zeros_like(c)
+        one_minus_c2 = torch.addcmul(_constant(1.0, c), c, c, value=-1.0).clamp_(min=0.0)
+        g11 = g22 = g12 = None
         if grad_j1 is not None:
-            # s / (4 pi k11) = sqrt(1 - c^2) sqrt(k22 / k11) / (4 pi); 0 for a zero variance.
-            sin_theta = torch.sqrt(one_minus_c2)
-            g12 = g12 + grad_j1 * j0
-            g11 = g11 + grad_j1 * sin_theta * (torch.sqrt(k22) * r1) / (2 * _TWO_PI)
-            g22 = g22 + grad_j1 * sin_theta * (torch.sqrt(k11) * r2) / (2 * _TWO_PI)
+            # dJ1/dk12 = J0; dJ1/dk11 = s / (4 pi k11) = sin(theta) sqrt(k22) r1 / (4 pi); 0 for a zero variance.
+            g12 = grad_j1 * j0
+            weighted_sin = grad_j1 * one_minus_c2.sqrt()
+            g11 = (weighted_sin * torch.sqrt(k22)).sum_to_size(k11.shape) * (r1 / (2 * _TWO_PI))
+            g22 = (weighted_sin * torch.sqrt(k11)).sum_to_size(k22.shape) * (r2 / (2 * _TWO_PI))
         if grad_j0 is not None:
             interior = one_minus_c2 > 0
-            dj0_dc = torch.where(
-                interior, 1 / (_TWO_PI * torch.sqrt(torch.where(interior, one_minus_c2, 1.0))), torch.zeros_like(c)
-            )
-            g = grad_j0 * dj0_dc
+            # dJ0/dc = 1 / (2 pi sqrt(1 - c^2)) inside, 0 at |c| = 1 (see the class docstring).
+            g = torch.where(interior, torch.rsqrt(torch.where(interior, one_minus_c2, 1.0)), 0.0).mul_(grad_j0)
+            g.mul_(1.0 / _TWO_PI)
             # c = k12 r1 r2: dc/dk12 = r1 r2, dc/dk11 = -c r1^2 / 2.
-            g12 = g12 + g * (r1 * r2)
-            g11 = g11 - g * c * (r1 * r1) / 2
-            g22 = g22 - g * c * (r2 * r2) / 2
-        return g11.sum_to_size(k11.shape), g22.sum_to_size(k22.shape), g12.sum_to_size(c.shape)
+            through_c = g * c
+            g12_c = (
+                g.mul_(r1).mul_(r2)
+                if _broadcasts_to(r1.shape, g.shape) and _broadcasts_to(r2.shape, g.shape)
+                else g * r1 * r2
+            )
+            g12 = g12_c if g12 is None else g12.add_(g12_c)
+            g11_c = through_c.sum_to_size(k11.shape) * (r1 * r1 / -2)
+            g22_c = through_c.sum_to_size(k22.shape) * (r2 * r2 / -2)
+            g11 = g11_c if g11 is None else g11 + g11_c
+            g22 = g22_c if g22 is None else g22 + g22_c
+        if g12 is None:
+            return None, None, None
+        return g11, g22, g12.sum_to_size(c.shape)
 
 
 def arccos_moments(k11: Tensor, k22: Tensor, k12: Tensor) -> tuple[Tensor, Tensor]:

@@ -843,3 +843,28 @@ def test_tanh_pair_moment_closed_form_matches_integration():
     assert torch.isfinite(grad).all()
     # Symmetric in the two variables up to rounding.
     assert torch.allclose(ours, tanh_pair_moment(k22, k11, k12), rtol=0, atol=1e-15)
+
+
+@pytest.mark.parametrize("outputs", ["j1", "j0", "both"])
+@pytest.mark.parametrize("per_item", [True, False])
+def test_arccos_moments_backward_matches_finite_differences(outputs, per_item):
+    """The hand-written backward of the ReLU moments, for per-item or full-size variances and either output."""
+    from gpytorch_tp.numerics import arccos_moments
+
+    gen = torch.Generator().manual_seed(3)
+    a = torch.randn(4, 3, generator=gen, dtype=DTYPE)
+    b = torch.randn(5, 3, generator=gen, dtype=DTYPE)
+    k11 = (a * a).sum(-1, keepdim=True) + 0.1  # (4, 1)
+    k22 = ((b * b).sum(-1) + 0.1)[None, :]  # (1, 5)
+    k12 = a @ b.T + 0.1  # a Gram matrix of (a, sqrt(0.1)) and (b, sqrt(0.1)): correlations inside (-1, 1)
+    if not per_item:
+        k11, k22 = k11.expand(4, 5).clone(), k22.expand(4, 5).clone()
+    weights = torch.randn(2, 4, 5, generator=gen, dtype=DTYPE)
+
+    def fn(k11, k22, k12):
+        j1, j0 = arccos_moments(k11, k22, k12)
+        terms = {"j1": [j1 * weights[0]], "j0": [j0 * weights[1]], "both": [j1 * weights[0], j0 * weights[1]]}
+        return sum(t.sum() for t in terms[outputs])
+
+    inputs = tuple(t.detach().requires_grad_(True) for t in (k11, k22, k12))
+    assert torch.autograd.gradcheck(fn, inputs)
