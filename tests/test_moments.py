@@ -152,7 +152,8 @@ SPECS: dict[str, Spec] = {
     ),
     "sin": Spec(Sin, np.sin, np.cos, lambda x: -np.sin(x), lambda x: -np.cos(x)),
     "cos": Spec(Cos, np.cos, lambda x: -np.sin(x), lambda x: -np.cos(x), np.sin),
-    "tanh": Spec(Tanh, np.tanh, _tanh_d, _tanh_d2, _tanh_d3, quadrature=True),
+    # Tanh's quadrature path here; its default closed form (erf expansion) has tests of its own below.
+    "tanh": Spec(lambda: Tanh(num_quadrature_points=96), np.tanh, _tanh_d, _tanh_d2, _tanh_d3, quadrature=True),
     "sigmoid": Spec(Sigmoid, special.expit, _sig_d, _sig_d2, _sig_d3, quadrature=True),
     "silu": Spec(
         SiLU,
@@ -827,22 +828,42 @@ def test_quadrature_gradients_consistent_with_values_in_a_typical_tanh_ntk():
     assert ((grads - fd).abs() / fd.abs()).max().item() < 1e-4, (grads, fd)
 
 
-def test_tanh_pair_moment_closed_form_matches_integration():
-    """The GRU candidate's tanh moment (five erf terms) against the independent 2-D integrator."""
-    from gpytorch_tp.numerics import TANH_PAIR_MOMENT_ERROR, tanh_pair_moment
+def test_tanh_expansion_moments_match_integration():
+    """Tanh's default closed form (six erf terms): V, V' and the self moment against the independent integrator."""
+    from gpytorch_tp.numerics import TANH_DERIVATIVE_PAIR_MOMENT_ERROR, TANH_PAIR_MOMENT_ERROR
 
-    rows = _grid(VARIANCE_PAIRS + [(40.0, 0.01)], CORRELATIONS)
+    rows = _grid(VARIANCE_PAIRS + [(40.0, 0.01), (200.0, 150.0)], CORRELATIONS)
     k11, k22, k12 = (torch.tensor(column, dtype=DTYPE) for column in zip(*rows))
-    ours = tanh_pair_moment(k11, k22, k12)
+    layer = Tanh()
+    value, derivative = layer.pair_moments(k11, k22, k12, True)
     reference = np.array([ref_expect2(np.tanh, np.tanh, *row) for row in rows])
-    error = np.abs(ours.numpy() - reference)
+    reference_d = np.array([ref_expect2(_tanh_d, _tanh_d, *row) for row in rows])
+    error = np.abs(value.numpy() - reference)
+    error_d = np.abs(derivative.numpy() - reference_d)
     assert error.max() < TANH_PAIR_MOMENT_ERROR, rows[int(error.argmax())]
-    # Smooth at correlation one: a finite gradient on the diagonal of a kernel matrix.
-    k = torch.tensor([1.5, 20.0], dtype=DTYPE, requires_grad=True)
-    (grad,) = torch.autograd.grad(tanh_pair_moment(k, k, k).sum(), k)
-    assert torch.isfinite(grad).all()
+    assert error_d.max() < TANH_DERIVATIVE_PAIR_MOMENT_ERROR, rows[int(error_d.argmax())]
+    variances = torch.tensor([0.0, 0.05, 1.0, 10.0, 200.0], dtype=DTYPE)
+    self_reference = np.array([ref_expect1(lambda z: np.tanh(z) ** 2, math.sqrt(v)) for v in variances.tolist()])
+    assert np.abs(layer.self_moment(variances).numpy() - self_reference).max() < TANH_PAIR_MOMENT_ERROR
     # Symmetric in the two variables up to rounding.
-    assert torch.allclose(ours, tanh_pair_moment(k22, k11, k12), rtol=0, atol=1e-15)
+    swapped, swapped_d = layer.pair_moments(k22, k11, k12, True)
+    assert torch.allclose(value, swapped, rtol=0, atol=1e-15)
+    assert torch.allclose(derivative, swapped_d, rtol=0, atol=1e-15)
+
+
+def test_tanh_expansion_agrees_with_fine_quadrature_in_a_deep_ntk_and_has_exact_gradients():
+    x = torch.randn(12, 4, generator=torch.Generator().manual_seed(1), dtype=DTYPE)
+    x[5] = x[2]  # a duplicate: correlation one off the diagonal too
+    closed = MLPKernel(depth=3, nonlinearity="tanh", kind="ntk", weight_variance=2.0).double()
+    fine = MLPKernel(depth=3, nonlinearity=Tanh(num_quadrature_points=256), kind="ntk", weight_variance=2.0).double()
+    with torch.no_grad():
+        k_closed, k_fine = closed(x).to_dense(), fine(x).to_dense()
+    assert ((k_closed - k_fine).norm() / k_fine.norm()).item() < 1e-5
+    # The closed form is smooth: gradcheck of the hyperparameters through the whole NTK, duplicates included.
+    module = _Projected(closed, x[[1, 2, 5]])
+    names = [n for n, _ in module.named_parameters()]
+    raw = tuple(p.detach().clone().requires_grad_(True) for _, p in module.named_parameters())
+    assert torch.autograd.gradcheck(lambda *v: torch.func.functional_call(module, dict(zip(names, v)), ()), raw)
 
 
 @pytest.mark.parametrize("outputs", ["j1", "j0", "both"])

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from ..finite import Pointwise
-from ..numerics import arccos_moments, gaussian_pair_moment
+from ..numerics import arccos_moments, gaussian_pair_moment, tanh_derivative_pair_moment, tanh_pair_moment
 from ..state import KernelState, per_item, self_position_variances
 from .base import Layer
 
@@ -460,12 +460,39 @@ def _sigmoid_derivatives(x: Tensor, order: int) -> Tensor | None:
 
 
 class Tanh(Elementwise):
-    """Hyperbolic tangent, by quadrature (see :class:`Elementwise`)."""
+    r"""Hyperbolic tangent: in closed form through an erf expansion (default), or by quadrature.
+
+    By default :math:`\tanh(x)` is written as :math:`\sum_{k=1}^{6} c_k
+    \operatorname{erf}(a_k x)` (a fit with error below 4.9e-7 for every real
+    :math:`x`, 8.5e-7 for the derivative), so that :math:`V_\phi` and
+    :math:`V_{\phi'}` are sums of 36 closed-form terms
+    (:func:`~gpytorch_tp.numerics.tanh_pair_moment`,
+    :func:`~gpytorch_tp.numerics.tanh_derivative_pair_moment`): accurate to
+    1e-6 and 2e-6 at every variance, hundreds of times cheaper than the
+    quadrature, and differentiated exactly by autograd.
+
+    :param num_quadrature_points: ``None`` (default) for the closed form; a
+        number of points for the trapezoidal rule of :class:`Elementwise`
+        instead (more accurate at moderate variances: 2e-7 with 96 points up to
+        variance 10, see ``docs/mlp.md``).
+    """
 
     name = "tanh"
 
-    def __init__(self, num_quadrature_points: int = 96):
-        super().__init__(torch.tanh, num_quadrature_points=num_quadrature_points)
+    def __init__(self, num_quadrature_points: int | None = None):
+        super().__init__(
+            torch.tanh, num_quadrature_points=96 if num_quadrature_points is None else num_quadrature_points
+        )
+        self.expansion = num_quadrature_points is None
+
+    def pair_moments(self, k11: Tensor, k22: Tensor, k12: Tensor, derivative: bool) -> tuple[Tensor, Tensor | None]:
+        if not self.expansion:
+            return super().pair_moments(k11, k22, k12, derivative)
+        value = tanh_pair_moment(k11, k22, k12)
+        return value, (tanh_derivative_pair_moment(k11, k22, k12) if derivative else None)
+
+    def extra_repr(self) -> str:
+        return "erf expansion" if self.expansion else super().extra_repr()
 
     def derivatives(self, x: Tensor, order: int) -> Tensor | None:
         t = torch.tanh(x)
