@@ -567,8 +567,8 @@ class GRU(_GatedRecurrent):
     state is linear in the candidates :math:`n_t`, whose second moments
     :math:`E[n_a n'_b]` are Gauss-Hermite integrals over the reset-gate pair
     (6 x 6 nodes) of the nonlinearity's closed form (erf; tanh through its
-    five-term erf expansion, :func:`~gpytorch_tp.numerics.tanh_pair_moment`,
-    3e-6) or of a 10 x 10-node rule (other nonlinearities).  The NTK samples all four families
+    six-term erf expansion, :func:`~gpytorch_tp.numerics.tanh_pair_moment`,
+    1e-6) or of a 10 x 10-node rule (other nonlinearities).  The NTK samples all four families
     (:meth:`_tangent_chunk`), with erf integrating the candidate input out of the
     terms through :math:`\phi'` (closed form; half the error).
 
@@ -703,7 +703,7 @@ class GRU(_GatedRecurrent):
     def _candidate_moment(self, reset: tuple, inputs: tuple, hidden: tuple) -> Tensor:
         r"""``E[phi(A + r B) phi(A' + r' B')]`` from the covariances ``(k11, k22, k12)`` of the reset
         pre-activations, of ``(A, A')`` and of ``(B, B')``: Gauss-Hermite over the reset pair, then the
-        nonlinearity's closed form (erf, tanh to 3e-6) or Gauss-Hermite over the candidate pair.
+        nonlinearity's closed form (erf, tanh to 1e-6) or Gauss-Hermite over the candidate pair.
 
         Both rules act on the symmetric square roots of the pair covariances, so the value is
         exactly symmetric in the two sequences.
