@@ -350,6 +350,90 @@ def _tanh_expansion(like: Tensor) -> tuple[Tensor, Tensor]:
     return a, c
 
 
+def _tanh_moment_terms(k11: Tensor, k22: Tensor, k12: Tensor, order: int):
+    """Per first term ``k``: the arguments of the closed forms against every second term ``l``.
+
+    Yields ``(k, arguments, first, second)`` with ``arguments`` shaped ``(..., K)``: for
+    ``order == 0`` the arcsine arguments rho_kl (``first``: sqrt(2) a_k / sqrt(1 + 2 a_k^2 k11),
+    ``second``: the same for every l on k22); for ``order == 1`` the radicands
+    ``P_k Q_l - alpha_k alpha_l k12^2`` (``first``: P_k = 1 + alpha_k k11, ``second``: Q_l), alpha = 2 a^2.
+    One term at a time keeps the intermediates at K times the pairs, not K^2.
+    """
+    a, _ = _tanh_expansion(k12)
+    alpha = 2 * a * a
+    if order == 0:
+        scale = math.sqrt(2.0) * a
+        second = scale * torch.rsqrt(1 + alpha * k22[..., None])  # (..., K)
+        for k in range(len(_TANH_AS_ERFS)):
+            first = scale[k] * torch.rsqrt(1 + alpha[k] * k11)
+            yield k, (first * k12)[..., None] * second, first, second
+    else:
+        second = 1 + alpha * k22[..., None]
+        squared = (k12 * k12)[..., None] * alpha
+        for k in range(len(_TANH_AS_ERFS)):
+            first = 1 + alpha[k] * k11
+            yield k, first[..., None] * second - alpha[k] * squared, first, second
+
+
+def _tanh_moment(k11: Tensor, k22: Tensor, k12: Tensor, order: int) -> Tensor:
+    a, c = _tanh_expansion(k12)
+    weights = c if order == 0 else c * a
+    total = None
+    for k, arguments, _, _ in _tanh_moment_terms(k11, k22, k12, order):
+        values = torch.asin(arguments) if order == 0 else torch.rsqrt(arguments)
+        term = (values @ weights) * weights[k]
+        total = term if total is None else total.add_(term)
+    return total * (2 / math.pi if order == 0 else 4 / math.pi)
+
+
+class _TanhMoments(torch.autograd.Function):
+    """The closed forms of :func:`tanh_pair_moment` (order 0) and :func:`tanh_derivative_pair_moment` (1).
+
+    The backward pass recomputes the terms from the saved covariances (an
+    autograd graph would keep K^2 = 36 times the pairs' memory per layer):
+    with rho = first_k second_l k12, d asin(rho) = d rho / sqrt(1 - rho^2),
+    d rho / d k12 = first_k second_l, d rho / d k11 = -rho a_k^2 / (1 + 2 a_k^2 k11);
+    with R = radicand^(-1/2), dR = -R^3 d radicand / 2.
+    """
+
+    @staticmethod
+    def forward(ctx, k11: Tensor, k22: Tensor, k12: Tensor, order: int) -> Tensor:
+        ctx.save_for_backward(k11, k22, k12)
+        ctx.order = order
+        return _tanh_moment(k11, k22, k12, order)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: Tensor):
+        k11, k22, k12 = ctx.saved_tensors
+        order = ctx.order
+        a, c = _tanh_expansion(k12)
+        alpha = 2 * a * a
+        weights = c if order == 0 else c * a
+        constant = 2 / math.pi if order == 0 else 4 / math.pi
+        g11 = g22 = g12 = None
+        for k, arguments, first, second in _tanh_moment_terms(k11, k22, k12, order):
+            if order == 0:
+                # t_kl = grad * w_k w_l / sqrt(1 - rho^2), then the chain rule through rho.
+                t = torch.rsqrt(1 - arguments * arguments).mul_(weights).mul_(grad[..., None] * (constant * weights[k]))
+                t_rho = t * arguments
+                d12 = first * (t * second).sum(-1)
+                d11 = t_rho.sum(-1) * (-(a[k] ** 2) / (1 + alpha[k] * k11))
+                d22 = (t_rho * (-(a * a) / (1 + alpha * k22[..., None]))).sum(-1)
+            else:
+                # R^3 w_k w_l grad: dR/dk11 = -R^3 alpha_k Q_l / 2, dR/dk22 = -R^3 alpha_l P_k / 2,
+                # dR/dk12 = R^3 alpha_k alpha_l k12.
+                cubed = torch.rsqrt(arguments).pow_(3).mul_(weights).mul_(grad[..., None] * (constant * weights[k]))
+                d11 = (cubed * second).sum(-1) * (-alpha[k] / 2)
+                weighted = cubed @ alpha
+                d22 = weighted * (-first / 2)
+                d12 = weighted * (alpha[k] * k12)
+            g11 = d11 if g11 is None else g11 + d11
+            g22 = d22 if g22 is None else g22 + d22
+            g12 = d12 if g12 is None else g12 + d12
+        return g11.sum_to_size(k11.shape), g22.sum_to_size(k22.shape), g12.sum_to_size(k12.shape), None
+
+
 def tanh_pair_moment(k11: Tensor, k22: Tensor, k12: Tensor) -> Tensor:
     r""":math:`E[\tanh(U) \tanh(V)]` of a centred Gaussian pair, in closed form up to 1e-6.
 
@@ -365,16 +449,12 @@ def tanh_pair_moment(k11: Tensor, k22: Tensor, k12: Tensor) -> Tensor:
     the moment is 36 arcsines, against thousands of function values for a
     two-dimensional quadrature of comparable accuracy.  The arcsine's argument
     stays strictly inside (-1, 1) for finite variances, so the value is
-    smooth everywhere, correlation one included, and autograd differentiates
-    it exactly.  Inputs broadcast.
+    smooth everywhere, correlation one included; gradients are analytic
+    (the terms recomputed in the backward pass).  Inputs broadcast.
     """
-    a, c = _tanh_expansion(k12)
-    # sqrt(2) a_k / sqrt(1 + 2 a_k^2 k): one factor per side and term, the argument their product times k12.
-    scale = math.sqrt(2.0) * a
-    left = scale * torch.rsqrt(1 + 2 * a * a * k11[..., None])
-    right = scale * torch.rsqrt(1 + 2 * a * a * k22[..., None])
-    argument = (left * k12[..., None])[..., :, None] * right[..., None, :]
-    return torch.einsum("...kl,k,l->...", torch.asin(argument), c, c) * (2 / math.pi)
+    if _records_grad(k11, k22, k12):
+        return _TanhMoments.apply(k11, k22, k12, 0)
+    return _tanh_moment(k11, k22, k12, 0)
 
 
 def tanh_derivative_pair_moment(k11: Tensor, k22: Tensor, k12: Tensor) -> Tensor:
@@ -390,11 +470,6 @@ def tanh_derivative_pair_moment(k11: Tensor, k22: Tensor, k12: Tensor) -> Tensor
 
     whose radicand is at least 1 for every valid covariance.  Inputs broadcast.
     """
-    a, c = _tanh_expansion(k12)
-    a2 = 2 * a * a
-    first = 1 + a2 * k11[..., None]  # (..., K)
-    second = 1 + a2 * k22[..., None]
-    cross = (a2[:, None] * a2[None, :]) * (k12 * k12)[..., None, None]
-    radicand = first[..., :, None] * second[..., None, :] - cross
-    weights = c * a
-    return torch.einsum("...kl,k,l->...", torch.rsqrt(radicand), weights, weights) * (4 / math.pi)
+    if _records_grad(k11, k22, k12):
+        return _TanhMoments.apply(k11, k22, k12, 1)
+    return _tanh_moment(k11, k22, k12, 1)

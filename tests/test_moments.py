@@ -154,7 +154,9 @@ SPECS: dict[str, Spec] = {
     "cos": Spec(Cos, np.cos, lambda x: -np.sin(x), lambda x: -np.cos(x), np.sin),
     # Tanh's quadrature path here; its default closed form (erf expansion) has tests of its own below.
     "tanh": Spec(lambda: Tanh(num_quadrature_points=96), np.tanh, _tanh_d, _tanh_d2, _tanh_d3, quadrature=True),
-    "sigmoid": Spec(Sigmoid, special.expit, _sig_d, _sig_d2, _sig_d3, quadrature=True),
+    "sigmoid": Spec(
+        lambda: Sigmoid(num_quadrature_points=96), special.expit, _sig_d, _sig_d2, _sig_d3, quadrature=True
+    ),
     "silu": Spec(
         SiLU,
         lambda x: x * special.expit(x),
@@ -851,6 +853,17 @@ def test_tanh_expansion_moments_match_integration():
     assert torch.allclose(derivative, swapped_d, rtol=0, atol=1e-15)
 
 
+def test_sigmoid_expansion_moments_match_integration():
+    """Sigmoid's default closed form (tanh's erf expansion at half the argument) against the integrator."""
+    rows = _grid(VARIANCE_PAIRS + [(40.0, 0.01), (200.0, 150.0)], CORRELATIONS)
+    k11, k22, k12 = (torch.tensor(column, dtype=DTYPE) for column in zip(*rows))
+    value, derivative = Sigmoid().pair_moments(k11, k22, k12, True)
+    reference = np.array([ref_expect2(special.expit, special.expit, *row) for row in rows])
+    reference_d = np.array([ref_expect2(_sig_d, _sig_d, *row) for row in rows])
+    assert np.abs(value.numpy() - reference).max() < 2.5e-7
+    assert np.abs(derivative.numpy() - reference_d).max() < 1.3e-7
+
+
 def test_tanh_expansion_agrees_with_fine_quadrature_in_a_deep_ntk_and_has_exact_gradients():
     x = torch.randn(12, 4, generator=torch.Generator().manual_seed(1), dtype=DTYPE)
     x[5] = x[2]  # a duplicate: correlation one off the diagonal too
@@ -887,5 +900,22 @@ def test_arccos_moments_backward_matches_finite_differences(outputs, per_item):
         terms = {"j1": [j1 * weights[0]], "j0": [j0 * weights[1]], "both": [j1 * weights[0], j0 * weights[1]]}
         return sum(t.sum() for t in terms[outputs])
 
+    inputs = tuple(t.detach().requires_grad_(True) for t in (k11, k22, k12))
+    assert torch.autograd.gradcheck(fn, inputs)
+
+
+@pytest.mark.parametrize("order", [0, 1])
+def test_tanh_moments_backward_matches_finite_differences(order):
+    """The analytic backward of the tanh closed forms, per-item variances against a matrix of pairs."""
+    from gpytorch_tp.numerics import tanh_derivative_pair_moment, tanh_pair_moment
+
+    gen = torch.Generator().manual_seed(5)
+    a = torch.randn(4, 3, generator=gen, dtype=DTYPE)
+    b = torch.randn(5, 3, generator=gen, dtype=DTYPE)
+    k11 = (a * a).sum(-1, keepdim=True) + 0.1
+    k22 = ((b * b).sum(-1) + 0.1)[None, :]
+    k12 = a @ b.T + 0.1
+    k12[0, 0] = (k11[0, 0] * k22[0, 0]).sqrt() * 0.999999  # nearly correlation one: still smooth
+    fn = tanh_pair_moment if order == 0 else tanh_derivative_pair_moment
     inputs = tuple(t.detach().requires_grad_(True) for t in (k11, k22, k12))
     assert torch.autograd.gradcheck(fn, inputs)
