@@ -871,7 +871,7 @@ def test_tanh_expansion_agrees_with_fine_quadrature_in_a_deep_ntk_and_has_exact_
     fine = MLPKernel(depth=3, nonlinearity=Tanh(num_quadrature_points=256), kind="ntk", weight_variance=2.0).double()
     with torch.no_grad():
         k_closed, k_fine = closed(x).to_dense(), fine(x).to_dense()
-    assert ((k_closed - k_fine).norm() / k_fine.norm()).item() < 1e-5
+    assert ((k_closed - k_fine).norm() / k_fine.norm()).item() < 1e-7  # measured 1e-8
     # The closed form is smooth: gradcheck of the hyperparameters through the whole NTK, duplicates included.
     module = _Projected(closed, x[[1, 2, 5]])
     names = [n for n, _ in module.named_parameters()]
