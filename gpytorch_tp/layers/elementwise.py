@@ -459,7 +459,42 @@ def _sigmoid_derivatives(x: Tensor, order: int) -> Tensor | None:
     return None
 
 
-class Tanh(Elementwise):
+class _ScaledTanh(Elementwise):
+    r""":math:`\phi(x) = b + g \tanh(s x)`: in closed form through tanh's erf expansion (default), or by quadrature.
+
+    tanh is odd, so for a centred Gaussian pair :math:`V_\phi = b^2 + g^2
+    E[\tanh(sU)\tanh(sV)]` and :math:`V_{\phi'} = g^2 s^2 E[\tanh'(sU)\tanh'(sV)]`,
+    the closed forms of :func:`~gpytorch_tp.numerics.tanh_pair_moment` and
+    :func:`~gpytorch_tp.numerics.tanh_derivative_pair_moment` on the covariance
+    scaled by :math:`s^2`.
+    """
+
+    offset = 0.0  # b
+    gain = 1.0  # g
+    inner = 1.0  # s
+
+    def __init__(self, fn: Callable[[Tensor], Tensor], num_quadrature_points: int | None = None):
+        super().__init__(fn, num_quadrature_points=96 if num_quadrature_points is None else num_quadrature_points)
+        self.expansion = num_quadrature_points is None
+
+    def pair_moments(self, k11: Tensor, k22: Tensor, k12: Tensor, derivative: bool) -> tuple[Tensor, Tensor | None]:
+        if not self.expansion:
+            return super().pair_moments(k11, k22, k12, derivative)
+        scale = self.inner**2
+        if scale != 1.0:
+            k11, k22, k12 = k11 * scale, k22 * scale, k12 * scale
+        value = tanh_pair_moment(k11, k22, k12)
+        if self.gain != 1.0 or self.offset != 0.0:
+            value = value * self.gain**2 + self.offset**2
+        if not derivative:
+            return value, None
+        return value, tanh_derivative_pair_moment(k11, k22, k12) * (self.gain * self.inner) ** 2
+
+    def extra_repr(self) -> str:
+        return "erf expansion" if self.expansion else super().extra_repr()
+
+
+class Tanh(_ScaledTanh):
     r"""Hyperbolic tangent: in closed form through an erf expansion (default), or by quadrature.
 
     By default :math:`\tanh(x)` is written as :math:`\sum_{k=1}^{6} c_k
@@ -480,19 +515,7 @@ class Tanh(Elementwise):
     name = "tanh"
 
     def __init__(self, num_quadrature_points: int | None = None):
-        super().__init__(
-            torch.tanh, num_quadrature_points=96 if num_quadrature_points is None else num_quadrature_points
-        )
-        self.expansion = num_quadrature_points is None
-
-    def pair_moments(self, k11: Tensor, k22: Tensor, k12: Tensor, derivative: bool) -> tuple[Tensor, Tensor | None]:
-        if not self.expansion:
-            return super().pair_moments(k11, k22, k12, derivative)
-        value = tanh_pair_moment(k11, k22, k12)
-        return value, (tanh_derivative_pair_moment(k11, k22, k12) if derivative else None)
-
-    def extra_repr(self) -> str:
-        return "erf expansion" if self.expansion else super().extra_repr()
+        super().__init__(torch.tanh, num_quadrature_points)
 
     def derivatives(self, x: Tensor, order: int) -> Tensor | None:
         t = torch.tanh(x)
@@ -510,35 +533,22 @@ class Tanh(Elementwise):
         return None
 
 
-class Sigmoid(Elementwise):
+class Sigmoid(_ScaledTanh):
     r"""Logistic sigmoid: in closed form through :class:`Tanh`'s erf expansion (default), or by quadrature.
 
-    :math:`\sigma(x) = (1 + \tanh(x/2)) / 2` and tanh is odd, so for a centred
-    Gaussian pair :math:`V_\sigma = 1/4 + E[\tanh(U/2)\tanh(V/2)]/4` and
-    :math:`V_{\sigma'} = E[\tanh'(U/2)\tanh'(V/2)]/16`: the covariance scaled
-    by 1/4 in :class:`Tanh`'s closed forms, accurate to 2.5e-7 and 1.3e-7.
+    :math:`\sigma(x) = (1 + \tanh(x/2)) / 2`, so :math:`V_\sigma = 1/4 +
+    E[\tanh(U/2)\tanh(V/2)]/4` and :math:`V_{\sigma'} = E[\tanh'(U/2)\tanh'(V/2)]/16`
+    (see :class:`_ScaledTanh`), accurate to 2.5e-7 and 1.3e-7.
 
     :param num_quadrature_points: ``None`` (default) for the closed form; a
         number of points for the trapezoidal rule of :class:`Elementwise` instead.
     """
 
     name = "sigmoid"
+    offset = gain = inner = 0.5
 
     def __init__(self, num_quadrature_points: int | None = None):
-        super().__init__(
-            torch.sigmoid, num_quadrature_points=96 if num_quadrature_points is None else num_quadrature_points
-        )
-        self.expansion = num_quadrature_points is None
-
-    def pair_moments(self, k11: Tensor, k22: Tensor, k12: Tensor, derivative: bool) -> tuple[Tensor, Tensor | None]:
-        if not self.expansion:
-            return super().pair_moments(k11, k22, k12, derivative)
-        halves = (k11 / 4, k22 / 4, k12 / 4)  # the covariance of (U/2, V/2)
-        value = 0.25 + tanh_pair_moment(*halves) / 4
-        return value, (tanh_derivative_pair_moment(*halves) / 16 if derivative else None)
-
-    def extra_repr(self) -> str:
-        return "erf expansion" if self.expansion else super().extra_repr()
+        super().__init__(torch.sigmoid, num_quadrature_points)
 
     def derivatives(self, x: Tensor, order: int) -> Tensor | None:
         return _sigmoid_derivatives(x, order)
