@@ -319,15 +319,15 @@ def test_layernorm_affine_then_nonlinearity_ntk_is_refused_not_wrong():
 
 
 # ---------------------------------------------------------------------------------------------
-# Tanh with the default quadrature rule.
+# Tanh with its default closed form (erf expansion).
 # ---------------------------------------------------------------------------------------------
 
 
-def test_default_tanh_quadrature_is_accurate_in_this_ntk():
-    # The point of twice the typical norm has pre-activation variance 10.2.  With the former
+def test_default_tanh_is_accurate_in_this_ntk():
+    # The point of twice the typical norm has pre-activation variance 10.2.  With an early
     # default (32 Gauss-Hermite points) its depth-1 NTK entry was 3.46 instead of 4.48 (-23%)
-    # and width-1024 networks disagreed with the NTK by 0.15; the default rule now agrees with
-    # a 256-point rule to 5e-5.
+    # and width-1024 networks disagreed with the NTK by 0.15; the default (the closed form,
+    # formerly a 96-point rule) agrees with a 256-point rule well within the bound.
     def arch(points=None):
         tanh = Tanh() if points is None else Tanh(num_quadrature_points=points)
         return Sequential(Linear(1.8, 0.1), tanh, Linear(1.8, 0.1)).double()
