@@ -30,6 +30,7 @@ Usage (from the repository root)::
     python benchmarks/mlp_kernels.py --n 1000 --repeats 5
     python benchmarks/mlp_kernels.py --nt-python /path/to/nt-venv/bin/python
     python benchmarks/mlp_kernels.py --gpu               # adds a CUDA table (N up to 20000)
+    python benchmarks/mlp_kernels.py --fused             # also fused=True (torch.compile), in the same run
 
 neural-tangents needs its own virtualenv (it pins old jax and numpy)::
 
@@ -193,8 +194,14 @@ def benchmark(
     with_botorch: bool,
     nt_python: Path | None,
     tile_pairs: int | None = None,
+    fused: bool = False,
 ) -> dict:
     ntk_kernel, nngp_kernel = our_kernels(device, tile_pairs)
+    fused_kernel = None
+    if fused:
+        # The same network, its dense and ReLU layers compiled into one pass (gpytorch_tp.fusion).
+        fused_kernel = MLPKernel(depth=DEPTH, kind="ntk", fused=True).to(device=device, dtype=torch.float64)
+        fused_kernel.architecture = ntk_kernel.architecture
     bo_kernel = botorch_kernel(device) if with_botorch else None
     rows = []
     notes = []
@@ -207,6 +214,14 @@ def benchmark(
         row["ours_nngp_ntk"] = time_call(lambda x=x: ntk_kernel.nngp_and_ntk(x), repeats, device)
         print(f"[n={n}] gpytorch_tp NNGP ...", file=sys.stderr, flush=True)
         row["ours_nngp"] = time_call(lambda x=x: nngp_kernel(x).to_dense(), repeats, device)
+        if fused_kernel is not None:
+            print(f"[n={n}] gpytorch_tp fused NNGP+NTK ...", file=sys.stderr, flush=True)
+            start = time.perf_counter()
+            with torch.no_grad():
+                fused_kernel.nngp_and_ntk(x)  # compiles on the first N (per process, cached on disk)
+            _sync(device)
+            row["fused_first_call"] = time.perf_counter() - start
+            row["ours_fused_nngp_ntk"] = time_call(lambda x=x: fused_kernel.nngp_and_ntk(x), repeats, device)
         if bo_kernel is not None:
             print(f"[n={n}] BoTorch NNGP ...", file=sys.stderr, flush=True)
             try:
@@ -222,6 +237,11 @@ def benchmark(
     with torch.no_grad():
         ours_nngp, ours_ntk = ntk_kernel.nngp_and_ntk(x)
         agreement = {"n": n_check}
+        if fused_kernel is not None:
+            fused_nngp, fused_ntk = fused_kernel.nngp_and_ntk(x)
+            agreement["fused"] = max(
+                max_relative_difference(fused_nngp, ours_nngp), max_relative_difference(fused_ntk, ours_ntk)
+            )
         if bo_kernel is not None:
             try:
                 agreement["botorch_nngp"] = max_relative_difference(bo_kernel(x).to_dense(), ours_nngp)
@@ -305,6 +325,26 @@ def format_table(result: dict, title: str) -> str:
     configs = [f"N={row['n']}: {row['nt_nngp_ntk']['config']}" for row in result["rows"] if "nt_nngp_ntk" in row]
     if configs:
         lines.append("neural-tangents' fastest configuration: " + ", ".join(configs) + ".")
+    fused_rows = [row for row in result["rows"] if "ours_fused_nngp_ntk" in row]
+    if fused_rows:
+        lines += [
+            "",
+            (
+                "Fused (`fused=True`, torch.compile), NNGP+NTK: best / median (s), its first call (compilation), "
+                "speed-up over the layer-by-layer path, and neural-tangents / fused:"
+            ),
+            "",
+            "| N | fused NNGP+NTK (s) | first call (s) | layer-by-layer / fused | neural-tangents / fused |",
+            "|---:|---:|---:|---:|---:|",
+        ]
+        for row in fused_rows:
+            lines.append(
+                f"| {row['n']} | {_seconds(row['ours_fused_nngp_ntk'])} | {row['fused_first_call']:.1f} "
+                f"| {_ratio(row['ours_nngp_ntk'], row['ours_fused_nngp_ntk'])} "
+                f"| {_ratio(row.get('nt_nngp_ntk'), row['ours_fused_nngp_ntk'])} |"
+            )
+        if "fused" in agreement:
+            lines.append(f"Largest relative difference fused / layer by layer: {agreement['fused']:.1e}.")
     for note in result["notes"]:
         lines.append(f"Note: {note}")
     return "\n".join(lines)
@@ -339,6 +379,7 @@ def parse_args(argv=None):
     parser.add_argument("--no-nt", action="store_true", help="skip neural-tangents")
     parser.add_argument("--no-botorch", action="store_true", help="skip BoTorch")
     parser.add_argument("--no-peers", action="store_true", help="skip both peers")
+    parser.add_argument("--fused", action="store_true", help="also time our kernel with fused=True (torch.compile)")
     parser.add_argument(
         "--gpu", action="store_true", help="also benchmark on CUDA, if available (our kernel and BoTorch's)"
     )
@@ -358,7 +399,9 @@ def main(argv=None) -> dict:
         f"sigma_b^2={BIAS_VARIANCE}, float64, x1 is x2."
     )
     results = {}
-    cpu = benchmark(args.n, torch.device("cpu"), args.repeats, with_botorch=with_botorch, nt_python=nt_python)
+    cpu = benchmark(
+        args.n, torch.device("cpu"), args.repeats, with_botorch=with_botorch, nt_python=nt_python, fused=args.fused
+    )
     results["cpu"] = cpu
     print()
     print(format_table(cpu, "CPU"))
@@ -369,7 +412,13 @@ def main(argv=None) -> dict:
         else:
             device = torch.device("cuda")
             gpu = benchmark(
-                args.gpu_n, device, args.repeats, with_botorch=with_botorch, nt_python=None, tile_pairs=GPU_TILE_PAIRS
+                args.gpu_n,
+                device,
+                args.repeats,
+                with_botorch=with_botorch,
+                nt_python=None,
+                tile_pairs=GPU_TILE_PAIRS,
+                fused=args.fused,
             )
             gpu["notes"].append(
                 f"GPU: {torch.cuda.get_device_name(device)}; our tiles hold {GPU_TILE_PAIRS} pairs; "

@@ -194,6 +194,24 @@ def arccos_moments(k11: Tensor, k22: Tensor, k12: Tensor) -> tuple[Tensor, Tenso
     return _ArcCosineMoments.apply(k11, k22, k12)
 
 
+def arccos_item_factors(k11: Tensor, k22: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The per-item factors of :func:`fused_arccos_moments`, computed once per item (see ``per_item``)."""
+    return (*per_item(_first_factors, k11), *per_item(_second_factors, k22))
+
+
+def fused_arccos_moments(k12: Tensor, factors: tuple[Tensor, Tensor, Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+    """``(J1, J0)`` of :func:`arccos_moments` as out-of-place elementwise operations, for ``torch.compile``.
+
+    The same formulas and per-item factors as the reference (so the same
+    snapping of correlations within a few ulps of +-1); no autograd support.
+    """
+    r1, root1, r2, root2 = factors
+    c = (k12 * r1 * r2).clamp(-1.0, 1.0)
+    j0 = 0.25 + torch.asin(c) * (1.0 / _TWO_PI)
+    j1 = (torch.sqrt(1.0 - c * c) + _TWO_PI * j0 * c) * root1 * root2
+    return j1, j0
+
+
 @lru_cache(maxsize=32)
 def _gaussian_rule_numpy(num_points: int, half_width: float) -> tuple[np.ndarray, np.ndarray]:
     nodes = np.linspace(-half_width, half_width, num_points)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import gpytorch
 import pytest
 import torch
@@ -71,3 +73,20 @@ def test_multi_device_kernel_wraps_the_matrix_free_kernel():
         expected = MLPKernel(depth=2).double()(x).to_dense()
         got = kernel(x.cuda()).to_dense().cpu()
         assert torch.allclose(got, expected, atol=1e-10 * float(expected.abs().max()))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
+def test_fused_kernel_on_cuda_equals_the_layer_by_layer_path(dtype):
+    # fused=True compiles the dense/ReLU/erf runs with torch.compile (Triton on a GPU); a compiler
+    # failure only warns and falls back, so that warning is an error here.
+    x1 = torch.randn(300, 5, dtype=dtype, device="cuda")
+    x2 = torch.randn(200, 5, dtype=dtype, device="cuda")
+    for nonlinearity in ("relu", "erf"):
+        reference = MLPKernel(depth=3, nonlinearity=nonlinearity).to(dtype=dtype, device="cuda")
+        fused = MLPKernel(depth=3, nonlinearity=nonlinearity, fused=True).to(dtype=dtype, device="cuda")
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("error", RuntimeWarning)
+            for b in (None, x2):
+                for e, g in zip(reference.nngp_and_ntk(x1, b), fused.nngp_and_ntk(x1, b)):
+                    assert g.device.type == "cuda"
+                    assert torch.allclose(g, e, rtol=0, atol=TOLERANCE[dtype] * float(e.abs().max()))

@@ -77,6 +77,12 @@ class TensorProgramKernel(Kernel):
         shorter ones padded at the end with whole steps of ``padding_value``.
     :param padding_value: value of the padding steps (default NaN; a finite
         sentinel keeps GPyTorch's debug checks of training inputs happy).
+    :param fused: evaluations without gradients (the matrix held for conjugate
+        gradients, predictions) compile each run of dense layers and ReLU-type or
+        erf nonlinearities into one elementwise pass with ``torch.compile``
+        (:mod:`gpytorch_tp.fusion`; 1.3-1.4x faster for a depth-5 ReLU MLP on a
+        2-core CPU, aimed at GPUs), after a compilation of seconds per process
+        (default ``False``).
 
     Example:
         >>> import torch, gpytorch
@@ -105,6 +111,7 @@ class TensorProgramKernel(Kernel):
         sequence: bool = False,
         padding_value: float = float("nan"),
         matrix_free: bool | None = None,
+        fused: bool = False,
         **kwargs,
     ):
         if not isinstance(architecture, Layer):
@@ -144,6 +151,9 @@ class TensorProgramKernel(Kernel):
         if matrix_free not in (None, True, False):
             raise ValueError(f"matrix_free must be True, False or None (automatic), got {matrix_free!r}")
         self.matrix_free = matrix_free
+        if fused not in (True, False):
+            raise ValueError(f"fused must be True or False, got {fused!r}")
+        self.fused = bool(fused)
         if len(batch_shape):
             for owner, name, tensor in _batched_tensors(self.architecture):
                 if tensor.dim() == 0:
@@ -205,6 +215,7 @@ class TensorProgramKernel(Kernel):
             "progress": getattr(self, "progress", None),
             "sequence": getattr(self, "sequence", False),
             "padding_value": getattr(self, "padding_value", float("nan")),
+            "fused": getattr(self, "fused", False),
         }
 
     def nngp_and_ntk(self, x1: Tensor, x2: Tensor | None = None, diag: bool = False) -> tuple[Tensor, Tensor]:

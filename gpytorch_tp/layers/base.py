@@ -46,6 +46,25 @@ class Layer(Module):
     #: (rather than one step's, as the step-by-step recurrent layers).
     acts_on_position_blocks: bool = False
 
+    def fusion_split(self, state: KernelState) -> tuple[KernelState, tuple] | None:
+        """This layer's per-item work, for a fused run of layers (see :mod:`gpytorch_tp.fusion`).
+
+        Returns the state after the layer with everything but ``cross`` and
+        ``ntk`` updated (those are left as they came in), and the tensors that
+        :meth:`fused_pairs` needs (per-item factors, hyperparameters); ``None``
+        (the default) when this layer's pair work is not elementwise.
+        """
+        return None
+
+    def fused_pairs(
+        self, cross: Tensor, ntk: Tensor | None, args: tuple, track_ntk: bool
+    ) -> tuple[Tensor, Tensor | None]:
+        """The pair work of :meth:`forward` as a pure elementwise function, for ``torch.compile``.
+
+        :param args: what :meth:`fusion_split` returned alongside the state.
+        """
+        raise NotImplementedError(f"{type(self).__name__} has no fused pair work")  # pragma: no cover
+
     def finite_module(self, in_shape: tuple[int, ...], width: int) -> tuple[nn.Module, tuple[int, ...]]:
         """A finite-width torch module with this layer's initialisation.
 

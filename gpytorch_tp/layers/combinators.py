@@ -5,9 +5,10 @@ from __future__ import annotations
 import dataclasses
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from ..finite import ResidualSum
+from ..fusion import fusion_active, plain_pairs, run_fused
 from ..state import KernelState, per_item
 from .base import Layer
 
@@ -42,9 +43,43 @@ class Sequential(Layer):
         return iter(self.layers)
 
     def forward(self, state: KernelState) -> KernelState:
+        if not fusion_active():
+            for layer in self.layers:
+                state = layer(state)
+            return state
+        # Runs of layers with elementwise pair work become one compiled pass
+        # (see gpytorch_tp.fusion); the per-item work is done as it comes.
+        run: list[tuple[Layer, tuple, Tensor]] = []
+        run_input = state
         for layer in self.layers:
-            state = layer(state)
-        return state
+            split = layer.fusion_split(state) if plain_pairs(state) else None
+            if split is None:
+                state = layer(self._finish_run(run, run_input, state))
+                run, run_input = [], state
+            else:
+                state, layer_args = split
+                run.append((layer, layer_args, state.var1))
+        return self._finish_run(run, run_input, state)
+
+    def _finish_run(self, run: list[tuple[Layer, tuple, Tensor]], run_input: KernelState, state: KernelState):
+        """``state`` with the pair work of ``run`` (layers, their split arguments, their variances) done."""
+        if not run:
+            return state
+        if len(run) == 1:
+            # Nothing to fuse: the layer's own forward is the reference.
+            return run[0][0](run_input)
+        layers, args, variances = zip(*run)
+        cross, ntk = run_fused(
+            self,
+            layers,
+            run_input.cross,
+            run_input.ntk,
+            args,
+            state.track_ntk,
+            self_pair_variances=variances if state.same_inputs else None,
+        )
+        # The self pairs already hold the variances: skip replace()'s copy of them.
+        return dataclasses.replace(state, cross=cross, ntk=ntk)
 
     @property
     def needs_all_position_pairs(self) -> bool:

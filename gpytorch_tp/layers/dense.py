@@ -85,19 +85,31 @@ class Linear(Layer):
     bias_variance = variance_property("bias_variance")
 
     def forward(self, state: KernelState) -> KernelState:
-        weight = state.broadcast_parameter(self.weight_variance)
-        bias = state.broadcast_parameter(self.bias_variance)
+        after, (weight, bias) = self.fusion_split(state)
         # One fused pass each: bias + weight * K, and K_new + weight * Theta.
         cross = torch.addcmul(bias, weight, state.cross)
         ntk = None
         if state.track_ntk:
             ntk = cross if state.ntk is None else torch.addcmul(cross, weight, state.ntk)
+        return after.replace(cross=cross, ntk=ntk)
+
+    def fusion_split(self, state: KernelState) -> tuple[KernelState, tuple[Tensor, Tensor]]:
+        weight = state.broadcast_parameter(self.weight_variance)
+        bias = state.broadcast_parameter(self.bias_variance)
         # Per-item work: once per row (column) of tiles, see ``per_item``.
         var1 = per_item(torch.addcmul, bias, weight, state.var1)
         var2 = per_item(torch.addcmul, bias, weight, state.var2)
-        return state.replace(
-            cross=cross, var1=var1, var2=var2, ntk=ntk, gaussian=True, fresh=True, ntk_feature_coupled=False
-        )
+        after = state.replace(var1=var1, var2=var2, gaussian=True, fresh=True, ntk_feature_coupled=False)
+        return after, (weight, bias)
+
+    def fused_pairs(
+        self, cross: Tensor, ntk: Tensor | None, args: tuple, track_ntk: bool
+    ) -> tuple[Tensor, Tensor | None]:
+        weight, bias = args
+        cross = bias + weight * cross
+        if not track_ntk:
+            return cross, None
+        return cross, (cross if ntk is None else cross + weight * ntk)
 
     def finite_module(self, in_shape: tuple[int, ...], width: int) -> tuple[nn.Module, tuple[int, ...]]:
         weight_std = standard_deviation(self.weight_variance.detach())

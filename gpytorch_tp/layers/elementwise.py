@@ -23,7 +23,14 @@ import torch
 from torch import Tensor, nn
 
 from ..finite import Pointwise
-from ..numerics import arccos_moments, gaussian_pair_moment, tanh_derivative_pair_moment, tanh_pair_moment
+from ..numerics import (
+    arccos_item_factors,
+    arccos_moments,
+    fused_arccos_moments,
+    gaussian_pair_moment,
+    tanh_derivative_pair_moment,
+    tanh_pair_moment,
+)
 from ..state import KernelState, per_item, self_position_variances
 from .base import Layer
 
@@ -79,7 +86,37 @@ class Nonlinearity(Layer):
     def _self_covariance(self, covariance: Tensor, first: Tensor, second: Tensor) -> Tensor:
         return self.pair_moments(first, second, covariance, False)[0]
 
-    def forward(self, state: KernelState) -> KernelState:
+    def item_factors(self, k11: Tensor, k22: Tensor) -> tuple | None:
+        """Per-item tensors from which :meth:`fused_pair_moments` computes the pair moments elementwise.
+
+        ``None`` (the default): this nonlinearity has no fused form.
+        """
+        return None
+
+    def fused_pair_moments(
+        self, k12: Tensor, factors: tuple, derivative: bool
+    ) -> tuple[Tensor, Tensor | None]:  # pragma: no cover - abstract
+        """:meth:`pair_moments` as pure elementwise operations on ``k12`` and the :meth:`item_factors`."""
+        raise NotImplementedError
+
+    def fusion_split(self, state: KernelState) -> tuple[KernelState, tuple] | None:
+        if state.all_position_pairs:
+            return None
+        factors = self.item_factors(*state.position_variances())
+        if factors is None:
+            return None
+        self._check_input(state)
+        var1, var2 = per_item(self.self_moment, state.var1), per_item(self.self_moment, state.var2)
+        return state.replace(var1=var1, var2=var2, gaussian=False, fresh=False), factors
+
+    def fused_pairs(
+        self, cross: Tensor, ntk: Tensor | None, args: tuple, track_ntk: bool
+    ) -> tuple[Tensor, Tensor | None]:
+        need_derivative = track_ntk and ntk is not None
+        value, derivative = self.fused_pair_moments(cross, args, need_derivative)
+        return value, (derivative * ntk if need_derivative and derivative is not None else None)
+
+    def _check_input(self, state: KernelState) -> None:
         if not state.gaussian:
             raise ValueError(
                 f"{type(self).__name__} needs centred Gaussian pre-activations, i.e. the output of a "
@@ -92,6 +129,9 @@ class Nonlinearity(Layer):
                 "per-unit gains is correlated with the pre-activations, which this recursion does not track. "
                 "Put a Linear layer in between, or use LayerNorm(elementwise_affine=False)."
             )
+
+    def forward(self, state: KernelState) -> KernelState:
+        self._check_input(state)
         need_derivative = state.track_ntk and state.ntk is not None
         k11, k22 = state.position_variances()
         cross, derivative = self.pair_moments(k11, k22, state.cross, need_derivative)
@@ -148,6 +188,17 @@ class LeakyReLU(Nonlinearity):
     def pair_moments(self, k11: Tensor, k22: Tensor, k12: Tensor, derivative: bool) -> tuple[Tensor, Tensor | None]:
         a = self.negative_slope
         j1, j0 = arccos_moments(k11, k22, k12)
+        value = j1 if a == 0 else (1 - a) ** 2 * j1 + a * k12
+        if not derivative:
+            return value, None
+        return value, (j0 if a == 0 else (1 - a) ** 2 * j0 + a)
+
+    def item_factors(self, k11: Tensor, k22: Tensor) -> tuple:
+        return arccos_item_factors(k11, k22)
+
+    def fused_pair_moments(self, k12: Tensor, factors: tuple, derivative: bool) -> tuple[Tensor, Tensor | None]:
+        a = self.negative_slope
+        j1, j0 = fused_arccos_moments(k12, factors)
         value = j1 if a == 0 else (1 - a) ** 2 * j1 + a * k12
         if not derivative:
             return value, None
@@ -259,8 +310,24 @@ class Erf(Nonlinearity):
             return value, None
         return value, (4 / math.pi) / torch.sqrt(norm - 4 * k12 * k12)
 
+    def item_factors(self, k11: Tensor, k22: Tensor) -> tuple:
+        return per_item(_one_plus_twice, k11), per_item(_one_plus_twice, k22)
+
+    def fused_pair_moments(self, k12: Tensor, factors: tuple, derivative: bool) -> tuple[Tensor, Tensor | None]:
+        # pair_moments with (1 + 2 k11) and (1 + 2 k22) done per item: the same rounding.
+        first, second = factors
+        norm = first * second
+        value = (2 / math.pi) * torch.asin(2 * k12 / torch.sqrt(norm))
+        if not derivative:
+            return value, None
+        return value, (4 / math.pi) / torch.sqrt(norm - 4 * k12 * k12)
+
     def self_moment(self, k: Tensor) -> Tensor:
         return (2 / math.pi) * torch.asin(2 * k / (1 + 2 * k))
+
+
+def _one_plus_twice(k: Tensor) -> Tensor:
+    return 1 + 2 * k
 
 
 class GELU(Nonlinearity):
