@@ -432,7 +432,8 @@ def evaluate(
     :param fused: compile each run of layers with elementwise pair work (dense
         layers, ReLU-type and erf nonlinearities) into one pass over the pairs
         with ``torch.compile``, for evaluations that autograd does not record
-        (see :mod:`gpytorch_tp.fusion`; the first evaluation of a process pays
+        and items of plain features (not ``input_shape`` grids or sequences;
+        see :mod:`gpytorch_tp.fusion`; the first evaluation of a process pays
         the compilation, seconds).
     :return: ``(nngp, ntk)``, each ``(..., N1, N2)`` (or ``(..., N)`` with ``diag``).
     """
@@ -449,7 +450,11 @@ def evaluate(
         memory_budget,
         progress,
         getattr(architecture, "acts_on_position_blocks", False),
-        fused=bool(fused) and not _records_grad(architecture, x1, *(() if x2 is None else (x2,))),
+        # Items on a grid (images, sequences) spend their time in layers without an elementwise form
+        # (convolutions, pooling, recurrences), which run best on worker threads: those stay unfused.
+        fused=bool(fused)
+        and not layout.positions
+        and not _records_grad(architecture, x1, *(() if x2 is None else (x2,))),
     )
     with shared_per_item_work(limit_bytes=memory_budget / 4):
         return _evaluate(architecture, x1, x2, diag, ntk, plan)
