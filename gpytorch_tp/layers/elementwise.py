@@ -186,8 +186,10 @@ class LeakyReLU(Nonlinearity):
         return torch.where(x > 0, x, self.negative_slope * x)
 
     def pair_moments(self, k11: Tensor, k22: Tensor, k12: Tensor, derivative: bool) -> tuple[Tensor, Tensor | None]:
+        return self._from_arccos(k12, *arccos_moments(k11, k22, k12), derivative)
+
+    def _from_arccos(self, k12: Tensor, j1: Tensor, j0: Tensor, derivative: bool) -> tuple[Tensor, Tensor | None]:
         a = self.negative_slope
-        j1, j0 = arccos_moments(k11, k22, k12)
         value = j1 if a == 0 else (1 - a) ** 2 * j1 + a * k12
         if not derivative:
             return value, None
@@ -197,12 +199,7 @@ class LeakyReLU(Nonlinearity):
         return arccos_item_factors(k11, k22)
 
     def fused_pair_moments(self, k12: Tensor, factors: tuple, derivative: bool) -> tuple[Tensor, Tensor | None]:
-        a = self.negative_slope
-        j1, j0 = fused_arccos_moments(k12, factors)
-        value = j1 if a == 0 else (1 - a) ** 2 * j1 + a * k12
-        if not derivative:
-            return value, None
-        return value, (j0 if a == 0 else (1 - a) ** 2 * j0 + a)
+        return self._from_arccos(k12, *fused_arccos_moments(k12, factors), derivative)
 
     def self_moment(self, k: Tensor) -> Tensor:
         return (1 + self.negative_slope**2) / 2 * k
@@ -304,17 +301,13 @@ class Erf(Nonlinearity):
         return torch.erf(x)
 
     def pair_moments(self, k11: Tensor, k22: Tensor, k12: Tensor, derivative: bool) -> tuple[Tensor, Tensor | None]:
-        norm = (1 + 2 * k11) * (1 + 2 * k22)
-        value = (2 / math.pi) * torch.asin(2 * k12 / torch.sqrt(norm))
-        if not derivative:
-            return value, None
-        return value, (4 / math.pi) / torch.sqrt(norm - 4 * k12 * k12)
+        return self.fused_pair_moments(k12, (_one_plus_twice(k11), _one_plus_twice(k22)), derivative)
 
     def item_factors(self, k11: Tensor, k22: Tensor) -> tuple:
         return per_item(_one_plus_twice, k11), per_item(_one_plus_twice, k22)
 
     def fused_pair_moments(self, k12: Tensor, factors: tuple, derivative: bool) -> tuple[Tensor, Tensor | None]:
-        # pair_moments with (1 + 2 k11) and (1 + 2 k22) done per item: the same rounding.
+        # Also the reference (pair_moments): out-of-place elementwise operations, autograd-safe.
         first, second = factors
         norm = first * second
         value = (2 / math.pi) * torch.asin(2 * k12 / torch.sqrt(norm))
