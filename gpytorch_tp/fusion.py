@@ -11,10 +11,12 @@ layers to ``torch.compile``, which generates one loop over the pairs: one read
 of the input covariance, one write of each output, the per-item numbers as
 broadcast operands.
 
-Only evaluations without autograd recording fuse (the kernel matrix held by the
-matrix-free operator, predictions, a plain evaluation); gradients, and tiles
-whose pairs include an item with itself, take the layer-by-layer path, which
-stays the reference: the fused values agree with it to round-off (tested).
+Only evaluations without autograd recording, of items without positions, fuse
+(the kernel matrix held by the matrix-free operator, predictions, a plain
+evaluation of an MLP-like architecture); gradients take the layer-by-layer
+path, which stays the reference: the fused values agree with it to round-off
+(tested).  Pairs of an item with itself get their variance exactly after every
+layer inside the fused loop too, as :meth:`KernelState.replace` does.
 
 ``torch.compile`` costs seconds per process the first time a run is met (per
 dtype, and for NNGP-only versus NNGP+NTK), so fusion is opt-in:
