@@ -73,12 +73,11 @@ class _FusedRun:
     """One run of layers: the compiled program and, should compiling fail, the same functions uncompiled."""
 
     def __init__(self, layers: Sequence, track_ntk: bool, self_pairs: bool):
-        self.layers = tuple(layers)
         self.failed = False
+        self.uncompiled = _make_program(tuple(layers), track_ntk, self_pairs)
         # torch.compile counts recompilations per code object (8 by default): each
         # run gets its own, so that many architectures in one process all compile.
-        self.compiled = _compile(_own_code(_make_program(self.layers, track_ntk, self_pairs)))
-        self.uncompiled = _make_program(self.layers, track_ntk, self_pairs)
+        self.compiled = _compile(_own_code(self.uncompiled))
 
     def __call__(self, cross: Tensor, ntk: Tensor | None, args: tuple, variances: tuple) -> tuple:
         if not self.failed:

@@ -112,9 +112,8 @@ class Nonlinearity(Layer):
     def fused_pairs(
         self, cross: Tensor, ntk: Tensor | None, args: tuple, track_ntk: bool
     ) -> tuple[Tensor, Tensor | None]:
-        need_derivative = track_ntk and ntk is not None
-        value, derivative = self.fused_pair_moments(cross, args, need_derivative)
-        return value, (derivative * ntk if need_derivative and derivative is not None else None)
+        value, derivative = self.fused_pair_moments(cross, args, track_ntk and ntk is not None)
+        return value, _next_ntk(derivative, ntk)
 
     def _check_input(self, state: KernelState) -> None:
         if not state.gaussian:
@@ -135,7 +134,7 @@ class Nonlinearity(Layer):
         need_derivative = state.track_ntk and state.ntk is not None
         k11, k22 = state.position_variances()
         cross, derivative = self.pair_moments(k11, k22, state.cross, need_derivative)
-        ntk = derivative * state.ntk if (need_derivative and derivative is not None) else None
+        ntk = _next_ntk(derivative, state.ntk)
         if state.all_position_pairs:
             # Each item's covariance between its own positions is a pair moment too.
             grid_ndim = len(state.positions)
@@ -154,6 +153,11 @@ class Nonlinearity(Layer):
 
     def finite_module(self, in_shape: tuple[int, ...], width: int) -> tuple[nn.Module, tuple[int, ...]]:
         return Pointwise(self.function, type(self).__name__), in_shape
+
+
+def _next_ntk(derivative: Tensor | None, ntk: Tensor | None) -> Tensor | None:
+    """``V_phi' * Theta``; ``None`` (identically zero) when either factor is (``derivative`` is computed only with an NTK)."""
+    return None if derivative is None or ntk is None else derivative * ntk
 
 
 class LeakyReLU(Nonlinearity):
