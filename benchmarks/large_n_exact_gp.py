@@ -10,6 +10,11 @@ resident memory.
     python benchmarks/large_n_exact_gp.py --n 100000 --device cuda
     python benchmarks/large_n_exact_gp.py --smoke         # a few hundred points (tests)
     python benchmarks/large_n_exact_gp.py --kernels mlp_nngp mlp_nngp_fused rbf   # also fused=True
+    python benchmarks/large_n_exact_gp.py --kernels mlp_nngp mlp_nngp_fused mlp_nngp_fused_grad
+
+``mlp_nngp_fused_grad`` is ``fused=True`` with its compiled backward forced on
+(``fused=True`` compiles the backward on CUDA only; see
+``gpytorch_tp.fusion.fuses_gradients``), to measure what it does on this device.
 
 Kernel time: for ours, the time inside the kernel operator's evaluations (the
 matrix computed once per training step without autograd, the block-by-block
@@ -36,7 +41,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from gpytorch_tp import MLPKernel
+from gpytorch_tp import MLPKernel, fusion
 from gpytorch_tp.matrix_free import TiledKernelOperator
 
 
@@ -92,7 +97,7 @@ def make_data(n: int, n_test: int, d: int, dtype, device, seed: int = 0):
 def make_kernel(name: str):
     if name == "mlp_nngp":
         return MLPKernel(depth=3, nonlinearity="relu", matrix_free=True)
-    if name == "mlp_nngp_fused":
+    if name in ("mlp_nngp_fused", "mlp_nngp_fused_grad"):
         return MLPKernel(depth=3, nonlinearity="relu", matrix_free=True, fused=True)
     if name == "rbf":
         return gpytorch.kernels.RBFKernel()
@@ -144,12 +149,21 @@ def run(name: str, data, steps: int, device) -> dict:
             for name in ("_evaluate", "_bilinear_grads")
         ]
     compile_seconds = 0.0
-    if name.endswith("_fused"):
-        # torch.compile's one-off cost (per process; the programs of K(X, X) and K(X*, X)), timed apart.
+    fused_gradients = name == "mlp_nngp_fused_grad"
+    if fused_gradients:
+        # The compiled backward, which fused=True takes on CUDA only, forced on for the comparison.
+        restores.append(_force_fused_gradients())
+    if "_fused" in name:
+        # torch.compile's one-off cost (per process; the programs of K(X, X) and K(X*, X), and with
+        # fused gradients those of the gradient's diagonal and off-diagonal blocks), timed apart.
         start = time.perf_counter()
+        kernel = model.covar.base_kernel
         with torch.no_grad():
-            model.covar.base_kernel.nngp_and_ntk(x[:200])
-            model.covar.base_kernel.nngp_and_ntk(x[:200], x[200:300])
+            kernel.nngp_and_ntk(x[:200])
+            kernel.nngp_and_ntk(x[:200], x[200:300])
+        if fused_gradients:
+            for block in (kernel._dense_forward(x[:200], x[:200]), kernel._dense_forward(x[:200], x[200:300])):
+                torch.autograd.grad(block.sum(), list(kernel.parameters()))
         compile_seconds = time.perf_counter() - start
     reset_peak_memory(device)
     losses = []
@@ -201,6 +215,13 @@ def _sync(device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _force_fused_gradients():
+    """Make ``fused=True`` fuse evaluations autograd records on this device too; returns the undo."""
+    original = fusion.fuses_gradients
+    fusion.fuses_gradients = lambda device: True
+    return lambda: setattr(fusion, "fuses_gradients", original)
+
+
 def table(results: dict) -> str:
     title = (
         f"N = {results['n']}, {results['n_test']} test points, d = {results['d']}, {results['dtype']}, "
@@ -242,7 +263,10 @@ def main(argv=None) -> dict:
     parser.add_argument("--dtype", choices=["float32", "float64"], default="float32")
     parser.add_argument("--device", default="cpu")
     parser.add_argument(
-        "--kernels", nargs="+", default=["mlp_nngp", "rbf"], choices=["mlp_nngp", "mlp_nngp_fused", "rbf"]
+        "--kernels",
+        nargs="+",
+        default=["mlp_nngp", "rbf"],
+        choices=["mlp_nngp", "mlp_nngp_fused", "mlp_nngp_fused_grad", "rbf"],
     )
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument("--smoke", action="store_true", help="a few hundred points, two steps (for tests)")

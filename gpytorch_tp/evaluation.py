@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from . import fusion
 from .fusion import fusing
 from .host_memory import empty_on_huge_pages, tune_allocator
 from .layers.base import Layer
@@ -431,8 +432,9 @@ def evaluate(
     :param padding_value: the value of padding steps of sequences (default NaN).
     :param fused: compile each run of layers with elementwise pair work (dense
         layers, ReLU-type and erf nonlinearities) into one pass over the pairs
-        with ``torch.compile``, for evaluations that autograd does not record
-        and items of plain features (not ``input_shape`` grids or sequences;
+        with ``torch.compile``, for items of plain features (not
+        ``input_shape`` grids or sequences), for evaluations that autograd does
+        not record and, on CUDA, also for those it does (a compiled backward;
         see :mod:`gpytorch_tp.fusion`; the first evaluation of a process pays
         the compilation, seconds).
     :return: ``(nngp, ntk)``, each ``(..., N1, N2)`` (or ``(..., N)`` with ``diag``).
@@ -454,7 +456,7 @@ def evaluate(
         # (convolutions, pooling, recurrences), which run best on worker threads: those stay unfused.
         fused=bool(fused)
         and not layout.positions
-        and not _records_grad(architecture, x1, *(() if x2 is None else (x2,))),
+        and (fusion.fuses_gradients(x1.device) or not _records_grad(architecture, x1, *(() if x2 is None else (x2,)))),
     )
     with shared_per_item_work(limit_bytes=memory_budget / 4):
         return _evaluate(architecture, x1, x2, diag, ntk, plan)

@@ -11,12 +11,15 @@ layers to ``torch.compile``, which generates one loop over the pairs: one read
 of the input covariance, one write of each output, the per-item numbers as
 broadcast operands.
 
-Only evaluations without autograd recording, of items without positions, fuse
-(the kernel matrix held by the matrix-free operator, predictions, a plain
-evaluation of an MLP-like architecture); gradients take the layer-by-layer
-path, which stays the reference: the fused values agree with it to round-off
-(tested).  Pairs of an item with itself get their variance exactly after every
-layer inside the fused loop too, as :meth:`KernelState.replace` does.
+Only items without positions fuse.  Evaluations without autograd recording
+fuse on every device (the kernel matrix held by the matrix-free operator,
+predictions, a plain evaluation of an MLP-like architecture); evaluations that
+autograd records fuse where :func:`fuses_gradients` says the compiled backward
+pays (CUDA), the layers' fused functions being differentiable (the arc-cosine
+with its analytic gradients).  The layer-by-layer path stays the reference:
+fused values and gradients agree with it to round-off (tested).  Pairs of an
+item with itself get their variance exactly after every layer inside the fused
+loop too, as :meth:`KernelState.replace` does.
 
 ``torch.compile`` costs seconds per process the first time a run is met (per
 dtype, and for NNGP-only versus NNGP+NTK), so fusion is opt-in:
@@ -39,7 +42,7 @@ from torch import Tensor
 
 from .state import KernelState
 
-__all__ = ["fusing", "fusion_active", "plain_pairs", "run_fused"]
+__all__ = ["fuses_gradients", "fusing", "fusion_active", "plain_pairs", "run_fused"]
 
 _local = threading.local()
 
@@ -48,8 +51,8 @@ _local = threading.local()
 def fusing(enabled: bool = True) -> Iterator[None]:
     """Within this context (in this thread), :class:`Sequential` fuses runs of fusible layers.
 
-    Only for evaluations that autograd does not record: the compiled programs
-    are built for values, not gradients.
+    The caller decides when (see :func:`gpytorch_tp.evaluate`): for evaluations
+    that autograd records, only where :func:`fuses_gradients`.
     """
     outer = getattr(_local, "enabled", False)
     _local.enabled = bool(enabled)
@@ -62,6 +65,19 @@ def fusing(enabled: bool = True) -> Iterator[None]:
 def fusion_active() -> bool:
     """Whether the enclosing :func:`fusing` context (in this thread) asks for fused runs."""
     return getattr(_local, "enabled", False)
+
+
+def fuses_gradients(device: torch.device) -> bool:
+    """Whether evaluations that autograd records fuse too on ``device`` (with a compiled backward).
+
+    On CUDA every pass of the layer-by-layer backward is a round trip through
+    device memory, which the compiled backward saves.  On a CPU the compiled
+    backward measured no faster than the layer-by-layer one (its reductions to
+    per-item and per-hyperparameter gradients recompute the pair work in a dozen
+    loops; docs/benchmarks.md) and compiles for another ~20 s, so CPU gradients
+    keep the layer-by-layer path.
+    """
+    return device.type == "cuda"
 
 
 def plain_pairs(state: KernelState) -> bool:

@@ -19,6 +19,7 @@ from linear_operator.operators import DenseLinearOperator, LinearOperator
 from linear_operator.utils.getitem import _noop_index
 from torch import Tensor
 
+from . import fusion
 from .evaluation import (
     _LIVE_TILE_TENSORS,
     _intra_op_threads,
@@ -231,15 +232,20 @@ class TiledKernelOperator(LinearOperator):
             # Whole blocks (forward and backward) on the worker threads, one
             # intra-op thread each: a backward pass split over the cores
             # operation by operation stalls badly whenever another process
-            # holds a core (see ``gpytorch_tp.evaluation._map_tiles``).
+            # holds a core (see ``gpytorch_tp.evaluation._map_tiles``).  Fused
+            # (compiled) blocks hold the interpreter lock while they run: one
+            # after the other, each spread over the cores by its compiled loops.
             pairs = self._pairs_of_blocks(size)
             progress = getattr(self.kernel, "progress", None)
-            workers = _tile_workers(len(pairs) - 1, self.x1.device)
+            device = self.x1.device
+            fused = getattr(self.kernel, "fused", False) and fusion.fuses_gradients(device)
+            on_workers = device.type == "cpu" and not fused
+            workers = _tile_workers(len(pairs) - 1, self.x1.device) if on_workers else 1
 
             def all_blocks() -> None:
                 # The parameters are substituted once around all the threads' work:
                 # substituting per block would race with the other threads' restores.
-                with _intra_op_threads(1 if self.x1.device.type == "cpu" else None):
+                with _intra_op_threads(1 if on_workers else None):
                     block_gradient(pairs[0])
                     _map_tiles(block_gradient, pairs[1:], workers, grad=True, progress=progress)
 

@@ -195,21 +195,105 @@ def arccos_moments(k11: Tensor, k22: Tensor, k12: Tensor) -> tuple[Tensor, Tenso
 
 
 def arccos_item_factors(k11: Tensor, k22: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """The per-item factors of :func:`fused_arccos_moments`, computed once per item (see ``per_item``)."""
+    """The per-item factors of :func:`fused_arccos_moments`, computed once per item (see ``per_item``).
+
+    When autograd records, they come from out-of-place operations whose
+    gradients are finite at a zero variance (separate functions, so that the
+    per-item cache never hands a fused run factors computed without autograd).
+    """
+    if _records_grad(k11, k22):
+        return (*per_item(_differentiable_first_factors, k11), *per_item(_differentiable_second_factors, k22))
     return (*per_item(_first_factors, k11), *per_item(_second_factors, k22))
+
+
+def _sqrt_or_zero(k: Tensor) -> Tensor:
+    """``sqrt(k)`` (``k >= 0``) whose gradient at ``k = 0`` is 0 instead of infinite (double ``where``)."""
+    positive = k > 0
+    return torch.where(positive, torch.sqrt(torch.where(positive, k, 1.0)), 0.0)
+
+
+def _differentiable_first_factors(k11: Tensor) -> tuple[Tensor, Tensor]:
+    return _rsqrt_or_zero(k11), _sqrt_or_zero(k11) * (1.0 / _TWO_PI)
+
+
+def _differentiable_second_factors(k22: Tensor) -> tuple[Tensor, Tensor]:
+    return _rsqrt_or_zero(k22) * (1 + 8 * torch.finfo(k22.dtype).eps), _sqrt_or_zero(k22)
 
 
 def fused_arccos_moments(k12: Tensor, factors: tuple[Tensor, Tensor, Tensor, Tensor]) -> tuple[Tensor, Tensor]:
     """``(J1, J0)`` of :func:`arccos_moments` as out-of-place elementwise operations, for ``torch.compile``.
 
     The same formulas and per-item factors as the reference (so the same
-    snapping of correlations within a few ulps of +-1); no autograd support.
+    snapping of correlations within a few ulps of +-1) and the same analytic
+    gradients (finite at correlation +-1 and at zero variance), which
+    ``torch.compile`` fuses into one backward loop.
     """
-    r1, root1, r2, root2 = factors
+    return _FusedArcCosineMoments.apply(k12, *factors)
+
+
+def _fused_arccos_terms(k12: Tensor, r1: Tensor, r2: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """``(c, J0, sin(theta))`` of a pair from the per-item factors ``r = 1 / sqrt(k)``."""
+    # Literal constants: torch.compile (dynamic shapes) fails on module-level floats
+    # inside an autograd.Function (pytorch/pytorch#193194).
     c = (k12 * r1 * r2).clamp(-1.0, 1.0)
-    j0 = 0.25 + torch.asin(c) * (1.0 / _TWO_PI)
-    j1 = (torch.sqrt(1.0 - c * c) + _TWO_PI * j0 * c) * root1 * root2
-    return j1, j0
+    j0 = 0.25 + torch.asin(c) * 0.15915494309189535  # 1 / (2 pi)
+    return c, j0, torch.sqrt(1.0 - c * c)
+
+
+class _FusedArcCosineMoments(torch.autograd.Function):
+    """:class:`_ArcCosineMoments` in elementwise form: pair covariance and per-item factors in, ``(J1, J0)`` out.
+
+    With ``R = root1 root2 = sqrt(k11 k22) / (2 pi)``, ``J1 = (sin(theta) + 2 pi J0 c) R``;
+    its total derivative in ``c`` is ``2 pi J0 R`` (the infinite slopes of
+    ``sin(theta)`` and ``J0`` cancel analytically, so they are never formed),
+    and ``dJ0/dc = 1 / (2 pi sin(theta))``, taken as 0 at ``|c| = 1`` as in the
+    reference.  The backward pass recomputes ``c``, ``J0`` and ``sin(theta)``
+    from the saved inputs (the compiled loop is cheaper than storing them).
+    """
+
+    @staticmethod
+    def forward(ctx, k12: Tensor, r1: Tensor, root1: Tensor, r2: Tensor, root2: Tensor):
+        c, j0, sin_theta = _fused_arccos_terms(k12, r1, r2)
+        j1 = (sin_theta + 6.283185307179586 * j0 * c) * root1 * root2
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(k12, r1, root1, r2, root2)
+        return j1, j0
+
+    @staticmethod
+    def backward(ctx, grad_j1: Tensor | None, grad_j0: Tensor | None):
+        k12, r1, root1, r2, root2 = ctx.saved_tensors
+        c, j0, sin_theta = _fused_arccos_terms(k12, r1, r2)
+        grad_c = grad_scale = grad_k12 = None
+        if grad_j1 is not None:
+            grad_c = grad_j1 * (6.283185307179586 * j0) * (root1 * root2)
+            grad_scale = grad_j1 * (sin_theta + 6.283185307179586 * j0 * c)
+            # dJ1/dk12 = J0, written out: also where a variance is 0 (c = 0 there), as in the reference.
+            grad_k12 = grad_j1 * j0
+        if grad_j0 is not None:
+            interior = sin_theta > 0
+            through_j0 = torch.where(interior, grad_j0 / torch.where(interior, sin_theta, 1.0), 0.0)
+            through_j0 = through_j0 * 0.15915494309189535
+            grad_c = through_j0 if grad_c is None else grad_c + through_j0
+            grad_k12 = through_j0 * r1 * r2 if grad_k12 is None else grad_k12 + through_j0 * r1 * r2
+        if grad_c is None:
+            return None, None, None, None, None
+        # c = k12 r1 r2 (the clip only removes round-off: gradients pass through it, as in the reference).
+        return (
+            _sum_to(grad_k12, k12),
+            _sum_to(grad_c * k12 * r2, r1),
+            None if grad_scale is None else _sum_to(grad_scale * root2, root1),
+            _sum_to(grad_c * k12 * r1, r2),
+            None if grad_scale is None else _sum_to(grad_scale * root1, root2),
+        )
+
+
+def _sum_to(grad: Tensor, like: Tensor) -> Tensor:
+    """``grad`` summed down to the broadcast shape of ``like`` (``sum_to_size`` spelt out for torch.compile)."""
+    extra = grad.dim() - like.dim()
+    if extra > 0:
+        grad = grad.sum(tuple(range(extra)))
+    dims = tuple(i for i in range(like.dim()) if like.shape[i] == 1 and grad.shape[i] != 1)
+    return grad.sum(dims, keepdim=True) if dims else grad
 
 
 @lru_cache(maxsize=32)

@@ -90,3 +90,26 @@ def test_fused_kernel_on_cuda_equals_the_layer_by_layer_path(dtype):
                 for e, g in zip(reference.nngp_and_ntk(x1, b), fused.nngp_and_ntk(x1, b)):
                     assert g.device.type == "cuda"
                     assert torch.allclose(g, e, rtol=0, atol=TOLERANCE[dtype] * float(e.abs().max()))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
+def test_fused_gradients_on_cuda_equal_the_layer_by_layer_path(dtype):
+    # On CUDA, fused=True also compiles the backward of the runs (see fusion.fuses_gradients).
+    generator = torch.Generator().manual_seed(0)
+    x1 = torch.randn(300, 5, generator=generator, dtype=dtype).cuda()
+    x2 = torch.cat([torch.randn(199, 5, generator=generator, dtype=dtype).cuda(), x1[:1]])  # one duplicate
+    weights = torch.randn(300, 200, generator=generator, dtype=dtype).cuda()
+    for nonlinearity, kind in (("relu", "ntk"), ("erf", "nngp")):
+        grads = []
+        for fused in (False, True):
+            kernel = MLPKernel(depth=3, kind=kind, nonlinearity=nonlinearity, fused=fused).to(
+                dtype=dtype, device="cuda"
+            )
+            inputs = [x1.clone().requires_grad_(True), x2.clone().requires_grad_(True)]
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", RuntimeWarning)
+                value = (kernel(*inputs).to_dense() * weights).sum()
+                grads.append(torch.autograd.grad(value, [*inputs, *kernel.parameters()]))
+        for e, g in zip(*grads):
+            assert torch.isfinite(g).all()
+            assert torch.allclose(g, e, rtol=0, atol=TOLERANCE[dtype] * float(e.abs().max()))

@@ -138,7 +138,8 @@ def test_kernels_on_grids_ignore_fused(uncompiled):
     assert fused.architecture not in fusion._RUNS
 
 
-def test_gradients_take_the_reference_path(uncompiled):
+def test_cpu_gradients_take_the_reference_path(uncompiled):
+    # On a CPU the compiled backward does not pay (see fusion.fuses_gradients).
     reference, fused = _both(MLPKernel, depth=3, kind="ntk", tile_pairs=30)
     x = _x(20).requires_grad_(True)
     grads = []
@@ -148,6 +149,116 @@ def test_gradients_take_the_reference_path(uncompiled):
     for e, g in zip(*grads):
         torch.testing.assert_close(g, e, rtol=1e-12, atol=0)
     assert fused.architecture not in fusion._RUNS, "autograd went through a fused run"
+
+
+@pytest.fixture
+def fused_gradients(monkeypatch):
+    """Fused runs also for evaluations autograd records, as on CUDA."""
+    monkeypatch.setattr(fusion, "fuses_gradients", lambda device: True)
+
+
+def _assert_same_gradients(reference, fused, x1, x2=None, rtol=1e-10):
+    """Gradients of a random weighting of K (and of the inputs) agree; returns them."""
+    weights = torch.randn(
+        *x1.shape[:-1], (x1 if x2 is None else x2).shape[-2], generator=torch.Generator().manual_seed(9)
+    ).to(x1.dtype)
+    grads = []
+    for kernel in (reference, fused):
+        inputs = [x1.detach().requires_grad_(True)] + ([] if x2 is None else [x2.detach().requires_grad_(True)])
+        value = (kernel(*inputs).to_dense() * weights).sum()
+        grads.append(torch.autograd.grad(value, [*inputs, *kernel.parameters()]))
+    for e, g in zip(*grads):
+        assert torch.isfinite(g).all()
+        torch.testing.assert_close(g, e, rtol=rtol, atol=rtol * float(e.abs().max()))
+    assert fused.architecture in fusion._RUNS, "no fused run was taken"
+    return grads
+
+
+@pytest.mark.parametrize("nonlinearity", ["relu", "erf", "leaky_relu", "abs"])
+@pytest.mark.parametrize("kind", ["nngp", "ntk"])
+@pytest.mark.parametrize("same", [True, False])
+def test_fused_gradients_match_the_reference(uncompiled, fused_gradients, nonlinearity, kind, same):
+    # Tiles of 36 pairs: diagonal, off-diagonal and ragged tiles, assembled for autograd.
+    reference, fused = _both(MLPKernel, depth=3, kind=kind, nonlinearity=nonlinearity, tile_pairs=36)
+    _assert_same_gradients(reference, fused, _x(21), None if same else _x(16, seed=1))
+
+
+def test_fused_gradients_at_correlation_one_and_zero_variance(uncompiled, fused_gradients):
+    # Duplicate points (c = 1 off the diagonal), antipodal points (c = -1 with no
+    # bias) and a zero input with no bias (zero variance, c = 0 / 0 -> 0): every
+    # gradient finite and equal to the reference's analytic one.
+    x = _x(8)
+    x = torch.cat([x, x[:3], -x[3:5], torch.zeros(1, 4, dtype=x.dtype)])
+    for kind in ("nngp", "ntk"):
+        reference, fused = _both(MLPKernel, depth=3, kind=kind, bias_variance=0.0, tile_pairs=25)
+        _assert_same_gradients(reference, fused, x)
+        _assert_same_gradients(reference, fused, x, x.flip(0))
+
+
+def test_fused_arccos_gradients_match_the_reference_at_the_edges():
+    k11 = torch.tensor([[0.0], [1.0], [2.0], [3.0]], dtype=torch.float64)
+    k22 = torch.tensor([[0.0, 1.0, 2.0, 3.0, 0.5]], dtype=torch.float64)
+    root = (k11 * k22).sqrt()
+    weights = torch.randn(2, 4, 5, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    for k12 in (root, -root, 0.3 * root, root * (1 - 1e-9), root * (1 + 1e-15)):
+        grads = []
+        for moments in (
+            lambda a, b, c: arccos_moments(a, b, c),
+            lambda a, b, c: fused_arccos_moments(c, arccos_item_factors(a, b)),
+        ):
+            leaves = [t.clone().requires_grad_(True) for t in (k11, k22, k12)]
+            j1, j0 = moments(*leaves)
+            grads.append(torch.autograd.grad((weights[0] * j1 + weights[1] * j0).sum(), leaves))
+        for e, g in zip(*grads):
+            assert torch.isfinite(g).all()
+            torch.testing.assert_close(g, e, rtol=1e-9, atol=1e-12)
+
+
+def test_fused_arccos_gradients_pass_gradcheck():
+    # Independent of the reference: finite differences inside the open set |c| < 1.
+    k11 = torch.tensor([[0.7], [1.3]], dtype=torch.float64)
+    k22 = torch.tensor([[0.9, 2.0, 1.1]], dtype=torch.float64)
+    k12 = torch.tensor([[0.2, -0.5, 0.8], [0.0, 1.1, -0.9]], dtype=torch.float64)
+
+    def moments(a, b, c):
+        return fused_arccos_moments(c, arccos_item_factors(a, b))
+
+    inputs = [t.clone().requires_grad_(True) for t in (k11, k22, k12)]
+    assert torch.autograd.gradcheck(moments, inputs)
+
+
+def test_fused_gradients_with_batched_hyperparameters_and_inputs(uncompiled, fused_gradients):
+    reference, fused = _both(MLPKernel, depth=2, kind="ntk", batch_shape=torch.Size([3]), tile_pairs=25)
+    for kernel in (reference, fused):
+        for i, layer in enumerate(kernel.architecture):
+            if isinstance(layer, Linear):
+                layer.weight_variance = torch.tensor([1.0, 2.0, 3.0]) + i
+    x = torch.randn(3, 13, 4, dtype=torch.float64)
+    _assert_same_gradients(reference, fused, x)
+    _assert_same_gradients(reference, fused, x, torch.randn(3, 9, 4, dtype=torch.float64))
+
+
+def test_fused_gradients_of_a_matrix_free_gp(uncompiled, fused_gradients):
+    # The block-by-block gradient pass with fused blocks (one after the other) equals the reference's.
+    x = _x(60, d=3)
+    y = torch.sin(x.sum(-1))
+    results = []
+    for fused in (False, True):
+        torch.manual_seed(1)
+        likelihood = gpytorch.likelihoods.GaussianLikelihood().double()
+        kernel = MLPKernel(depth=3, matrix_free=True, fused=fused, memory_budget=8 * 40 * 40 * 24)
+        model = _ZeroMeanGP(x, y, likelihood, kernel)
+        mll = gpytorch.mlls.ExactMarginalLogLikelihood(likelihood, model)
+        with gpytorch.settings.max_cholesky_size(0):
+            loss = -mll(model(x), y)
+            loss.backward()
+        results.append((loss.detach(), [p.grad for p in model.parameters()]))
+        if fused:
+            assert kernel.architecture in fusion._RUNS
+    (loss0, grads0), (loss1, grads1) = results
+    torch.testing.assert_close(loss1, loss0, rtol=1e-10, atol=0)
+    for g0, g1 in zip(grads0, grads1):
+        torch.testing.assert_close(g1, g0, rtol=1e-8, atol=1e-12)
 
 
 def test_a_failing_compiler_warns_and_falls_back(monkeypatch):
@@ -237,3 +348,11 @@ def test_compiled_fused_matrix_free_products_match():
         operator = MLPKernel(depth=3, kind="ntk", matrix_free=True, fused=fused).double()(x).evaluate_kernel()
         products.append(operator @ v)
     torch.testing.assert_close(products[1], products[0], rtol=1e-12, atol=0)
+
+
+def test_compiled_fused_gradients_match_the_reference(fused_gradients):
+    # The compiled backward (AOTAutograd over the fused arc-cosine's analytic gradients), float64.
+    reference, fused = _both(MLPKernel, depth=3, kind="ntk", tile_pairs=400)
+    x = _x(30)
+    _assert_same_gradients(reference, fused, x)
+    _assert_same_gradients(reference, fused, x, _x(23, seed=1))

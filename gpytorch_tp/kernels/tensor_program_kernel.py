@@ -77,13 +77,14 @@ class TensorProgramKernel(Kernel):
         shorter ones padded at the end with whole steps of ``padding_value``.
     :param padding_value: value of the padding steps (default NaN; a finite
         sentinel keeps GPyTorch's debug checks of training inputs happy).
-    :param fused: evaluations without gradients (the matrix held for conjugate
-        gradients, predictions) of plain features (not grids or sequences) compile
-        each run of dense layers and ReLU-type or erf nonlinearities into one
-        elementwise pass with ``torch.compile``
-        (:mod:`gpytorch_tp.fusion`; 1.3-1.4x faster for a depth-5 ReLU MLP on a
-        2-core CPU, aimed at GPUs), after a compilation of seconds per process
-        (default ``False``).
+    :param fused: evaluations of plain features (not grids or sequences)
+        compile each run of dense layers and ReLU-type or erf nonlinearities
+        into one elementwise pass with ``torch.compile``: those without
+        gradients (the matrix held for conjugate gradients, predictions) on
+        every device, those with gradients (training) on CUDA, with a compiled
+        backward (:mod:`gpytorch_tp.fusion`; 1.3-1.4x faster for a depth-5 ReLU
+        MLP on a 2-core CPU, aimed at GPUs), after a compilation of seconds per
+        process (default ``False``).
 
     Example:
         >>> import torch, gpytorch
