@@ -91,12 +91,18 @@ def test_fused_float32_matches_float64(uncompiled):
         torch.testing.assert_close(g.double(), e, rtol=2e-5, atol=2e-5 * e.abs().max().item())
 
 
-def test_fused_batched_hyperparameters_and_inputs(uncompiled):
-    reference, fused = _both(MLPKernel, depth=2, batch_shape=torch.Size([3]), tile_pairs=25)
+def _batched_kernels(kind="nngp"):
+    """Reference and fused kernels with three sets of weight variances."""
+    reference, fused = _both(MLPKernel, depth=2, kind=kind, batch_shape=torch.Size([3]), tile_pairs=25)
     for kernel in (reference, fused):
         for i, layer in enumerate(kernel.architecture):
             if isinstance(layer, Linear):
                 layer.weight_variance = torch.tensor([1.0, 2.0, 3.0]) + i
+    return reference, fused
+
+
+def test_fused_batched_hyperparameters_and_inputs(uncompiled):
+    reference, fused = _batched_kernels()
     x = torch.randn(3, 17, 4, dtype=torch.float64)
     _assert_same_kernels(reference, fused, x)
     _assert_same_kernels(reference, fused, x, torch.randn(3, 12, 4, dtype=torch.float64))
@@ -228,11 +234,7 @@ def test_fused_arccos_gradients_pass_gradcheck():
 
 
 def test_fused_gradients_with_batched_hyperparameters_and_inputs(uncompiled, fused_gradients):
-    reference, fused = _both(MLPKernel, depth=2, kind="ntk", batch_shape=torch.Size([3]), tile_pairs=25)
-    for kernel in (reference, fused):
-        for i, layer in enumerate(kernel.architecture):
-            if isinstance(layer, Linear):
-                layer.weight_variance = torch.tensor([1.0, 2.0, 3.0]) + i
+    reference, fused = _batched_kernels(kind="ntk")
     x = torch.randn(3, 13, 4, dtype=torch.float64)
     _assert_same_gradients(reference, fused, x)
     _assert_same_gradients(reference, fused, x, torch.randn(3, 9, 4, dtype=torch.float64))
