@@ -141,3 +141,34 @@ def test_large_n_exact_gp_smoke_trains_both_kernels_and_reports_the_kernel_time(
         assert run["peak_rss_gib"] > 0
     out = capsys.readouterr().out
     assert "| mlp_nngp |" in out and "| rbf |" in out and "N = 400" in out
+
+
+def test_roofline_smoke_sets_every_path_against_the_ceilings(monkeypatch, capsys):
+    from gpytorch_tp import fusion
+
+    path = SCRIPT.parent / "roofline.py"
+    spec = importlib.util.spec_from_file_location("roofline_benchmark", path)
+    roofline = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(roofline)
+    monkeypatch.setattr(fusion, "_compile", lambda program: program)  # the plumbing, not the compiler
+    policy = fusion.fuses_gradients
+    results = roofline.main(["--smoke", "--dtypes", "float64"])
+    assert fusion.fuses_gradients is policy  # forced on for the CPU fused gradient row, then restored
+    rows = results["rows"]
+    assert [(r["quantity"], r["path"]) for r in rows] == [
+        ("values", "layer by layer"),
+        ("gradient", "layer by layer"),
+        ("values", "fused"),
+        ("gradient", "fused"),
+    ]
+    assert results["copy_bytes_per_s"] > 0 and results["matmul_ops_per_s"]["float64"] > 0
+    for row in rows:
+        assert 0 < row["bandwidth_fraction"] < 1 and 0 < row["ops_fraction"] < 1
+        assert row["seconds"] >= row["floor_seconds"] > 0
+    out = capsys.readouterr().out
+    assert "| float64 | values | fused |" in out and "copy bandwidth" in out
+    # The operation count is the fused program's: each extra Linear + ReLU adds the same number,
+    # and the NTK adds operations to every layer.
+    ops = roofline.operations_per_pair
+    assert ops(3, "nngp") - ops(2, "nngp") == ops(2, "nngp") - ops(1, "nngp") > 0
+    assert ops(2, "ntk") > ops(2, "nngp")
