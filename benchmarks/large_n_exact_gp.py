@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import json
 import math
 import platform
@@ -215,6 +216,16 @@ def _sync(device) -> None:
         torch.cuda.synchronize(device)
 
 
+def run_or_report(name: str, data, steps: int, device) -> dict:
+    """:func:`run`, or a row saying the GPU ran out of memory (RBF's dense N x N matrices at N = 100,000, say)."""
+    try:
+        return run(name, data, steps, device)
+    except torch.cuda.OutOfMemoryError as error:
+        gc.collect()
+        torch.cuda.empty_cache()
+        return {"kernel": name, "error": "out of GPU memory: " + str(error).split("\n")[0][:200]}
+
+
 def _force_fused_gradients():
     """Make ``fused=True`` fuse evaluations autograd records on this device too; returns the undo."""
     original = fusion.fuses_gradients
@@ -239,6 +250,9 @@ def table(results: dict) -> str:
     ]
     compiled = [r for r in results["runs"] if r.get("compile_seconds")]
     for r in results["runs"]:
+        if "error" in r:
+            lines.append(f"| {r['kernel']} | {r['error']} | | | | | | |")
+            continue
         total = r["train_seconds"] + r["predict_seconds"]
         share = (r["train_kernel_seconds"] + r["predict_kernel_seconds"]) / total
         memory = f"{r['peak_rss_gib']:.2f}" + (f" (GPU {r['peak_gpu_gib']:.2f})" if "peak_gpu_gib" in r else "")
@@ -284,7 +298,7 @@ def main(argv=None) -> dict:
         "dtype": args.dtype,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
         "threads": torch.get_num_threads(),
-        "runs": [run(name, data, args.steps, device) for name in args.kernels],
+        "runs": [run_or_report(name, data, args.steps, device) for name in args.kernels],
     }
     print(table(results))
     if args.json:

@@ -224,11 +224,18 @@ def fused_arccos_moments(k12: Tensor, factors: tuple[Tensor, Tensor, Tensor, Ten
     """``(J1, J0)`` of :func:`arccos_moments` as out-of-place elementwise operations, for ``torch.compile``.
 
     The same formulas and per-item factors as the reference (so the same
-    snapping of correlations within a few ulps of +-1) and the same analytic
-    gradients (finite at correlation +-1 and at zero variance), which
-    ``torch.compile`` fuses into one backward loop.
+    snapping of correlations within a few ulps of +-1) and, when autograd
+    records, the same analytic gradients (finite at correlation +-1 and at
+    zero variance), which ``torch.compile`` compiles with the forward.
     """
-    return _FusedArcCosineMoments.apply(k12, *factors)
+    if _records_grad(k12, *factors):
+        return _FusedArcCosineMoments.apply(k12, *factors)
+    return _fused_arccos_values(k12, *factors)
+
+
+def _fused_arccos_values(k12: Tensor, r1: Tensor, root1: Tensor, r2: Tensor, root2: Tensor) -> tuple[Tensor, Tensor]:
+    c, j0, sin_theta = _fused_arccos_terms(k12, r1, r2)
+    return (sin_theta + 6.283185307179586 * j0 * c) * root1 * root2, j0
 
 
 def _fused_arccos_terms(k12: Tensor, r1: Tensor, r2: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -248,13 +255,12 @@ class _FusedArcCosineMoments(torch.autograd.Function):
     ``sin(theta)`` and ``J0`` cancel analytically, so they are never formed),
     and ``dJ0/dc = 1 / (2 pi sin(theta))``, taken as 0 at ``|c| = 1`` as in the
     reference.  The backward pass recomputes ``c``, ``J0`` and ``sin(theta)``
-    from the saved inputs (the compiled loop is cheaper than storing them).
+    from the saved inputs instead of saving three more tensors of pairs.
     """
 
     @staticmethod
     def forward(ctx, k12: Tensor, r1: Tensor, root1: Tensor, r2: Tensor, root2: Tensor):
-        c, j0, sin_theta = _fused_arccos_terms(k12, r1, r2)
-        j1 = (sin_theta + 6.283185307179586 * j0 * c) * root1 * root2
+        j1, j0 = _fused_arccos_values(k12, r1, root1, r2, root2)
         ctx.set_materialize_grads(False)
         ctx.save_for_backward(k12, r1, root1, r2, root2)
         return j1, j0

@@ -146,10 +146,7 @@ def test_large_n_exact_gp_smoke_trains_both_kernels_and_reports_the_kernel_time(
 def test_roofline_smoke_sets_every_path_against_the_ceilings(monkeypatch, capsys):
     from gpytorch_tp import fusion
 
-    path = SCRIPT.parent / "roofline.py"
-    spec = importlib.util.spec_from_file_location("roofline_benchmark", path)
-    roofline = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(roofline)
+    roofline = _load_benchmark("roofline")
     monkeypatch.setattr(fusion, "_compile", lambda program: program)  # the plumbing, not the compiler
     policy = fusion.fuses_gradients
     results = roofline.main(["--smoke", "--dtypes", "float64"])
@@ -172,3 +169,23 @@ def test_roofline_smoke_sets_every_path_against_the_ceilings(monkeypatch, capsys
     ops = roofline.operations_per_pair
     assert ops(3, "nngp") - ops(2, "nngp") == ops(2, "nngp") - ops(1, "nngp") > 0
     assert ops(2, "ntk") > ops(2, "nngp")
+
+
+def test_large_n_exact_gp_reports_a_kernel_that_runs_out_of_gpu_memory(monkeypatch):
+    large = _load_benchmark("large_n_exact_gp")
+
+    def out_of_memory(*args):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 40.00 GiB\nmore text")
+
+    monkeypatch.setattr(large, "run", out_of_memory)
+    row = large.run_or_report("rbf", None, 1, torch.device("cpu"))
+    assert row == {"kernel": "rbf", "error": "out of GPU memory: CUDA out of memory. Tried to allocate 40.00 GiB"}
+    results = {"n": 100000, "n_test": 1000, "d": 8, "steps": 3, "dtype": "float32", "device": "gpu", "runs": [row]}
+    assert "| rbf | out of GPU memory: CUDA out of memory." in large.table(results)
+
+
+def _load_benchmark(name: str):
+    spec = importlib.util.spec_from_file_location(f"{name}_benchmark", SCRIPT.parent / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
