@@ -240,7 +240,7 @@ class TiledKernelOperator(LinearOperator):
             device = self.x1.device
             fused = getattr(self.kernel, "fused", False) and fusion.fuses_gradients(device)
             on_workers = device.type == "cpu" and not fused
-            workers = _tile_workers(len(pairs) - 1, self.x1.device) if on_workers else 1
+            workers = _tile_workers(len(pairs) - 1, device) if on_workers else 1
 
             def all_blocks() -> None:
                 # The parameters are substituted once around all the threads' work:

@@ -285,21 +285,12 @@ class _FusedArcCosineMoments(torch.autograd.Function):
             return None, None, None, None, None
         # c = k12 r1 r2 (the clip only removes round-off: gradients pass through it, as in the reference).
         return (
-            _sum_to(grad_k12, k12),
-            _sum_to(grad_c * k12 * r2, r1),
-            None if grad_scale is None else _sum_to(grad_scale * root2, root1),
-            _sum_to(grad_c * k12 * r1, r2),
-            None if grad_scale is None else _sum_to(grad_scale * root1, root2),
+            grad_k12.sum_to_size(k12.shape),
+            (grad_c * k12 * r2).sum_to_size(r1.shape),
+            None if grad_scale is None else (grad_scale * root2).sum_to_size(root1.shape),
+            (grad_c * k12 * r1).sum_to_size(r2.shape),
+            None if grad_scale is None else (grad_scale * root1).sum_to_size(root2.shape),
         )
-
-
-def _sum_to(grad: Tensor, like: Tensor) -> Tensor:
-    """``grad`` summed down to the broadcast shape of ``like`` (``sum_to_size`` spelt out for torch.compile)."""
-    extra = grad.dim() - like.dim()
-    if extra > 0:
-        grad = grad.sum(tuple(range(extra)))
-    dims = tuple(i for i in range(like.dim()) if like.shape[i] == 1 and grad.shape[i] != 1)
-    return grad.sum(dims, keepdim=True) if dims else grad
 
 
 @lru_cache(maxsize=32)
