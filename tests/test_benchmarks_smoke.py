@@ -189,3 +189,17 @@ def _load_benchmark(name: str):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def test_variational_large_n_smoke_trains_both_kernels_on_minibatches(capsys):
+    variational = _load_benchmark("variational_large_n")
+    results = variational.main(["--smoke"])
+    assert [r["kernel"] for r in results["runs"]] == ["mlp_nngp", "rbf"]
+    for run in results["runs"]:
+        assert run["steps_per_epoch"] == 8  # 2000 points in minibatches of 250
+        first, last = run["epochs"]
+        assert 0 < first["kernel_seconds"] < first["seconds"]
+        assert last["mean_loss"] < first["mean_loss"]  # the ELBO improves
+        assert run["test_rmse"] < run["predict_mean_rmse"] and math.isfinite(run["test_nlpd"])
+    out = capsys.readouterr().out
+    assert "| mlp_nngp | 2 |" in out and "M = 32 inducing points" in out
