@@ -11,6 +11,7 @@ resident memory.
     python benchmarks/large_n_exact_gp.py --smoke         # a few hundred points (tests)
     python benchmarks/large_n_exact_gp.py --kernels mlp_nngp mlp_nngp_fused rbf   # also fused=True
     python benchmarks/large_n_exact_gp.py --kernels mlp_nngp mlp_nngp_fused mlp_nngp_fused_grad
+    python benchmarks/large_n_exact_gp.py --n 8000 --kernels mlp_nngp mlp_nngp_dense   # matrix free or dense
 
 ``mlp_nngp_fused_grad`` is ``fused=True`` with its compiled backward forced on
 (``fused=True`` compiles the backward on CUDA only; see
@@ -19,9 +20,10 @@ resident memory.
 Kernel time: for ours, the time inside the kernel operator's evaluations (the
 matrix computed once per training step without autograd, the block-by-block
 gradient, the test-train blocks), not its products of a held matrix with
-vectors (conjugate gradients, as for RBF); for RBF, the time of its forward calls only
-(its backward runs inside PyTorch's autograd with the rest of the step and is
-not separated).
+vectors (conjugate gradients, as for RBF); for RBF and for ours evaluated
+densely (``mlp_nngp_dense``, ``matrix_free=False``), the time of their forward
+calls only (their backward runs inside PyTorch's autograd with the rest of the
+step and is not separated).
 """
 
 from __future__ import annotations
@@ -98,6 +100,8 @@ def make_data(n: int, n_test: int, d: int, dtype, device, seed: int = 0):
 def make_kernel(name: str):
     if name == "mlp_nngp":
         return MLPKernel(depth=3, nonlinearity="relu", matrix_free=True)
+    if name == "mlp_nngp_dense":
+        return MLPKernel(depth=3, nonlinearity="relu", matrix_free=False)
     if name in ("mlp_nngp_fused", "mlp_nngp_fused_grad"):
         return MLPKernel(depth=3, nonlinearity="relu", matrix_free=True, fused=True)
     if name == "rbf":
@@ -142,6 +146,9 @@ def run(name: str, data, steps: int, device) -> dict:
     timer = KernelTimer()
     if name == "rbf":
         restores = [timer.wrap(gpytorch.kernels.RBFKernel, "forward")]
+    elif name == "mlp_nngp_dense":
+        # Its forward (the dense matrix with its autograd graph); the backward is not separated, as for RBF.
+        restores = [timer.wrap(MLPKernel, "forward")]
     else:
         restores = [
             timer.wrap(TiledKernelOperator, name)
@@ -280,7 +287,7 @@ def main(argv=None) -> dict:
         "--kernels",
         nargs="+",
         default=["mlp_nngp", "rbf"],
-        choices=["mlp_nngp", "mlp_nngp_fused", "mlp_nngp_fused_grad", "rbf"],
+        choices=["mlp_nngp", "mlp_nngp_dense", "mlp_nngp_fused", "mlp_nngp_fused_grad", "rbf"],
     )
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument("--smoke", action="store_true", help="a few hundred points, two steps (for tests)")

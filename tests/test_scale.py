@@ -12,6 +12,7 @@ import torch
 from gpytorch.test.base_kernel_test_case import BaseKernelTestCase
 
 from gpytorch_tp import CNNKernel, MLPKernel, matrix_free
+from gpytorch_tp.kernels import tensor_program_kernel
 from gpytorch_tp.matrix_free import TiledKernelOperator, matrix_free_block_sizes
 
 # A small memory budget (1 MiB): blocks of at most 128 points, 52 with autograd.
@@ -117,6 +118,30 @@ def test_automatic_choice_follows_the_memory_budget():
     assert not isinstance(kernel(x).evaluate_kernel(), TiledKernelOperator)
     with pytest.raises(ValueError, match="matrix_free must be"):
         MLPKernel(matrix_free="yes")
+
+
+def test_automatic_choice_on_a_cpu_with_autograd_goes_matrix_free_from_many_pairs(monkeypatch):
+    # Where the matrix-free path is the faster one too (see CPU_MATRIX_FREE_GRAD_PAIRS), here 900 pairs.
+    monkeypatch.setattr(tensor_program_kernel, "CPU_MATRIX_FREE_GRAD_PAIRS", 30 * 30)
+    kernel = MLPKernel(depth=2, memory_budget=2**30).double()  # the dense path fits the budget
+    x = _x(30)
+    assert isinstance(kernel(x).evaluate_kernel(), TiledKernelOperator)
+    assert not isinstance(kernel(x[:29]).evaluate_kernel(), TiledKernelOperator)  # 841 pairs
+    assert isinstance(kernel(x[:29].expand(2, 29, 3)).evaluate_kernel(), TiledKernelOperator)  # a batch of 2
+    with torch.no_grad():  # without autograd only the memory budget decides
+        assert not isinstance(kernel(x).evaluate_kernel(), TiledKernelOperator)
+    # Items on a grid keep the memory rule (their costs were not measured).
+    cnn = CNNKernel((1, 2, 2), readout="flatten", memory_budget=2**30).double()
+    assert not isinstance(cnn(_x(30, 4)).evaluate_kernel(), TiledKernelOperator)
+    # The same values and gradients as the dense path.
+    dense = MLPKernel(depth=2, matrix_free=False).double()
+    weights = _x(30, 30, seed=3)
+    grads = []
+    for k in (kernel, dense):
+        value = (k(x).to_dense() * weights).sum()
+        grads.append(torch.autograd.grad(value, list(k.parameters())))
+    for g, e in zip(*grads):
+        torch.testing.assert_close(g, e, rtol=1e-10, atol=0)
 
 
 def test_block_sizes_shrink_with_the_budget_and_with_positions():

@@ -13,9 +13,18 @@ from ..evaluation import _records_grad, check_inputs, default_memory_budget, eva
 from ..layers.base import Layer
 from ..matrix_free import TiledKernelOperator, dense_memory
 
-__all__ = ["KINDS", "TensorProgramKernel"]
+__all__ = ["CPU_MATRIX_FREE_GRAD_PAIRS", "KINDS", "TensorProgramKernel"]
 
 KINDS = ("nngp", "ntk")
+
+# With autograd recording on a CPU, the matrix-free path is the faster one too
+# from about this many pairs of plain-feature items: the dense path's graph of
+# every tile outgrows the caches and goes to memory and back, while each
+# matrix-free block's forward and backward stay in cache.  Measured (three
+# exact GP training steps with conjugate gradients, depth-3 ReLU NNGP, float32,
+# 2-core Xeon; docs/benchmarks.md): N = 4,000 dense 1.9 s / matrix-free 3.0 s;
+# 6,000 5.5 / 5.4; 8,000 15.8 / 10.3; 10,000 27.9 / 13.1 (in 5.5 / 1.3 GiB).
+CPU_MATRIX_FREE_GRAD_PAIRS = 6000 * 6000
 
 
 def _batched_tensors(module: torch.nn.Module):
@@ -71,7 +80,10 @@ class TensorProgramKernel(Kernel):
         matrix (what GPyTorch's conjugate gradients need above
         ``gpytorch.settings.max_cholesky_size``): ``True`` always, ``False``
         never, ``None`` (default) when a dense evaluation would exceed
-        ``memory_budget`` (with autograd, every tile's intermediates count).
+        ``memory_budget`` (with autograd, every tile's intermediates count)
+        and, on a CPU with autograd recording, from
+        :data:`CPU_MATRIX_FREE_GRAD_PAIRS` (6,000 x 6,000) pairs of plain
+        features, where it is also the faster path.
         ``diag=True`` is always dense.
     :param sequence: the items are sequences: ``input_shape=(T, d)``, time-major,
         shorter ones padded at the end with whole steps of ``padding_value``.
@@ -185,8 +197,18 @@ class TensorProgramKernel(Kernel):
         choice = getattr(self, "matrix_free", None)  # getattr: kernels pickled before the option existed
         if choice is not None:
             return choice
+        records_grad = _records_grad(self.architecture, x1, x2)
+        if records_grad and x1.device.type == "cpu" and self._plain_pairs(x1, x2) >= CPU_MATRIX_FREE_GRAD_PAIRS:
+            return True
         budget = getattr(self, "memory_budget", None) or default_memory_budget(x1.device)
-        return dense_memory(self, x1, x2, _records_grad(self.architecture, x1, x2)) > budget
+        return dense_memory(self, x1, x2, records_grad) > budget
+
+    def _plain_pairs(self, x1: Tensor, x2: Tensor) -> int:
+        """Pairs of items of a plain-feature kernel (0 for items on a grid or sequences)."""
+        if self.input_shape is not None or getattr(self, "sequence", False):
+            return 0
+        batch = math.prod(torch.broadcast_shapes(x1.shape[:-2], x2.shape[:-2], self.batch_shape))
+        return batch * x1.shape[-2] * x2.shape[-2]
 
     def _dense_forward(self, x1: Tensor, x2: Tensor, diag: bool = False, last_dim_is_batch: bool = False) -> Tensor:
         """The kernel matrix (or its diagonal) as a dense tensor."""
