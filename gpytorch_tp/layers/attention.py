@@ -94,6 +94,7 @@ from gpytorch.priors import Prior
 from torch import Tensor, nn
 
 from ..finite import NTKSelfAttention
+from ..numerics import scale_and_shift
 from ..state import KernelState, per_item, unit_dims
 from .base import Layer, standard_deviation, variance_property
 
@@ -246,7 +247,7 @@ class SelfAttention(Layer):
         gain = unit_dims(per_item(torch.mul, self.output_variance, self.value_variance), state.item_ndim + 2)
         bias = unit_dims(self.bias_variance, state.item_ndim + 2)
         mixed = _mix(first, state.cross, second)
-        cross = torch.addcmul(bias, gain, mixed)
+        cross = scale_and_shift(mixed, gain, bias)
         ntk = None
         if state.track_ntk:
             through = mixed if state.ntk is None else mixed + _mix(first, state.ntk, second)
@@ -288,4 +289,4 @@ def _mix(first: Tensor, covariance: Tensor, second: Tensor) -> Tensor:
 
 
 def _mixed_self(attention: Tensor, self_covariance: Tensor, gain: Tensor, bias: Tensor) -> Tensor:
-    return torch.addcmul(bias, gain, _mix(attention, self_covariance, attention))
+    return scale_and_shift(_mix(attention, self_covariance, attention), gain, bias)

@@ -29,6 +29,7 @@ from torch import Tensor, nn
 from ..finite import GlobalAvgPool as FiniteGlobalAvgPool
 from ..finite import GridAvgPool, NTKConv
 from ..geometry import PADDING_MODES, Padding, grid_tuple, padding
+from ..numerics import scale_and_shift
 from ..state import KernelState, per_item
 from .base import Layer, standard_deviation, variance_property
 
@@ -217,7 +218,7 @@ class Conv(Layer):
         weight = state.broadcast_parameter(self.weight_variance)
         bias = state.broadcast_parameter(self.bias_variance)
         scaled_weight = per_item(torch.mul, weight, 1.0 / filter_size)
-        cross = torch.addcmul(bias, scaled_weight, self._filtered(state.cross, axes, state.positions))
+        cross = scale_and_shift(self._filtered(state.cross, axes, state.positions), scaled_weight, bias)
         ntk = None
         if state.track_ntk:
             ntk = cross
@@ -237,7 +238,7 @@ class Conv(Layer):
         )
 
     def _filtered_variance(self, var, bias, scaled_weight, axes, positions):
-        return torch.addcmul(bias, scaled_weight, self._filtered(var, axes, positions))
+        return scale_and_shift(self._filtered(var, axes, positions), scaled_weight, bias)
 
     def finite_module(self, in_shape: tuple[int, ...], width: int) -> tuple[nn.Module, tuple[int, ...]]:
         positions = tuple(in_shape[1:])

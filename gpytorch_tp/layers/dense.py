@@ -8,6 +8,7 @@ from gpytorch.priors import Prior
 from torch import Tensor, nn
 
 from ..finite import NTKConv, NTKLinear
+from ..numerics import scale_and_shift
 from ..state import KernelState, per_item
 from .base import Layer, standard_deviation, variance_property
 
@@ -86,8 +87,7 @@ class Linear(Layer):
 
     def forward(self, state: KernelState) -> KernelState:
         after, (weight, bias) = self.fusion_split(state)
-        # One fused pass each: bias + weight * K, and K_new + weight * Theta.
-        cross = torch.addcmul(bias, weight, state.cross)
+        cross = scale_and_shift(state.cross, weight, bias)
         ntk = None
         if state.track_ntk:
             ntk = cross if state.ntk is None else torch.addcmul(cross, weight, state.ntk)

@@ -38,6 +38,7 @@ from ..finite import NTKRNN, BidirectionalRNN
 from ..finite import FirstPosition as FiniteFirstPosition
 from ..finite import GlobalAvgPool as FiniteGlobalAvgPool
 from ..finite import LastPosition as FiniteLastPosition
+from ..numerics import scale_and_shift
 from ..state import KernelState, per_item, unit_dims
 from .base import Layer, standard_deviation, variance_property
 from .elementwise import Nonlinearity, nonlinearity_from_name
@@ -132,7 +133,7 @@ class RNN(Layer):
         previous = None
         out = []
         for t in range(steps):
-            kh = torch.addcmul(b, u, input_var[..., t])
+            kh = scale_and_shift(input_var[..., t], u, b)
             if previous is not None:
                 kh = torch.addcmul(kh, w, previous)
             out.append(kh)
@@ -173,7 +174,7 @@ class RNN(Layer):
             else:
                 x_t, k11, k22 = inputs[..., t], var1[..., t], var2[..., t]
                 m = None if valid1 is None else valid1[..., t] * valid2[..., t]
-            kh = torch.addcmul(b, u, x_t)
+            kh = scale_and_shift(x_t, u, b)
             if previous is not None:
                 kh = torch.addcmul(kh, w, _shift(previous) if all_pairs else previous)
             ks, kdot = phi.pair_moments(k11, k22, kh, track_ntk)
