@@ -71,11 +71,11 @@ def fuses_gradients(device: torch.device) -> bool:
     """Whether evaluations that autograd records fuse too on ``device`` (with a compiled backward).
 
     On CUDA every pass of the layer-by-layer backward is a round trip through
-    device memory, which the compiled backward saves.  On a CPU the compiled
-    backward measured no faster than the layer-by-layer one (its reductions to
-    per-item and per-hyperparameter gradients recompute the pair work in a dozen
-    loops; docs/benchmarks.md) and compiles for another ~20 s, so CPU gradients
-    keep the layer-by-layer path.
+    device memory, which the compiled backward saves (not yet measured).  On a
+    CPU it made exact-GP training steps no faster (1.2-1.3x on the gradient pass
+    alone: its reductions to per-item and per-hyperparameter gradients recompute
+    the pair work in a dozen loops; docs/benchmarks.md) and compiles for another
+    10-25 s, so CPU gradients keep the layer-by-layer path.
     """
     return device.type == "cuda"
 
