@@ -160,7 +160,7 @@ def run(name: str, data, steps: int, device) -> dict:
     fused_gradients = name == "mlp_nngp_fused_grad"
     if fused_gradients:
         # The compiled backward, which fused=True takes on CUDA only, forced on for the comparison.
-        restores.append(_force_fused_gradients())
+        restores.append(force_fused_gradients())
     if "_fused" in name:
         # torch.compile's one-off cost (per process; the programs of K(X, X) and K(X*, X), and with
         # fused gradients those of the gradient's diagonal and off-diagonal blocks), timed apart.
@@ -185,7 +185,7 @@ def run(name: str, data, steps: int, device) -> dict:
                 loss.backward()
                 optimizer.step()
                 losses.append(loss.item())
-            _sync(device)
+            sync(device)
             train_seconds = time.perf_counter() - start
             train_kernel = timer.seconds
 
@@ -194,7 +194,7 @@ def run(name: str, data, steps: int, device) -> dict:
             with torch.no_grad(), gpytorch.settings.fast_pred_var():
                 prediction = model.likelihood(model(x_test))
                 mean, variance = prediction.mean, prediction.variance
-            _sync(device)
+            sync(device)
             predict_seconds = time.perf_counter() - start
             predict_kernel = timer.seconds - train_kernel
     finally:
@@ -218,7 +218,7 @@ def run(name: str, data, steps: int, device) -> dict:
     }
 
 
-def _sync(device) -> None:
+def sync(device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -233,7 +233,7 @@ def run_or_report(name: str, data, steps: int, device) -> dict:
         return {"kernel": name, "error": "out of GPU memory: " + str(error).split("\n")[0][:200]}
 
 
-def _force_fused_gradients():
+def force_fused_gradients():
     """Make ``fused=True`` fuse evaluations autograd records on this device too; returns the undo."""
     original = fusion.fuses_gradients
     fusion.fuses_gradients = lambda device: True

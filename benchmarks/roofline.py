@@ -46,26 +46,24 @@ from pathlib import Path
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:  # run as a script from a checkout without installing
-    sys.path.insert(0, str(REPO))
+HERE = Path(__file__).resolve().parent
+for path in (HERE.parent, HERE):  # the checkout (without installing) and the sibling benchmark
+    if str(path) not in sys.path:
+        sys.path.insert(0, str(path))
+
+from large_n_exact_gp import force_fused_gradients, sync
 
 from gpytorch_tp import MLPKernel, evaluate, fusion
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def median_seconds(fn, repeats: int, device: torch.device) -> float:
     fn()  # warm-up (and compilation)
-    _sync(device)
+    sync(device)
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
         fn()
-        _sync(device)
+        sync(device)
         times.append(time.perf_counter() - start)
     return statistics.median(times)
 
@@ -119,12 +117,6 @@ def operations_per_pair(depth: int, kind: str) -> int:
     return counter.count
 
 
-def _forced_fused_gradients():
-    original = fusion.fuses_gradients
-    fusion.fuses_gradients = lambda device: True
-    return lambda: setattr(fusion, "fuses_gradients", original)
-
-
 def measure(args, device: torch.device, dtype: torch.dtype, ceilings: dict) -> list[dict]:
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(args.n, args.d, generator=generator, dtype=dtype).to(device)
@@ -148,7 +140,7 @@ def measure(args, device: torch.device, dtype: torch.dtype, ceilings: dict) -> l
         # block-by-block gradient of sum(left * (K @ right)), as GPyTorch asks for it.
         grad_kernel = MLPKernel(depth=args.depth, matrix_free=True, fused=fused).to(device=device, dtype=dtype)
         operator = grad_kernel(x, z).evaluate_kernel()
-        restore = _forced_fused_gradients() if fused and not fusion.fuses_gradients(device) else None
+        restore = force_fused_gradients() if fused and not fusion.fuses_gradients(device) else None
         try:
             seconds = median_seconds(lambda op=operator: op._bilinear_grads(left, right), args.repeats, device)
         finally:

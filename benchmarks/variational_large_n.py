@@ -38,7 +38,7 @@ for path in (HERE.parent, HERE):  # the checkout (without installing) and the si
     if str(path) not in sys.path:
         sys.path.insert(0, str(path))
 
-from large_n_exact_gp import KernelTimer, make_data, peak_memory, reset_peak_memory
+from large_n_exact_gp import KernelTimer, make_data, peak_memory, reset_peak_memory, sync
 
 from gpytorch_tp import MLPKernel
 
@@ -92,7 +92,7 @@ def run(name: str, data, args, device) -> dict:
                 loss.backward()
                 optimizer.step()
                 losses.append(loss.item())
-            _sync(device)
+            sync(device)
             epochs.append(
                 {
                     "seconds": time.perf_counter() - start,
@@ -105,7 +105,7 @@ def run(name: str, data, args, device) -> dict:
         with torch.no_grad():
             prediction = likelihood(model(x_test))
             mean, variance = prediction.mean, prediction.variance
-        _sync(device)
+        sync(device)
         predict_seconds = time.perf_counter() - start
     finally:
         restore()
@@ -121,11 +121,6 @@ def run(name: str, data, args, device) -> dict:
         "test_nlpd": nlpd,
         **peak_memory(device),
     }
-
-
-def _sync(device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def table(results: dict) -> str:
