@@ -96,7 +96,8 @@ def test_wheel_installs_and_imports_in_a_fresh_venv(wheel, tmp_path):
 def test_license_and_changelog_match_the_metadata():
     license_text = (ROOT / "LICENSE").read_text()
     assert license_text.startswith("MIT License")
-    assert LICENSE_FIELD in ('{ text = "MIT" }', '"MIT"'), LICENSE_FIELD
+    # An SPDX expression: the TOML-table form is deprecated by setuptools.
+    assert LICENSE_FIELD == '"MIT"', LICENSE_FIELD
     changelog = (ROOT / "CHANGELOG.md").read_text()
     assert f"## [{gpytorch_tp.__version__}]" in changelog
 
@@ -138,3 +139,37 @@ def test_public_api_is_fully_type_annotated():
         if not name.endswith("__init__") and signature.return_annotation is inspect.Signature.empty:
             missing.append(f"{name} -> return")
     assert not missing, f"public functions without type hints: {missing}"
+
+
+def _module_level_imports(path: Path) -> set[str]:
+    import ast
+
+    tree = ast.parse(path.read_text())
+    names = set()
+    for node in tree.body:  # module level only: imports inside functions are optional extras
+        if isinstance(node, ast.Import):
+            names.update(alias.name.split(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names.add(node.module.split(".")[0])
+    return names
+
+
+def test_every_imported_distribution_is_declared():
+    from importlib.metadata import packages_distributions
+
+    declared = {
+        re.split(r"[<>=!~ ]", line.strip().strip('",'))[0].lower().replace("_", "-")
+        for line in re.search(r"^dependencies = \[(.*?)\]", PYPROJECT, re.MULTILINE | re.DOTALL).group(1).splitlines()
+        if line.strip().startswith('"')
+    }
+    distributions = packages_distributions()
+    imported = set()
+    for path in (ROOT / "gpytorch_tp").rglob("*.py"):
+        imported |= _module_level_imports(path)
+    third_party = {name for name in imported if name not in sys.stdlib_module_names and name != "gpytorch_tp"}
+    missing = {}
+    for name in sorted(third_party):
+        dists = {d.lower().replace("_", "-") for d in distributions.get(name, [name])}
+        if not dists & declared:
+            missing[name] = sorted(dists)
+    assert not missing, f"imported at module level but not in pyproject's dependencies: {missing}"

@@ -117,7 +117,8 @@ class Layer(Module):
         """Register a variance hyperparameter ``name``.
 
         A learnable variance is stored as ``raw_<name>`` behind ``constraint``
-        (default ``GreaterThan(1e-6)``), like GPyTorch's lengthscales.  A variance
+        (default ``GreaterThan(1e-6)``, or a floor a hundred times below a smaller
+        starting value, see :func:`default_variance_floor`), like GPyTorch's lengthscales.  A variance
         of exactly 0 cannot sit behind a positive constraint, so it is stored as a
         fixed buffer unless ``learnable=True`` is asked for explicitly (an error).
         """
@@ -146,7 +147,7 @@ class Layer(Module):
             self.register_buffer(f"fixed_{name}", value)
             return
         if constraint is None:
-            constraint = GreaterThan(1e-6)
+            constraint = GreaterThan(default_variance_floor(given))
         raw_name = f"raw_{name}"
         self.register_parameter(raw_name, nn.Parameter(torch.zeros_like(value)))
         self.register_constraint(raw_name, constraint)
@@ -216,6 +217,21 @@ class Layer(Module):
             shown = f"{value.item():.4g}" if value.numel() == 1 else f"shape {tuple(value.shape)}"
             parts.append(f"{name}={shown}")
         return ", ".join(parts)
+
+
+DEFAULT_VARIANCE_FLOOR = 1e-6
+
+
+def default_variance_floor(value: Tensor) -> float:
+    """Lower bound of a learnable variance's default constraint.
+
+    ``1e-6``, like GPyTorch's positive hyperparameters, unless the starting value is
+    that small or smaller: then a hundredth of it, so that every positive value a
+    user can give is a valid starting point (``1e-6`` itself included, which float32
+    stores just below ``1e-6``).
+    """
+    smallest = float(torch.as_tensor(value, dtype=torch.float64).min())
+    return min(DEFAULT_VARIANCE_FLOOR, 0.01 * smallest)
 
 
 def variance_property(name: str) -> property:

@@ -38,8 +38,8 @@ class Linear(Layer):
         0 is held fixed (a positive constraint cannot reach 0).
     :param weight_variance_prior: optional prior on :math:`\sigma_w^2`.
     :param bias_variance_prior: optional prior on :math:`\sigma_b^2`.
-    :param weight_variance_constraint: constraint (default ``GreaterThan(1e-6)``).
-    :param bias_variance_constraint: constraint (default ``GreaterThan(1e-6)``).
+    :param weight_variance_constraint: constraint (default ``GreaterThan(1e-6)``, lower for smaller starting values).
+    :param bias_variance_constraint: constraint (default ``GreaterThan(1e-6)``, lower for smaller starting values).
     :param learn_weight_variance: learn :math:`\sigma_w^2` (default: yes unless 0).
     :param learn_bias_variance: learn :math:`\sigma_b^2` (default: yes unless 0).
 

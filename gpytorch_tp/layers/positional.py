@@ -48,7 +48,7 @@ class PositionalEmbedding(Layer):
     :param variance: :math:`\sigma_p^2` (default 1).
     :param mode: ``"add"`` or ``"concat"`` (extra channels, as many as the features have).
     :param variance_prior: optional prior on :math:`\sigma_p^2`.
-    :param variance_constraint: constraint (default ``GreaterThan(1e-6)``).
+    :param variance_constraint: constraint (default ``GreaterThan(1e-6)``, lower for smaller starting values).
 
     Example:
         >>> from gpytorch_tp.layers import Linear, PositionalEmbedding, Sequential
