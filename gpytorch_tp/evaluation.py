@@ -7,6 +7,7 @@ import contextlib
 import math
 import os
 import threading
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +17,7 @@ from torch import Tensor
 
 from . import fusion
 from .fusion import fusing
-from .host_memory import empty_on_huge_pages, tune_allocator
+from .host_memory import ResidentGuard, empty_on_huge_pages, resident_bytes, tune_allocator_if_asked
 from .layers.base import Layer
 from .state import KernelState, per_item_cache, shared_per_item_work
 
@@ -70,7 +71,14 @@ DEFAULT_CUDA_TILE_PAIRS = 4096 * 4096
 FUSED_CPU_TILE_PAIRS = 1024 * 1024
 # Tile-sized tensors alive at once while a tile goes through an architecture
 # (the NNGP, the NTK, a layer's intermediates), for the memory budget.
+# Measured: 6 (MLP, Flatten CNN) to 9 (pooled CNN with all pixel pairs) tile-sized
+# tensors at the peak of one tile, outputs included; 24 leaves room for other layers.
 _LIVE_TILE_TENSORS = 24
+# A budget-forced tile this many times smaller than the efficient one warns:
+# each tile pays about 0.25 ms of per-operation overhead (depth-3 MLP NTK,
+# float64, one thread: 75 ns per pair in tiles of 65,536 pairs, 140 ns in
+# tiles of 4,096, 325 ns in 1,024, 1,260 ns in 256, 55,000 ns in 4).
+_SLOW_TILE_FACTOR = 64
 _MIN_TILE_PAIRS = 4
 _MIN_TILE_SIDE = 64
 # Up to this many channels, aligned input covariances are summed channel by channel.
@@ -78,17 +86,19 @@ _FEW_CHANNELS = 16
 
 
 def default_memory_budget(device: torch.device) -> int:
-    """Bytes an evaluation may use for its tiles by default: half of the device's free memory.
+    """Bytes an evaluation may use by default: a quarter of the device's free memory.
 
     On a CPU, "free" is the smaller of the system's available memory and what
-    the process's control group (container) still allows.
+    the process's control groups (its own and every enclosing one, as
+    ``/proc/self/cgroup`` names them) still allow.  A quarter, not more: the
+    outputs come on top of the budget, and the process holds other data.
     """
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
-        return int(free // 2)
+        return int(free // 4)
     available = [_meminfo_available(), _cgroup_available()]
     known = [a for a in available if a is not None]
-    return min(known) // 2 if known else 4 * 2**30
+    return min(known) // 4 if known else 2 * 2**30
 
 
 def _meminfo_available() -> int | None:
@@ -102,23 +112,60 @@ def _meminfo_available() -> int | None:
     return None
 
 
-def _cgroup_available() -> int | None:
-    """Memory left under a cgroup v2 (or v1) limit, if there is one."""
-    for limit_file, usage_file in (
-        ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
-        ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes"),
-    ):
-        try:
-            with open(limit_file) as f:
-                limit = f.read().strip()
-            with open(usage_file) as f:
-                usage = int(f.read().strip())
-        except (OSError, ValueError):
+def _read(path: Path) -> str | None:
+    try:
+        return path.read_text().strip()
+    except OSError:
+        return None
+
+
+def _cgroup_dirs(proc_cgroup: Path, mount: Path, version: int) -> list[Path]:
+    """The process's own cgroup directory under ``mount`` and each enclosing one, up to the mount root."""
+    own = None
+    text = _read(proc_cgroup) or ""
+    for line in text.splitlines():
+        parts = line.split(":", 2)
+        if len(parts) != 3:
             continue
-        if limit == "max" or int(limit) >= 2**60:
-            return None
-        return max(int(limit) - usage, 0)
-    return None
+        if (version == 2 and parts[0] == "0" and parts[1] == "") or (version == 1 and "memory" in parts[1].split(",")):
+            own = parts[2]
+            break
+    dirs = []
+    if own is not None:
+        path = mount / own.strip("/") if own.strip("/") else mount
+        # Without a cgroup namespace the path is the host's; it may not exist under this mount.
+        if path.is_dir():
+            while path != mount and mount in path.parents:
+                dirs.append(path)
+                path = path.parent
+    dirs.append(mount)
+    return dirs
+
+
+def _cgroup_available(proc_cgroup: str = "/proc/self/cgroup", root: str = "/sys/fs/cgroup") -> int | None:
+    """Memory left under the tightest cgroup v2 (or v1) limit of this process and its ancestors, if any."""
+    root_path = Path(root)
+    best = None
+    for version, mount, limit_name, usage_name in (
+        (2, root_path, "memory.max", "memory.current"),
+        (1, root_path / "memory", "memory.limit_in_bytes", "memory.usage_in_bytes"),
+    ):
+        found = False
+        for directory in _cgroup_dirs(Path(proc_cgroup), mount, version):
+            limit, usage = _read(directory / limit_name), _read(directory / usage_name)
+            if limit is None or usage is None:
+                continue
+            found = True
+            try:
+                if limit == "max" or int(limit) >= 2**60:
+                    continue
+                left = max(int(limit) - int(usage), 0)
+            except ValueError:
+                continue
+            best = left if best is None else min(best, left)
+        if found:
+            break  # one hierarchy: v2 where it has memory files, else v1
+    return best
 
 
 @dataclass(frozen=True)
@@ -201,7 +248,7 @@ class InputLayout:
             return x.pow(2).sum(-1) / self.shape[0]
         g = self._grid(x)
         if self.all_position_pairs:
-            v = torch.einsum("...ncp,...ncq->...npq", g, g) / self.shape[0]
+            v = torch.einsum("...ncp,...ncq->...npq", g, g).div_(self.shape[0])  # in place: no second copy
         else:
             v = g.pow(2).sum(-2) / self.shape[0]
         return self._unflatten(v, x.dim() - 1)
@@ -219,8 +266,8 @@ class InputLayout:
                 c.addcmul_(a[..., channel, :], b[..., channel, :])
             return self._unflatten(c.div_(self.shape[0]), x1.dim())
         pattern = "...icp,...jcq->...ijpq" if self.all_position_pairs else "...icp,...jcp->...ijp"
-        c = torch.einsum(pattern, g1, g2) / self.shape[0]
-        return self._unflatten(c.contiguous(), x1.dim())
+        c = torch.einsum(pattern, g1, g2).contiguous().div_(self.shape[0])
+        return self._unflatten(c, x1.dim())
 
     def cross_diagonal(self, x1: Tensor, x2: Tensor) -> Tensor:
         """Item ``i`` of ``x1`` with item ``i`` of ``x2``: ``(..., N, *pair_axes)``."""
@@ -228,7 +275,7 @@ class InputLayout:
             return (x1 * x2).sum(-1) / self.shape[0]
         g1, g2 = self._grid(x1), self._grid(x2)
         if self.all_position_pairs:
-            c = torch.einsum("...ncp,...ncq->...npq", g1, g2) / self.shape[0]
+            c = torch.einsum("...ncp,...ncq->...npq", g1, g2).div_(self.shape[0])
         else:
             c = (g1 * g2).sum(-2) / self.shape[0]
         return self._unflatten(c, x1.dim() - 1)
@@ -419,11 +466,15 @@ def evaluate(
     :param input_shape: the layout of each item's features: ``(C, H, W)``
         images or ``(C, L)`` signals flattened channel-major in the last
         dimension (``None``: plain features).
-    :param memory_budget: bytes the tiles (and the per-item work shared
-        between them) may take (``None``: half the free memory of the device,
-        see :func:`default_memory_budget`).  Without autograd recording the
+    :param memory_budget: bytes the evaluation may take besides its outputs:
+        per-item input variances, tiles and the per-item work shared between
+        them (``None``: a quarter of the free memory of the device, see
+        :func:`default_memory_budget`).  Without autograd recording the
         evaluation stays within it (plus the outputs); with autograd, every
-        tile's intermediates are kept for the backward pass.
+        tile's intermediates are kept for the backward pass.  A budget below
+        one tile of one pair of items raises ``ValueError``; one that forces
+        tiles far below their efficient size warns
+        (:class:`MemoryBudgetWarning`).
     :param progress: show a ``tqdm`` progress bar over tiles: ``None``
         (default) shows one only on an interactive terminal and only for
         evaluations that last more than two seconds.
@@ -441,10 +492,14 @@ def evaluate(
     """
     check_inputs(x1, x2, input_dim, allow_nan=sequence and math.isnan(padding_value))
     layout = input_layout(architecture, input_shape, x1.shape[-1], sequence, padding_value)
+    budget_name = "memory_budget"
     if memory_budget is None:
         memory_budget = default_memory_budget(x1.device)
+        budget_name = "the default memory_budget (a quarter of the free memory), memory_budget"
     elif memory_budget <= 0:
         raise ValueError(f"memory_budget must be a positive number of bytes, got {memory_budget}")
+    n1 = x1.shape[-2]
+    n2 = n1 if x2 is None or x2 is x1 else x2.shape[-2]
     plan = _TilePlan.make(
         layout,
         x1,
@@ -457,19 +512,53 @@ def evaluate(
         fused=bool(fused)
         and not layout.positions
         and (fusion.fuses_gradients(x1.device) or not _records_grad(architecture, x1, *(() if x2 is None else (x2,)))),
+        items=n1 + (0 if x2 is None or x2 is x1 else n2),
+        pairs=n1 if diag else n1 * n2,
+        batch=_batch_size(architecture, x1, x2),
+        budget_name=budget_name,
     )
-    with shared_per_item_work(limit_bytes=memory_budget / 4):
+    with shared_per_item_work(limit_bytes=plan.cache_bytes):
         return _evaluate(architecture, x1, x2, diag, ntk, plan)
+
+
+def _batch_size(architecture: Layer, x1: Tensor, x2: Tensor | None) -> int:
+    """Entries of the batch shape that every tile carries (the inputs' and the hyperparameters')."""
+    shapes = [x1.shape[:-2]] + ([] if x2 is None else [x2.shape[:-2]])
+    try:
+        return math.prod(torch.broadcast_shapes(*shapes, *(p.shape for p in architecture.parameters())))
+    except RuntimeError:  # parameters that are not batch-shaped
+        return math.prod(torch.broadcast_shapes(*shapes))
+
+
+class MemoryBudgetWarning(UserWarning):
+    """The memory budget forces tiles far below their efficient size: the evaluation runs several times slower."""
 
 
 @dataclass(frozen=True)
 class _TilePlan:
-    """How an evaluation is cut up and run: input layout, pairs of items per tile, progress bar, fusion."""
+    """How an evaluation is cut up and run: input layout, pairs of items per tile, progress bar, fusion, memory.
+
+    The memory budget ``B`` is spent as follows (CPU and GPU alike, without
+    autograd recording): the per-item input variances of all items and the
+    prepared inputs (``fixed``) first; of the rest, ``W = B - fixed``, half goes
+    to the tiles in flight (``_LIVE_TILE_TENSORS`` tile-sized tensors per
+    worker thread), a quarter to the per-item work shared between tiles
+    (``cache_bytes``) and a quarter is left to the allocator's fragmentation:
+    on a CPU, :class:`~gpytorch_tp.host_memory.ResidentGuard` hands free pages
+    back whenever resident memory comes within 15% of the budget
+    (``guard_bytes``).
+    """
 
     layout: InputLayout
     tile_pairs: int
     progress: bool | None
     fused: bool = False
+    workers: int = 1
+    cache_bytes: float = float("inf")
+    guard_bytes: float = float("inf")
+    guard_step: float = float("inf")
+    # The process's resident memory when the evaluation began (CPU; None where unknown).
+    resident_at_start: int | None = None
 
     @classmethod
     def make(
@@ -481,7 +570,29 @@ class _TilePlan:
         progress: bool | None,
         position_blocks: bool = False,
         fused: bool = False,
+        *,
+        items: int = 0,
+        pairs: int = 0,
+        batch: int = 1,
+        budget_name: str = "memory_budget",
     ):
+        element = x.element_size()
+        # One tile-sized tensor, per pair of items; the inputs' per-item work, for all items.
+        per_pair = batch * layout.pair_elements * element
+        fixed = batch * items * (layout.pair_elements + 2 * x.shape[-1]) * element
+        one_pair_tile = _LIVE_TILE_TENSORS * per_pair
+        minimum = fixed + 2 * one_pair_tile
+        if budget < minimum:
+            raise ValueError(
+                f"{budget_name}={int(budget)} bytes is too small for this evaluation: it needs at least "
+                f"{int(minimum)} bytes ({int(fixed)} for the inputs' per-item variances, and twice "
+                f"{int(one_pair_tile)} for a tile of a single pair of items: {_LIVE_TILE_TENSORS} tensors of "
+                f"{per_pair} bytes); give a larger memory_budget"
+            )
+        working = budget - fixed
+        # Fewer worker threads rather than tiles below one pair each.
+        workers = min(_tile_workers(2**30, x.device), max(1, int(working / 2 / one_pair_tile)))
+        budget_pairs = max(1, int(working / 2 / workers / one_pair_tile))
         if tile_pairs is None:
             if x.device.type == "cuda":
                 target = DEFAULT_CUDA_TILE_PAIRS
@@ -499,13 +610,35 @@ class _TilePlan:
             # works on whole blocks of step pairs (attention).
             stepwise = layout.sequence and not position_blocks
             per_operation = layout.pair_elements // (layout.positions[0] if stepwise else 1)
-            tile_pairs = max(_MIN_TILE_PAIRS, target // max(1, per_operation))
-            workers = _tile_workers(2**30, x.device)
-            pair_bytes = layout.pair_elements * x.element_size() * _LIVE_TILE_TENSORS
-            tile_pairs = max(1, min(tile_pairs, int(budget / 2 / workers / pair_bytes)))
+            efficient = max(_MIN_TILE_PAIRS, target // max(1, per_operation))
+            tile_pairs = min(efficient, budget_pairs)
+            wanted = min(efficient, max(pairs, 1))
+            if tile_pairs * _SLOW_TILE_FACTOR < wanted:
+                enough = fixed + 2 * workers * wanted * one_pair_tile
+                warnings.warn(
+                    f"{budget_name}={int(budget)} bytes limits tiles to {tile_pairs} pairs of items where "
+                    f"{wanted} would be efficient: every tile pays a fixed overhead, so this evaluation runs "
+                    f"several times slower (tens of times for tiles of a few pairs); about {int(enough)} bytes "
+                    "allow efficient tiles",
+                    MemoryBudgetWarning,
+                    stacklevel=4,
+                )
         elif int(tile_pairs) < 1:
             raise ValueError(f"tile_pairs must be positive, got {tile_pairs}")
-        return cls(layout, int(tile_pairs), progress, fused)
+        return cls(
+            layout,
+            int(tile_pairs),
+            progress,
+            fused,
+            workers=workers,
+            cache_bytes=working / 4,
+            # Free pages are handed back only near the budget (trims cost ~25 ms each; measured on a
+            # pooled CNN: 3-8 trims per evaluation at 0.85, hundreds at 0.5); while live data sits
+            # above that, again after each sixteenth of the working memory of growth.
+            guard_bytes=fixed + 0.85 * working,
+            guard_step=working / 16,
+            resident_at_start=resident_bytes() if x.device.type == "cpu" else None,
+        )
 
 
 def _evaluate(architecture: Layer, x1: Tensor, x2: Tensor | None, diag: bool, ntk: bool, plan: _TilePlan):
@@ -523,7 +656,8 @@ def _evaluate(architecture: Layer, x1: Tensor, x2: Tensor | None, diag: bool, nt
         chunk = max(1, plan.tile_pairs)
         outputs = []
         with _intra_op_threads(1 if n < _SMALL_PAIRS and x1.device.type == "cpu" else None):
-            for start in range(0, n, chunk):
+            # At least one (possibly empty) chunk: 0 points give an empty result of the right shape and dtype.
+            for start in range(0, max(n, 1), chunk):
                 rows = slice(start, start + chunk)
                 state = input_state(
                     x1[..., rows, :],
@@ -636,9 +770,9 @@ def _evaluate_tiles(
     # while it runs, so its tiles run one after the other, each spread over the
     # cores by the compiled loop itself.
     spread_tiles = x1.device.type == "cpu" and not plan.fused
-    workers = _tile_workers(len(tasks) - 1, x1.device) if spread_tiles else 1
+    workers = min(plan.workers, _tile_workers(len(tasks) - 1, x1.device)) if spread_tiles else 1
     if x1.device.type == "cpu" and len(tasks) > 1:
-        tune_allocator()  # temporaries kept between tiles: see host_memory
+        tune_allocator_if_asked()  # opt-in: see host_memory
     with _intra_op_threads(1 if spread_tiles else None):
         cache = per_item_cache()
         held_before = 0 if cache is None else cache.held_bytes
@@ -668,7 +802,15 @@ def _evaluate_tiles(
                         out[..., c : c + col_side, r : r + row_side] = value.transpose(-1, -2)
 
             store(*tasks[0], first)
-            _map_tiles(lambda task: store(*task, tile(*task)), tasks[1:], workers, grad=False, progress=plan.progress)
+            # The outputs are filled page by page: their bytes count on top of the budget's live bound.
+            output_bytes = sum(0 if out is None else out.numel() * out.element_size() for out in outputs)
+            guard = _resident_guard(x1.device, plan.resident_at_start, plan.guard_bytes + output_bytes, plan.guard_step)
+
+            def store_tile(task: tuple[int, int]) -> None:
+                store(*task, tile(*task))
+                guard.check()
+
+            _map_tiles(store_tile, tasks[1:], workers, grad=False, progress=plan.progress)
             return outputs[0], outputs[1]
 
     # Autograd: build the matrix out of the tiles' graphs (mirrored tiles are views).
@@ -679,6 +821,20 @@ def _evaluate_tiles(
         return torch.cat([torch.cat([block(r, c, which) for c in col_starts], -1) for r in row_starts], -2)
 
     return assemble(0), (assemble(1) if ntk else None)
+
+
+class _NoGuard:
+    def check(self) -> None:
+        pass
+
+
+def _resident_guard(
+    device: torch.device, start: int | None, allowance: float, step: float
+) -> ResidentGuard | _NoGuard:
+    """A guard on this process's resident memory for a CPU evaluation (GPU memory is the caching allocator's)."""
+    if device.type != "cpu" or start is None or not math.isfinite(allowance):
+        return _NoGuard()
+    return ResidentGuard(start + allowance, step)
 
 
 def _in_column_panels(

@@ -19,6 +19,7 @@ import contextlib
 import io
 import itertools
 import math
+import re
 import pickle
 import unittest
 
@@ -667,15 +668,21 @@ class _CountCalls(Identity):
 
 
 @pytest.mark.parametrize("name", ["2d-pool-gap", "2d-same-flatten"])
-def test_tiny_memory_budget_forces_one_pair_per_tile(name):
+def test_smallest_workable_memory_budget_forces_one_pair_per_tile(name):
     spec, shape = TILING_CASES[name]
     counter = _CountCalls()
     arch = Sequential(counter, *build(spec, _grid_ndim(shape)))
     x1, x2 = _images(6, shape, 5), _images(4, shape, 6)
     for a, b, tiles in ((x1, None, 6 * 7 // 2), (x1, x2, 6 * 4)):  # the symmetric matrix: upper triangle
         whole = evaluate(arch, a, b, ntk=True, input_shape=shape, tile_pairs=10**9)
+        # A budget below one tile of one pair is refused, with the smallest one it would take.
+        with pytest.raises(ValueError, match=r"memory_budget=1 bytes is too small .* at least (\d+) bytes") as error:
+            evaluate(arch, a, b, ntk=True, input_shape=shape, memory_budget=1)
+        smallest = int(re.search(r"at least (\d+) bytes", str(error.value)).group(1))
+        with pytest.raises(ValueError, match="too small"):
+            evaluate(arch, a, b, ntk=True, input_shape=shape, memory_budget=smallest - 1)
         counter.calls.clear()
-        budgeted = evaluate(arch, a, b, ntk=True, input_shape=shape, memory_budget=1)
+        budgeted = evaluate(arch, a, b, ntk=True, input_shape=shape, memory_budget=smallest)
         assert len(counter.calls) == tiles
         for got, expected in zip(budgeted, whole):
             torch.testing.assert_close(got, expected, rtol=1e-13, atol=1e-13)
