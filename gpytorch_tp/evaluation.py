@@ -525,9 +525,10 @@ def _batch_size(architecture: Layer, x1: Tensor, x2: Tensor | None) -> int:
     """Entries of the batch shape that every tile carries (the inputs' and the hyperparameters')."""
     shapes = [x1.shape[:-2]] + ([] if x2 is None else [x2.shape[:-2]])
     try:
-        return math.prod(torch.broadcast_shapes(*shapes, *(p.shape for p in architecture.parameters())))
+        size = math.prod(torch.broadcast_shapes(*shapes, *(p.shape for p in architecture.parameters())))
     except RuntimeError:  # parameters that are not batch-shaped
-        return math.prod(torch.broadcast_shapes(*shapes))
+        size = math.prod(torch.broadcast_shapes(*shapes))
+    return max(1, size)  # an empty batch plans like one entry: nothing is evaluated
 
 
 class MemoryBudgetWarning(UserWarning):

@@ -31,6 +31,7 @@ from gpytorch_tp.batchnorm import (
     batchnorm_relu_cross_ntk,
     batchnorm_relu_single,
     batchnorm_relu_single_ntk,
+    QuadratureRule,
     finite_batchnorm_mlp,
     quadrature_rule,
 )
@@ -431,3 +432,21 @@ def test_bad_input_messages():
         batchnorm_relu_cross(torch.eye(3, dtype=DTYPE), torch.zeros(3, 2, dtype=DTYPE), torch.eye(3, dtype=DTYPE))
     with pytest.raises(ValueError, match="one value per dense layer"):
         batchnorm_mlp_nngp(_points(4, 2, 20), depth=2, weight_variance=[2.0, 2.0])
+
+
+def test_a_rule_finer_than_the_grid_holds_is_cut_at_the_grid():
+    # A rule asking for more than the 400 nodes laid out used to fail with a shape mismatch.
+    x1, x2 = _points(6, 3, 1), _points(5, 3, 2)
+    nngp = batchnorm_mlp_ntk_cross(x1, x2, depth=1, rule=QuadratureRule(0.1, 1e-16))[0]
+    fine = batchnorm_mlp_ntk_cross(x1, x2, depth=1, rule=quadrature_rule(DTYPE, "fine"))[0]
+    assert (nngp - fine).abs().max() < 1e-12 * fine.abs().max()
+
+
+def test_documented_ntk_accuracy():
+    # docs/batchnorm.md: default ~1e-9 per layer from centred rank 4 on; rank 3 ~1e-6.
+    converged = QuadratureRule(0.15, 1e-16)
+    for d, bound in ((4, 2e-9), (3, 5e-6)):
+        x1, x2 = _points(6, d, 1), _points(5, d, 2)
+        exact = batchnorm_mlp_ntk_cross(x1, x2, depth=1, rule=converged)[1]
+        got = batchnorm_mlp_ntk_cross(x1, x2, depth=1)[1]
+        assert (got - exact).abs().max() < bound * exact.abs().max()

@@ -3,6 +3,7 @@ r"""Pairwise GPyTorch kernel of a BatchNorm + ReLU MLP, with a fixed reference s
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Sequence
 
 import torch
@@ -20,6 +21,7 @@ from ..batchnorm import (
 )
 from ..evaluation import check_inputs
 from ..layers import Linear
+from .tensor_program_kernel import check_feature_sizes
 
 __all__ = ["BatchNormMLPKernel"]
 
@@ -73,6 +75,10 @@ class BatchNormMLPKernel(Kernel):
     :func:`gpytorch_tp.batchnorm.batchnorm_relu_single_ntk`), and costs about
     twice the NNGP.
 
+    The recursion runs in float64; the result has the dtype of the inputs and
+    the hyperparameters together (float32 inputs with float64 hyperparameters
+    give float64, as for :class:`~gpytorch_tp.TensorProgramKernel`).
+
     :param reference_points: :math:`R`, ``(m, d)`` with :math:`m \ge 1`.
     :param depth: number of BatchNorm + ReLU blocks.
     :param weight_variance: starting :math:`\sigma_w^2` of every dense layer (default 2), or a
@@ -81,7 +87,10 @@ class BatchNormMLPKernel(Kernel):
         hidden layers' biases are removed by the BatchNorm that follows), or a list of ``depth + 1``.
     :param eps: BatchNorm's :math:`\epsilon` (default 0: exact normalisation; a
         batch of identical points then raises ``ValueError``).
-    :param accuracy: ``"fast"`` (about 1e-6 relative, 4x faster), ``"default"`` (1e-9) or ``"fine"`` (see :func:`gpytorch_tp.batchnorm.quadrature_rule`).
+    :param accuracy: ``"fast"`` (about 1e-6 relative, 4x faster), ``"default"`` (about 1e-9 per layer:
+        up to 1.5e-8 measured at depth 2) or ``"fine"`` (1e-13); the NTK of batches of centred rank 3
+        (3 reference points, or inputs of dimension 3) only to about 1e-6 with every rule (see
+        :func:`gpytorch_tp.batchnorm.quadrature_rule` and ``docs/batchnorm.md``).
     :param weight_variance_prior: prior on every dense layer's :math:`\sigma_w^2`.
     :param bias_variance_prior: prior on every dense layer's :math:`\sigma_b^2`.
     :param kind: ``"nngp"`` or ``"ntk"``.
@@ -147,6 +156,12 @@ class BatchNormMLPKernel(Kernel):
         self.accuracy = accuracy
         self.kind = kind
 
+    def __call__(
+        self, x1: Tensor, x2: Tensor | None = None, diag: bool = False, last_dim_is_batch: bool = False, **params
+    ):
+        check_feature_sizes(self, x1, x2)
+        return super().__call__(x1, x2, diag=diag, last_dim_is_batch=last_dim_is_batch, **params)
+
     def forward(self, x1: Tensor, x2: Tensor, diag: bool = False, last_dim_is_batch: bool = False, **params) -> Tensor:
         if last_dim_is_batch:
             raise ValueError("BatchNormMLPKernel does not support last_dim_is_batch")
@@ -159,18 +174,33 @@ class BatchNormMLPKernel(Kernel):
                 )
         same = x1 is x2 or (x1.shape == x2.shape and torch.equal(x1, x2))
         batch = torch.broadcast_shapes(x1.shape[:-2], x2.shape[:-2])
-        x1 = x1.expand(*batch, *x1.shape[-2:]).reshape(-1, *x1.shape[-2:])
-        x2 = x2.expand(*batch, *x2.shape[-2:]).reshape(-1, *x2.shape[-2:])
         if diag and x1.shape[-2] != x2.shape[-2]:
             raise ValueError(f"diag=True needs as many x1 as x2 points, got {x1.shape[-2]} and {x2.shape[-2]}")
-        # The quadrature works in float64 (see gpytorch_tp.batchnorm); so does the whole recursion.
+        # The result's dtype is that of the inputs and the hyperparameters together, as for
+        # TensorProgramKernel (float32 inputs, float64 hyperparameters: float64).
         dtype = x1.dtype
+        for weight, bias in self._variances(None):
+            dtype = torch.promote_types(dtype, torch.promote_types(weight.dtype, bias.dtype))
+        n1, n2 = x1.shape[-2], x2.shape[-2]
+        out_shape = (*batch, n1) if diag else (*batch, n1, n2)
+        if math.prod(out_shape) == 0:
+            # Nothing to evaluate (0 points or an empty batch): an empty result, as GPyTorch's own
+            # kernels give, still attached to the hyperparameters for autograd.
+            attached = sum((w + b).sum() for w, b in self._variances(None)) * 0
+            return x1.new_zeros(out_shape, dtype=dtype) + attached.to(dtype)
+        # Flattened batch (reshape(-1, ...) cannot infer a size for 0 points).
+        x1 = x1.expand(*batch, n1, x1.shape[-1]).reshape(math.prod(batch), n1, x1.shape[-1])
+        x2 = x2.expand(*batch, n2, x2.shape[-1]).reshape(math.prod(batch), n2, x2.shape[-1])
+        # The quadrature works in float64 (see gpytorch_tp.batchnorm); so does the whole recursion.
         x1, x2 = x1.to(torch.float64), x2.to(torch.float64)
         results = [self._one(a, b, diag, same) for a, b in zip(x1, x2)]
         result = torch.stack(results).to(dtype)
-        return result.reshape(*batch, *result.shape[1:])
+        return result.reshape(out_shape)
 
-    def _variances(self, dtype: torch.dtype) -> list[tuple[Tensor, Tensor]]:
+    def _variances(self, dtype: torch.dtype | None) -> list[tuple[Tensor, Tensor]]:
+        """Every dense layer's ``(weight, bias)`` variances, in ``dtype`` (``None``: as stored)."""
+        if dtype is None:
+            return [(layer.weight_variance, layer.bias_variance) for layer in self.dense]
         return [(layer.weight_variance.to(dtype), layer.bias_variance.to(dtype)) for layer in self.dense]
 
     def _batches(self, x: Tensor) -> Tensor:

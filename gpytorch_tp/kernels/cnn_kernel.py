@@ -80,7 +80,8 @@ class CNNKernel(TensorProgramKernel):
     Inputs are flattened items, ``(..., N, C * H * W)`` (as ``torch.flatten``
     of ``(C, H, W)`` images) or ``(..., N, C * L)`` for 1-d signals.
 
-    :param input_shape: ``(C, H, W)`` or ``(C, L)``.
+    :param input_shape: ``(C, H, W)`` or ``(C, L)``; with ``active_dims``, the layout of the
+        ``C * H * W`` (``C * L``) selected columns, in the order ``active_dims`` lists them.
     :param depth: number of convolution blocks.
     :param kernel_size: filter size (int or per axis).
     :param nonlinearity: name or layer, as for :class:`~gpytorch_tp.kernels.MLPKernel`.
@@ -166,7 +167,7 @@ class MyrtleKernel(TensorProgramKernel):
     :math:`\sigma_w^2 = 2`, :math:`\sigma_b^2 = 0` as in the paper; the bias
     variance is then fixed at 0 unless a positive value is given.
 
-    :param input_shape: ``(C, H, W)``.
+    :param input_shape: ``(C, H, W)`` (with ``active_dims``: of the selected columns).
     :param depth: 5, 7 or 10.
     :param kind: ``"nngp"`` or ``"ntk"``.
     :param kwargs: ``weight_variance``, ``bias_variance``, their priors, and

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 
 import torch
@@ -9,6 +10,7 @@ from gpytorch.kernels import Kernel
 from torch import Tensor, nn
 
 from ..empirical import network_jacobian
+from .tensor_program_kernel import check_feature_sizes
 
 __all__ = ["MonteCarloKernel"]
 
@@ -144,6 +146,12 @@ class MonteCarloKernel(Kernel):
 
     # -- evaluation ------------------------------------------------------------------------------
 
+    def __call__(
+        self, x1: Tensor, x2: Tensor | None = None, diag: bool = False, last_dim_is_batch: bool = False, **params
+    ):
+        check_feature_sizes(self, x1, x2)
+        return super().__call__(x1, x2, diag=diag, last_dim_is_batch=last_dim_is_batch, **params)
+
     def forward(self, x1: Tensor, x2: Tensor, diag: bool = False, last_dim_is_batch: bool = False, **params) -> Tensor:
         if last_dim_is_batch:
             raise ValueError("MonteCarloKernel does not support last_dim_is_batch=True")
@@ -158,8 +166,16 @@ class MonteCarloKernel(Kernel):
             raise ValueError(f"diag=True needs as many items in x1 as in x2, got {x1.shape[-2]} and {x2.shape[-2]}")
         same = x1 is x2 or (x1.shape == x2.shape and torch.equal(x1, x2))
         batch = torch.broadcast_shapes(x1.shape[:-2], x2.shape[:-2])
-        flat1 = x1.expand(*batch, *x1.shape[-2:]).reshape(-1, *x1.shape[-2:])
-        flat2 = flat1 if same else x2.expand(*batch, *x2.shape[-2:]).reshape(-1, *x2.shape[-2:])
+        n1, n2 = x1.shape[-2], x2.shape[-2]
+        out_shape = (*batch, n1) if diag else (*batch, n1, n2)
+        if math.prod(out_shape) == 0:
+            # Nothing to evaluate (0 points or an empty batch): an empty result, as GPyTorch's own kernels
+            # give, without building a network (whose output size cannot be checked on no items);
+            # attached to the inputs for autograd (they are finite: checked above).
+            return x1.new_zeros(out_shape) + 0 * (x1.sum() + x2.sum())
+        # Flattened batch (reshape(-1, ...) cannot infer a size for 0 points).
+        flat1 = x1.expand(*batch, n1, x1.shape[-1]).reshape(math.prod(batch), n1, x1.shape[-1])
+        flat2 = flat1 if same else x2.expand(*batch, n2, x2.shape[-1]).reshape(math.prod(batch), n2, x2.shape[-1])
         total = None
         for sample in range(self.n_samples):
             network = self.network(sample, dtype=x1.dtype, device=x1.device)

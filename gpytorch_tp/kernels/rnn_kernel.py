@@ -34,7 +34,9 @@ class RNNKernel(TensorProgramKernel):
     train on padded sequences, pad with a finite sentinel
     (``padding_value=-1e6``, say) or use ``gpytorch.settings.debug(False)``.
 
-    :param input_shape: ``(T, d)``: maximum length and features per step.
+    :param input_shape: ``(T, d)``: maximum length and features per step; with
+        ``active_dims``, the layout of the ``T * d`` selected columns (time-major, in the order
+        ``active_dims`` lists them).
     :param depth: number of stacked recurrent layers.
     :param nonlinearity: name or layer (default ``"tanh"``; ``"erf"`` and
         ``"relu"`` have closed forms, ``"tanh"`` uses quadrature).

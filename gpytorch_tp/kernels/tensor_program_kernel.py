@@ -27,6 +27,28 @@ KINDS = ("nngp", "ntk")
 CPU_MATRIX_FREE_GRAD_PAIRS = 6000 * 6000
 
 
+def check_feature_sizes(kernel: Kernel, x1, x2) -> None:
+    """A clear error for inputs whose items have different numbers of features.
+
+    Called before GPyTorch's ``Kernel.__call__``, whose own check says "x1_ and
+    x2_ must have the same number of dimensions", which reads like a
+    complaint about ``x.dim()``.  Without ``active_dims``, the widths compare
+    as GPyTorch compares them (a 1-d input is one feature per item); with
+    ``active_dims`` both inputs are cut to the same columns, as in GPyTorch.
+    """
+    if x2 is None or kernel.active_dims is not None or not (torch.is_tensor(x1) and torch.is_tensor(x2)):
+        return
+    if x1.dim() == 0 or x2.dim() == 0:
+        return  # GPyTorch's own error
+    d1 = x1.shape[-1] if x1.dim() > 1 else 1
+    d2 = x2.shape[-1] if x2.dim() > 1 else 1
+    if d1 != d2:
+        raise ValueError(
+            f"x1 has {d1} features but x2 has {d2} (x1 {tuple(x1.shape)}, x2 {tuple(x2.shape)}): "
+            "the last dimension of both inputs is the items' features and must be the same"
+        )
+
+
 def _batched_tensors(module: torch.nn.Module):
     """(owner, name, tensor) for every hyperparameter tensor whose leading dims are the batch shape."""
     for owner in module.modules():
@@ -66,12 +88,17 @@ class TensorProgramKernel(Kernel):
         input dimension: ``(C, H, W)`` for images, ``(C, L)`` for signals
         (``None``: plain features).  Grid layers (convolutions, pooling) need it.
     :param batch_shape: batch shape of the hyperparameters (one kernel per batch entry).
-    :param active_dims: input dimensions the kernel acts on.
+    :param active_dims: input dimensions the kernel acts on.  As in GPyTorch
+        (where ``ard_num_dims`` counts the selected dimensions), ``input_dim``
+        and ``input_shape`` describe the features *after* ``active_dims``
+        selects them, in the order given: ``input_shape=(C, H, W)`` with
+        ``active_dims`` of ``C * H * W`` columns of wider data (a mismatch
+        raises ``ValueError`` at construction).
     :param tile_pairs: pairs of inputs per tile of the kernel matrix (``None``:
         chosen by device, input layout and ``memory_budget``; see
         :func:`gpytorch_tp.evaluate`).
     :param memory_budget: bytes the evaluation may use for its tiles (``None``:
-        half the device's free memory).
+        a quarter of the device's free memory; see :func:`~gpytorch_tp.evaluation.evaluate`).
     :param progress: progress bar over tiles (``None``: on a terminal, for
         evaluations longer than 2 s).
     :param matrix_free: return kernel matrices as a
@@ -151,6 +178,13 @@ class TensorProgramKernel(Kernel):
             input_dim = math.prod(input_shape)
         batch_shape = torch.Size([]) if batch_shape is None else torch.Size(batch_shape)
         super().__init__(batch_shape=batch_shape, active_dims=active_dims, **kwargs)
+        if self.active_dims is not None and input_dim is not None and self.active_dims.numel() != int(input_dim):
+            # input_shape / input_dim describe the selected features (see the docstring).
+            described = f"input_shape {input_shape}" if input_shape is not None else f"input_dim={input_dim}"
+            raise ValueError(
+                f"active_dims selects {self.active_dims.numel()} features but {described} describes "
+                f"{int(input_dim)}: input_shape and input_dim describe the features after active_dims selects them"
+            )
         self.architecture = architecture
         self.kind = kind
         self.input_dim = None if input_dim is None else int(input_dim)
@@ -177,6 +211,12 @@ class TensorProgramKernel(Kernel):
                         f"hyperparameter {name} of {type(owner).__name__} has shape {tuple(tensor.shape)}, "
                         f"which is not the kernel batch_shape {tuple(batch_shape)}"
                     )
+
+    def __call__(
+        self, x1: Tensor, x2: Tensor | None = None, diag: bool = False, last_dim_is_batch: bool = False, **params
+    ):
+        check_feature_sizes(self, x1, x2)
+        return super().__call__(x1, x2, diag=diag, last_dim_is_batch=last_dim_is_batch, **params)
 
     def forward(
         self, x1: Tensor, x2: Tensor, diag: bool = False, last_dim_is_batch: bool = False, **params

@@ -55,7 +55,9 @@ class TransformerKernel(TensorProgramKernel):
     never attended to nor read out, and positions count from each sequence's
     own first token.
 
-    :param input_shape: ``(T, d)``: maximum length and features per token.
+    :param input_shape: ``(T, d)``: maximum length and features per token; with
+        ``active_dims``, the layout of the ``T * d`` selected columns (time-major, in the order
+        ``active_dims`` lists them).
     :param depth: number of blocks.
     :param nonlinearity: the MLP's nonlinearity (``"relu"``, ``"gelu"``, ... or a layer).
     :param kind: ``"nngp"`` or ``"ntk"``.
