@@ -9,6 +9,7 @@ Gaussian process of a wide network during gradient-descent training, and
 """
 
 from . import layers
+from .botorch_recipe import bo_covar_module, bo_input_transform, bo_recipe
 from .conversion import from_module, kernel_from_module
 from .dynamics import TrainedNetworkGP
 from .evaluation import evaluate
@@ -42,6 +43,9 @@ __all__ = [
     "TrainedNetworkGP",
     "TransformerKernel",
     "__version__",
+    "bo_covar_module",
+    "bo_input_transform",
+    "bo_recipe",
     "evaluate",
     "from_module",
     "kernel_from_module",
