@@ -18,7 +18,7 @@ from gpytorch_tp.matrix_free import TiledKernelOperator
 linux = pytest.mark.skipif(host_memory.resident_bytes() is None, reason="needs /proc/self/statm (Linux)")
 
 _PEAK_CHILD = """
-import resource, sys, torch
+import sys, torch
 from gpytorch_tp import CNNKernel, host_memory
 budget = int(sys.argv[1])
 torch.manual_seed(0)
@@ -28,7 +28,8 @@ with torch.no_grad():
     kernel.nngp_and_ntk(X[:2], X[:4])  # imports and hyperparameter caches, before the measurement
     start = host_memory.resident_bytes()
     nngp, ntk = kernel.nngp_and_ntk(X[:4], X)
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+with open("/proc/self/status") as status:
+    peak = next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmHWM:"))
 print(peak - start, nngp.numel() * nngp.element_size() + ntk.numel() * ntk.element_size())
 """
 
@@ -38,7 +39,8 @@ def test_a_pooled_cnn_evaluation_stays_within_its_budget_plus_its_outputs():
     # All pixel pairs of 16 x 16 images: 256 KiB per item and per pair of items in float32, so
     # the per-item input variances alone take 53 MB of the 256 MiB here (without the guard on resident
     # memory the peak was 306 MiB: freed temporaries fragment the heaps).  Measured in a fresh
-    # process: the peak resident memory (ru_maxrss) over the resident memory before the call.
+    # process: the peak resident memory (VmHWM; ru_maxrss would carry the resident memory of
+    # the pytest process it was forked from across exec) over the resident memory before the call.
     budget = 256 * 2**20
     env = {**os.environ, "OMP_NUM_THREADS": "2"}
     out = subprocess.run(

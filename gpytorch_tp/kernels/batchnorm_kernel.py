@@ -8,6 +8,7 @@ from collections.abc import Sequence
 
 import torch
 from gpytorch.kernels import Kernel
+from linear_operator.operators import LinearOperator
 from gpytorch.priors import Prior
 from torch import Tensor, nn
 
@@ -158,7 +159,7 @@ class BatchNormMLPKernel(Kernel):
 
     def __call__(
         self, x1: Tensor, x2: Tensor | None = None, diag: bool = False, last_dim_is_batch: bool = False, **params
-    ):
+    ) -> Tensor | LinearOperator:
         check_feature_sizes(self, x1, x2)
         return super().__call__(x1, x2, diag=diag, last_dim_is_batch=last_dim_is_batch, **params)
 

@@ -7,6 +7,7 @@ from collections.abc import Callable, Mapping
 
 import torch
 from gpytorch.kernels import Kernel
+from linear_operator.operators import LinearOperator
 from torch import Tensor, nn
 
 from ..empirical import network_jacobian
@@ -148,7 +149,7 @@ class MonteCarloKernel(Kernel):
 
     def __call__(
         self, x1: Tensor, x2: Tensor | None = None, diag: bool = False, last_dim_is_batch: bool = False, **params
-    ):
+    ) -> Tensor | LinearOperator:
         check_feature_sizes(self, x1, x2)
         return super().__call__(x1, x2, diag=diag, last_dim_is_batch=last_dim_is_batch, **params)
 

@@ -7,6 +7,7 @@ import math
 
 import torch
 from gpytorch.kernels import Kernel
+from linear_operator.operators import LinearOperator
 from torch import Tensor
 
 from ..evaluation import _records_grad, check_inputs, default_memory_budget, evaluate
@@ -214,7 +215,7 @@ class TensorProgramKernel(Kernel):
 
     def __call__(
         self, x1: Tensor, x2: Tensor | None = None, diag: bool = False, last_dim_is_batch: bool = False, **params
-    ):
+    ) -> Tensor | LinearOperator:
         check_feature_sizes(self, x1, x2)
         return super().__call__(x1, x2, diag=diag, last_dim_is_batch=last_dim_is_batch, **params)
 
