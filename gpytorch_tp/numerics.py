@@ -12,7 +12,13 @@ Two places need care:
 * a zero-variance pre-activation (zero-norm input and zero bias variance) makes
   the correlation ``0 / 0``.  The pre-activation is then identically 0, so the
   pair is independent; we use ``c = 0`` and let each nonlinearity fix the value
-  where it matters.
+  where it matters;
+* at large variances ``k`` the functions that resolve distances on a fixed
+  scale (erf, tanh, GELU, sine) depend on the pair through ``k11 k22 - k12^2``
+  (or ``k11 + k22 - 2 k12``), which ``k11 k22 - k12 * k12`` in floating point
+  gets wrong by ``eps k^2``: from ``k ~ 1 / sqrt(eps)`` on, it is noise, often
+  negative (NaN).  :func:`pair_determinant` computes it from error-free
+  products instead, exactly 0 for a pair of an item with itself.
 """
 
 from __future__ import annotations
@@ -30,8 +36,11 @@ from .state import per_item
 
 __all__ = [
     "arccos_moments",
+    "determinant_item_factors",
+    "fused_pair_determinant",
     "gaussian_pair_moment",
     "gaussian_rule",
+    "pair_determinant",
     "safe_correlation",
     "tanh_derivative_pair_moment",
     "tanh_pair_moment",
@@ -305,6 +314,113 @@ class _FusedArcCosineMoments(torch.autograd.Function):
         )
 
 
+# --- The determinant k11 k22 - k12^2 of a pair covariance, without cancellation ---------------
+
+
+def _split_constant(dtype: torch.dtype) -> float:
+    """Veltkamp's splitting constant ``2^ceil(p / 2) + 1`` for a ``p``-bit significand (literals: ``torch.compile``)."""
+    if dtype == torch.float64:
+        return 134217729.0  # p = 53
+    if dtype == torch.float32:
+        return 4097.0  # p = 24
+    return 65.0 if dtype == torch.float16 else 17.0  # p = 11, bfloat16 p = 8
+
+
+def _veltkamp_split(x: Tensor) -> tuple[Tensor, Tensor]:
+    """``(hi, lo)`` with ``hi + lo == x`` exactly and products of halves exact in ``x``'s dtype."""
+    x = x.detach()
+    t = x * _split_constant(x.dtype)
+    hi = t - (t - x)
+    return hi, x - hi
+
+
+def determinant_item_factors(k11: Tensor, k22: Tensor) -> tuple[Tensor, ...]:
+    """The per-item tensors of :func:`fused_pair_determinant`: each variance and its Veltkamp halves."""
+    return (k11, *per_item(_veltkamp_split, k11), k22, *per_item(_veltkamp_split, k22))
+
+
+def _determinant_values(
+    k12: Tensor, k11: Tensor, h11: Tensor, l11: Tensor, k22: Tensor, h22: Tensor, l22: Tensor
+) -> Tensor:
+    # Dekker's error-free products: k11 k22 = p + e_p and k12^2 = q + e_q exactly, so
+    # (p - q) + (e_p - e_q) is the determinant up to a few roundings of the result itself
+    # (p - q is exact where the two are close, Sterbenz).  About 20 elementwise operations.
+    # In place on fresh temporaries only (never called with autograd recording: see _PairDeterminant).
+    # The products of halves are exact, so an addcmul fused into an FMA computes the same.
+    t = k12 * _split_constant(k12.dtype)
+    h12 = t.sub_(t - k12)  # t - (t - k12)
+    l12 = k12 - h12
+    q = k12 * k12
+    e_q = (h12 * h12).sub_(q).add_(h12.mul_(l12), alpha=2.0).addcmul_(l12, l12)
+    p = k11 * k22
+    e_p = (h11 * h22).sub_(p).addcmul_(h11, l22).addcmul_(l11, h22).addcmul_(l11, l22)
+    # Round-off can leave a valid covariance (Cauchy-Schwarz) a hair negative.
+    return p.sub_(q).add_(e_p.sub_(e_q)).clamp_(min=0.0)
+
+
+class _PairDeterminant(torch.autograd.Function):
+    """:func:`_determinant_values` with the gradient of ``k11 k22 - k12^2`` (the split halves get none)."""
+
+    @staticmethod
+    def forward(ctx, k12, k11, h11, l11, k22, h22, l22):
+        ctx.save_for_backward(k12, k11, k22)
+        return _determinant_values(k12, k11, h11, l11, k22, h22, l22)
+
+    @staticmethod
+    def backward(ctx, grad):
+        k12, k11, k22 = ctx.saved_tensors
+        return (
+            (grad * k12 * -2.0).sum_to_size(k12.shape),
+            (grad * k22).sum_to_size(k11.shape),
+            None,
+            None,
+            (grad * k11).sum_to_size(k22.shape),
+            None,
+            None,
+        )
+
+
+def fused_pair_determinant(k12: Tensor, factors: tuple[Tensor, ...]) -> Tensor:
+    """:func:`pair_determinant` from :func:`determinant_item_factors`, as elementwise operations on ``k12``."""
+    if _records_grad(k12, factors[0], factors[3]):
+        return _PairDeterminant.apply(k12, *factors)
+    return _determinant_values(k12, *factors)
+
+
+def pair_determinant(k11: Tensor, k22: Tensor, k12: Tensor) -> Tensor:
+    r""":math:`k_{11} k_{22} - k_{12}^2` of a pair covariance, accurate to a few ulps of the result, and :math:`\ge 0`.
+
+    ``k11 * k22 - k12 * k12`` loses everything once :math:`1 - c^2` is below
+    the dtype's resolution (at large variances that is where the kernels of
+    saturating nonlinearities live) and can come out negative; the error-free
+    products used here give the determinant of the floating-point inputs to a
+    few ulps, exactly 0 for ``k11 == k22 == k12`` (a pair of an item with
+    itself), clamped at 0 where round-off upstream made the covariance a hair
+    indefinite.  The gradient is that of :math:`k_{11} k_{22} - k_{12}^2`.
+    Inputs broadcast (per-item work done per item).  Valid while the products
+    do not overflow: variances below ~1e19 (float32), ~1e154 (float64).
+    """
+    return fused_pair_determinant(k12, determinant_item_factors(k11, k22))
+
+
+def t_minus_arctan(t: Tensor) -> Tensor:
+    r""":math:`t - \arctan t` for :math:`t \ge 0`, without the cancellation at small ``t``.
+
+    Below 0.25 the series :math:`t^3 \sum_n (-1)^n t^{2n} / (2n + 3)`, to the
+    dtype's resolution; above, the difference, which loses at most 6 bits there.
+    """
+    small = t < 0.25
+    # Double where: the series sees only small arguments (its gradient stays finite).
+    s = torch.where(small, t, 0.0)
+    s2 = s * s
+    # Truncation error 16^-terms / 3 relative at t = 0.25.
+    terms = 13 if t.dtype == torch.float64 else 6
+    series = torch.full_like(s2, 1.0 / (2 * terms + 1))
+    for n in range(terms - 2, -1, -1):
+        series = 1.0 / (2 * n + 3) - s2 * series
+    return torch.where(small, s * s2 * series, t - torch.atan(t))
+
+
 @lru_cache(maxsize=32)
 def _gaussian_rule_numpy(num_points: int, half_width: float) -> tuple[np.ndarray, np.ndarray]:
     nodes = np.linspace(-half_width, half_width, num_points)
@@ -461,37 +577,44 @@ def _tanh_expansion(like: Tensor) -> tuple[Tensor, Tensor]:
     return a, c
 
 
-def _tanh_moment_terms(k11: Tensor, k22: Tensor, k12: Tensor, order: int):
-    """Per first term ``k``: the arguments of the closed forms against every second term ``l``.
+def _tanh_moment_terms(k11: Tensor, k22: Tensor, k12: Tensor):
+    """Per first term ``k``: the closed forms' ingredients against every second term ``l``.
 
-    Yields ``(k, arguments, first, second)`` with ``arguments`` shaped ``(..., K)``: for
-    ``order == 0`` the arcsine arguments rho_kl (``first``: sqrt(2) a_k / sqrt(1 + 2 a_k^2 k11),
-    ``second``: the same for every l on k22); for ``order == 1`` the radicands
-    ``P_k Q_l - alpha_k alpha_l k12^2`` (``first``: P_k = 1 + alpha_k k11, ``second``: Q_l), alpha = 2 a^2.
+    Yields ``(k, root, first, second)``: ``root`` (shaped ``(..., K)``) is
+    ``sqrt(N_kl)`` with the radicand ``N_kl = P_k Q_l - alpha_k alpha_l k12^2``
+    written as ``1 + alpha_k k11 + alpha_l k22 + alpha_k alpha_l det`` (positive
+    terms: no cancellation at correlation one, where the difference is ~eps k^2
+    of noise at large variances), ``first`` is ``P_k = 1 + alpha_k k11`` and
+    ``second`` is ``Q_l = 1 + alpha_l k22``, alpha = 2 a^2.
     One term at a time keeps the intermediates at K times the pairs, not K^2.
     """
     a, _ = _tanh_expansion(k12)
     alpha = 2 * a * a
-    if order == 0:
-        scale = math.sqrt(2.0) * a
-        second = scale * torch.rsqrt(1 + alpha * k22[..., None])  # (..., K)
-        for k in range(len(_TANH_AS_ERFS)):
-            first = scale[k] * torch.rsqrt(1 + alpha[k] * k11)
-            yield k, (first * k12)[..., None] * second, first, second
-    else:
-        second = 1 + alpha * k22[..., None]
-        squared = (k12 * k12)[..., None] * alpha
-        for k in range(len(_TANH_AS_ERFS)):
-            first = 1 + alpha[k] * k11
-            yield k, first[..., None] * second - alpha[k] * squared, first, second
+    with torch.no_grad():
+        det = pair_determinant(k11, k22, k12)
+    b_part = alpha * k22[..., None]  # (..., K)
+    second = 1 + b_part
+    alpha_det = det[..., None] * alpha
+    for k in range(len(_TANH_AS_ERFS)):
+        first = 1 + alpha[k] * k11
+        radicand = torch.add(b_part, alpha_det, alpha=float(alpha[k])).add_(first[..., None])
+        yield k, radicand.sqrt_(), first, second
 
 
-def _tanh_moment(k11: Tensor, k22: Tensor, k12: Tensor, order: int) -> Tensor:
+def _tanh_moment(k11: Tensor, k22: Tensor, k12: Tensor, order: int, plus_one: bool = False) -> Tensor:
     a, c = _tanh_expansion(k12)
     weights = c if order == 0 else c * a
     total = None
-    for k, arguments, _, _ in _tanh_moment_terms(k11, k22, k12, order):
-        values = torch.asin(arguments) if order == 0 else torch.rsqrt(arguments)
+    for k, root, _, _ in _tanh_moment_terms(k11, k22, k12):
+        if order == 0:
+            # arcsin(rho_kl) = atan2(2 a_k a_l k12, sqrt(N_kl)): well conditioned where rho_kl -> +-1.
+            # With plus_one, pi/2 + arcsin(rho_kl) = atan2(sqrt(N_kl), -2 a_k a_l k12): since the c_k
+            # sum to 1 this gives 1 + E[tanh tanh] as a sum of positive terms, accurate also where
+            # E[tanh tanh] -> -1 (correlation -1 at large variance).
+            y = k12[..., None] * ((-2 if plus_one else 2) * a[k] * a)
+            values = torch.atan2(root, y) if plus_one else torch.atan2(y, root)
+        else:
+            values = root.reciprocal_()
         term = (values @ weights) * weights[k]
         total = term if total is None else total.add_(term)
     return total * (2 / math.pi if order == 0 else 4 / math.pi)
@@ -501,17 +624,20 @@ class _TanhMoments(torch.autograd.Function):
     """The closed forms of :func:`tanh_pair_moment` (order 0) and :func:`tanh_derivative_pair_moment` (1).
 
     The backward pass recomputes the terms from the saved covariances (an
-    autograd graph would keep K^2 = 36 times the pairs' memory per layer):
-    with rho = first_k second_l k12, d asin(rho) = d rho / sqrt(1 - rho^2),
-    d rho / d k12 = first_k second_l, d rho / d k11 = -rho a_k^2 / (1 + 2 a_k^2 k11);
-    with R = radicand^(-1/2), dR = -R^3 d radicand / 2.
+    autograd graph would keep K^2 = 36 times the pairs' memory per layer).
+    With ``x = sqrt(N_kl)``, ``y = 2 a_k a_l k12`` and ``x^2 + y^2 = P_k Q_l``:
+    ``d atan2(y, x) / d k12 = 2 a_k a_l / x``, ``/ d k11 = -y alpha_k / (2 x P_k)``,
+    ``/ d k22 = -y alpha_l / (2 x Q_l)`` (all finite: ``x >= 1``); with
+    ``R = 1 / x``, ``dR = -R^3 dN / 2`` and ``dN = alpha_k Q_l dk11 + alpha_l P_k dk22
+    - 2 alpha_k alpha_l k12 dk12``.
     """
 
     @staticmethod
-    def forward(ctx, k11: Tensor, k22: Tensor, k12: Tensor, order: int) -> Tensor:
+    def forward(ctx, k11: Tensor, k22: Tensor, k12: Tensor, order: int, plus_one: bool = False) -> Tensor:
         ctx.save_for_backward(k11, k22, k12)
         ctx.order = order
-        return _tanh_moment(k11, k22, k12, order)
+        # plus_one adds a constant: the same gradient.
+        return _tanh_moment(k11, k22, k12, order, plus_one)
 
     @staticmethod
     @once_differentiable
@@ -523,18 +649,18 @@ class _TanhMoments(torch.autograd.Function):
         weights = c if order == 0 else c * a
         constant = 2 / math.pi if order == 0 else 4 / math.pi
         g11 = g22 = g12 = None
-        for k, arguments, first, second in _tanh_moment_terms(k11, k22, k12, order):
+        for k, root, first, second in _tanh_moment_terms(k11, k22, k12):
             if order == 0:
-                # t_kl = grad * w_k w_l / sqrt(1 - rho^2), then the chain rule through rho.
-                t = torch.rsqrt(1 - arguments * arguments).mul_(weights).mul_(grad[..., None] * (constant * weights[k]))
-                t_rho = t * arguments
-                d12 = first * (t * second).sum(-1)
-                d11 = t_rho.sum(-1) * (-(a[k] ** 2) / (1 + alpha[k] * k11))
-                d22 = (t_rho * (-(a * a) / (1 + alpha * k22[..., None]))).sum(-1)
+                # t_kl = grad * w_k w_l / x; y / 2 = a_k a_l k12.
+                t = root.reciprocal_().mul_(weights).mul_(grad[..., None] * (constant * weights[k]))
+                d12 = (t @ a) * (2 * a[k])
+                half_y_t = t.mul_(a).mul_((a[k] * k12)[..., None])
+                d11 = (half_y_t.sum(-1) / first) * -alpha[k]
+                d22 = (half_y_t * (alpha / second)).sum(-1).neg_()
             else:
                 # R^3 w_k w_l grad: dR/dk11 = -R^3 alpha_k Q_l / 2, dR/dk22 = -R^3 alpha_l P_k / 2,
                 # dR/dk12 = R^3 alpha_k alpha_l k12.
-                cubed = torch.rsqrt(arguments).pow_(3).mul_(weights).mul_(grad[..., None] * (constant * weights[k]))
+                cubed = root.reciprocal_().pow_(3).mul_(weights).mul_(grad[..., None] * (constant * weights[k]))
                 d11 = (cubed * second).sum(-1) * (-alpha[k] / 2)
                 weighted = cubed @ alpha
                 d22 = weighted * (-first / 2)
@@ -542,11 +668,15 @@ class _TanhMoments(torch.autograd.Function):
             g11 = d11 if g11 is None else g11 + d11
             g22 = d22 if g22 is None else g22 + d22
             g12 = d12 if g12 is None else g12 + d12
-        return g11.sum_to_size(k11.shape), g22.sum_to_size(k22.shape), g12.sum_to_size(k12.shape), None
+        return g11.sum_to_size(k11.shape), g22.sum_to_size(k22.shape), g12.sum_to_size(k12.shape), None, None
 
 
-def tanh_pair_moment(k11: Tensor, k22: Tensor, k12: Tensor) -> Tensor:
+def tanh_pair_moment(k11: Tensor, k22: Tensor, k12: Tensor, plus_one: bool = False) -> Tensor:
     r""":math:`E[\tanh(U) \tanh(V)]` of a centred Gaussian pair, in closed form up to 1e-6.
+
+    With ``plus_one``, :math:`1 + E[\tanh(U) \tanh(V)]`, computed as a sum of
+    positive terms (accurate where the moment tends to -1: correlation -1 at
+    large variance, where the sigmoid's kernel is small).
 
     With :math:`\tanh(x) \approx \sum_k c_k \operatorname{erf}(a_k x)` (six
     terms, sup error 4.9e-7, so the moment is off by at most twice that) and
@@ -560,12 +690,15 @@ def tanh_pair_moment(k11: Tensor, k22: Tensor, k12: Tensor) -> Tensor:
     the moment is 36 arcsines, against thousands of function values for a
     two-dimensional quadrature of comparable accuracy.  The arcsine's argument
     stays strictly inside (-1, 1) for finite variances, so the value is
-    smooth everywhere, correlation one included; gradients are analytic
-    (the terms recomputed in the backward pass).  Inputs broadcast.
+    smooth everywhere, correlation one included; each arcsine is evaluated as
+    ``atan2(2 a b k12, sqrt(N))`` with the radicand ``N`` (below) formed from
+    :func:`pair_determinant`, so the terms are accurate to round-off at every
+    variance and correlation; gradients are analytic (the terms recomputed in
+    the backward pass).  Inputs broadcast.
     """
     if _records_grad(k11, k22, k12):
-        return _TanhMoments.apply(k11, k22, k12, 0)
-    return _tanh_moment(k11, k22, k12, 0)
+        return _TanhMoments.apply(k11, k22, k12, 0, plus_one)
+    return _tanh_moment(k11, k22, k12, 0, plus_one)
 
 
 def tanh_derivative_pair_moment(k11: Tensor, k22: Tensor, k12: Tensor) -> Tensor:
@@ -579,7 +712,9 @@ def tanh_derivative_pair_moment(k11: Tensor, k22: Tensor, k12: Tensor) -> Tensor
         E[e^{-a^2 U^2} e^{-b^2 V^2}] = \left((1 + 2 a^2 k_{11})(1 + 2 b^2 k_{22})
         - 4 a^2 b^2 k_{12}^2\right)^{-1/2},
 
-    whose radicand is at least 1 for every valid covariance.  Inputs broadcast.
+    whose radicand is at least 1 for every valid covariance, and is formed as
+    :math:`1 + 2a^2 k_{11} + 2b^2 k_{22} + 4a^2b^2 (k_{11}k_{22} - k_{12}^2)` with
+    :func:`pair_determinant` (no cancellation at correlation one).  Inputs broadcast.
     """
     if _records_grad(k11, k22, k12):
         return _TanhMoments.apply(k11, k22, k12, 1)

@@ -12,6 +12,14 @@ state by
 
 Closed forms are used where they exist; any other function is integrated by
 quadrature (:class:`Elementwise`).
+
+The closed forms are evaluated in terms of the determinant
+:math:`k_{11} k_{22} - k_{12}^2` (:func:`~gpytorch_tp.numerics.pair_determinant`,
+error-free products) or the distance-like :math:`(k_{11} - |k_{12}|) + (k_{22} - |k_{12}|)`,
+with arcsines as ``atan2``: no cancellation at correlation :math:`\pm 1`, so they
+are accurate to round-off of their floating-point inputs at every variance
+(tested 1e-8 to 1e8), finite, with gradients finite at correlation one, and a
+pair of an item with itself gives exactly the self moment's formula.
 """
 
 from __future__ import annotations
@@ -21,13 +29,19 @@ from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
 
 from ..finite import Pointwise
 from ..numerics import (
+    _records_grad,
     arccos_item_factors,
     arccos_moments,
+    determinant_item_factors,
     fused_arccos_moments,
+    fused_pair_determinant,
     gaussian_pair_moment,
+    pair_determinant,
+    t_minus_arctan,
     tanh_derivative_pair_moment,
     tanh_pair_moment,
 )
@@ -253,7 +267,9 @@ class Step(Nonlinearity):
 
     Its derivative vanishes almost everywhere, so no gradient reaches the layers
     below: the NTK restarts from zero after this layer.  A zero-variance input
-    (identically 0) gives 0, as ``1[0 > 0] = 0``.
+    (identically 0) gives 0, as ``1[0 > 0] = 0``.  A function of the correlation
+    only, evaluated as ReLU's derivative kernel (:func:`~gpytorch_tp.numerics.arccos_moments`),
+    so the same at every variance.
     """
 
     name = "step"
@@ -297,6 +313,12 @@ class Erf(Nonlinearity):
 
         V_\phi = \frac{2}{\pi} \arcsin \frac{2 k_{12}}{\sqrt{(1 + 2 k_{11})(1 + 2 k_{22})}}, \qquad
         V_{\phi'} = \frac{4}{\pi} \frac{1}{\sqrt{(1 + 2 k_{11})(1 + 2 k_{22}) - 4 k_{12}^2}}.
+
+    Evaluated as :math:`V_\phi = (2/\pi) \operatorname{atan2}(2 k_{12}, \sqrt N)`,
+    :math:`V_{\phi'} = (4/\pi) / \sqrt N` with the radicand
+    :math:`N = 1 + 2 k_{11} + 2 k_{22} + 4 (k_{11} k_{22} - k_{12}^2)` (positive
+    terms; the difference of products cancels to noise at correlation one from
+    variance ~1e4 in float32 on).
     """
 
     name = "erf"
@@ -305,26 +327,33 @@ class Erf(Nonlinearity):
         return torch.erf(x)
 
     def pair_moments(self, k11: Tensor, k22: Tensor, k12: Tensor, derivative: bool) -> tuple[Tensor, Tensor | None]:
-        return self.fused_pair_moments(k12, (_one_plus_twice(k11), _one_plus_twice(k22)), derivative)
+        return self.fused_pair_moments(k12, self.item_factors(k11, k22), derivative)
 
     def item_factors(self, k11: Tensor, k22: Tensor) -> tuple:
-        return per_item(_one_plus_twice, k11), per_item(_one_plus_twice, k22)
+        return (per_item(_one_plus_twice, k11), per_item(_twice, k22), *determinant_item_factors(k11, k22))
 
     def fused_pair_moments(self, k12: Tensor, factors: tuple, derivative: bool) -> tuple[Tensor, Tensor | None]:
         # Also the reference (pair_moments): out-of-place elementwise operations, autograd-safe.
-        first, second = factors
-        norm = first * second
-        value = (2 / math.pi) * torch.asin(2 * k12 / torch.sqrt(norm))
-        if not derivative:
-            return value, None
-        return value, (4 / math.pi) / torch.sqrt(norm - 4 * k12 * k12)
+        first, second, *det_factors = factors
+        return _erf_moments(k12, first + second + 4 * fused_pair_determinant(k12, tuple(det_factors)), derivative)
 
     def self_moment(self, k: Tensor) -> Tensor:
-        return (2 / math.pi) * torch.asin(2 * k / (1 + 2 * k))
+        # The pair formula at k11 = k22 = k12 (determinant exactly 0).
+        return _erf_moments(k, _one_plus_twice(k) + _twice(k), False)[0]
+
+
+def _erf_moments(k12: Tensor, radicand: Tensor, derivative: bool) -> tuple[Tensor, Tensor | None]:
+    root = torch.sqrt(radicand)
+    value = (2 / math.pi) * torch.atan2(2 * k12, root)
+    return value, ((4 / math.pi) / root if derivative else None)
 
 
 def _one_plus_twice(k: Tensor) -> Tensor:
     return 1 + 2 * k
+
+
+def _twice(k: Tensor) -> Tensor:
+    return 2 * k
 
 
 class GELU(Nonlinearity):
@@ -349,20 +378,61 @@ class GELU(Nonlinearity):
         return nn.functional.gelu(x)
 
     def pair_moments(self, k11: Tensor, k22: Tensor, k12: Tensor, derivative: bool) -> tuple[Tensor, Tensor | None]:
-        a1, b1 = 1 + k11, 1 + k22
-        d = a1 * b1 - k12 * k12
-        root_d = torch.sqrt(d)
-        asin_rho = torch.asin(k12 / torch.sqrt(a1 * b1))
-        inv_sum = 1 / a1 + 1 / b1
-        value = k12 / 4 + k12 * asin_rho / _TWO_PI + (k11 * k22 + k12 * k12 * (inv_sum - 1)) / (_TWO_PI * root_d)
-        if not derivative:
-            return value, None
-        deriv = 0.25 + asin_rho / _TWO_PI + k12 * inv_sum / (_TWO_PI * root_d) + k12 / (_TWO_PI * d * root_d)
-        return value, deriv
+        return _gelu_moments(k11, k22, k12, pair_determinant(k11, k22, k12), derivative)
+
+    def self_moment(self, k: Tensor) -> Tensor:
+        return _gelu_moments(k, k, k, torch.zeros_like(k), False)[0]
+
+
+def _gelu_inverse_sum(k11: Tensor) -> Tensor:
+    return 1 / (1 + k11)
+
+
+def _one_plus(k: Tensor) -> Tensor:
+    return 1 + k
+
+
+def _gelu_moments(k11: Tensor, k22: Tensor, k12: Tensor, det: Tensor, derivative: bool) -> tuple[Tensor, Tensor | None]:
+    r"""GELU's closed forms from the determinant ``det = k11 k22 - k12^2`` (see :class:`GELU`).
+
+    With ``D = 1 + a + b + det`` (positive terms) and
+    :math:`\pi/2 + \arcsin\rho = \operatorname{atan2}(\sqrt D, -r)` (no
+    cancellation at :math:`\rho \to -1`):
+    :math:`2\pi V_\phi = r \operatorname{atan2}(\sqrt D, -r) + (\det + r^2 S)/\sqrt D`,
+    :math:`2\pi V_{\phi'} = \operatorname{atan2}(\sqrt D, -r) + r (S + 1/D)/\sqrt D`,
+    :math:`S = 1/(1+a) + 1/(1+b)`.  For ``r < -sqrt(D)`` (correlation near -1 at
+    large variance) the two terms of :math:`V_\phi` cancel to :math:`O(k^{-1/2})`
+    out of :math:`O(k^{1/2})`; there, with ``m = -r`` and ``t = sqrt(D) / m < 1``,
+    the same value is :math:`m (t - \arctan t) + (1 - S D)/\sqrt D`, whose terms
+    cancel by at most a small factor (``S D >= 2``).
+    """
+    inverse_sum = per_item(_gelu_inverse_sum, k11) + per_item(_gelu_inverse_sum, k22)
+    d = (per_item(_one_plus, k11) + k22) + det
+    root = torch.sqrt(d)
+    angle = torch.atan2(root, -k12)
+    value = k12 * angle + (det + k12 * k12 * inverse_sum) / root
+    anticorrelated = -k12 > root
+    if bool(anticorrelated.any()):
+        # Only those pairs (out of place: autograd-safe); t = sqrt(D) / m < 1 there.
+        shape = anticorrelated.shape
+        m, rt = -k12.broadcast_to(shape)[anticorrelated], root.broadcast_to(shape)[anticorrelated]
+        s, dd = inverse_sum.broadcast_to(shape)[anticorrelated], d.broadcast_to(shape)[anticorrelated]
+        near_minus_one = m * t_minus_arctan(rt / m) + (1 - s * dd) / rt
+        value = value.broadcast_to(shape).index_put((anticorrelated,), near_minus_one)
+    value = value * (1 / _TWO_PI)
+    if not derivative:
+        return value, None
+    return value, (angle + k12 * (inverse_sum + 1 / d) / root) * (1 / _TWO_PI)
 
 
 class Sin(Nonlinearity):
-    r"""Sine: :math:`V_\phi = e^{-(k_{11} + k_{22})/2} \sinh k_{12}`, :math:`V_{\phi'} = e^{-(k_{11} + k_{22})/2} \cosh k_{12}`."""
+    r"""Sine: :math:`V_\phi = e^{-(k_{11} + k_{22})/2} \sinh k_{12}`, :math:`V_{\phi'} = e^{-(k_{11} + k_{22})/2} \cosh k_{12}`.
+
+    Evaluated through the distance-like :math:`d = (k_{11} - |k_{12}|) + (k_{22} - |k_{12}|)`
+    (exact differences near correlation :math:`\pm 1`), as
+    :math:`e^{-d/2} (1 \mp e^{-2|k_{12}|}) / 2`: accurate at every variance,
+    where ``exp(k12 - (k11 + k22) / 2)`` inherits the rounding of the large sum.
+    """
 
     name = "sin"
 
@@ -370,17 +440,17 @@ class Sin(Nonlinearity):
         return torch.sin(x)
 
     def pair_moments(self, k11: Tensor, k22: Tensor, k12: Tensor, derivative: bool) -> tuple[Tensor, Tensor | None]:
-        half = (k11 + k22) / 2
-        plus, minus = torch.exp(k12 - half), torch.exp(-k12 - half)
-        value = (plus - minus) / 2
-        return value, ((plus + minus) / 2 if derivative else None)
+        return _sinh_cosh_moments(k11, k22, k12, derivative)
 
     def self_moment(self, k: Tensor) -> Tensor:
         return -torch.expm1(-2 * k) / 2
 
 
 class Cos(Nonlinearity):
-    r"""Cosine: :math:`V_\phi = e^{-(k_{11} + k_{22})/2} \cosh k_{12}`, :math:`V_{\phi'} = e^{-(k_{11} + k_{22})/2} \sinh k_{12}`."""
+    r"""Cosine: :math:`V_\phi = e^{-(k_{11} + k_{22})/2} \cosh k_{12}`, :math:`V_{\phi'} = e^{-(k_{11} + k_{22})/2} \sinh k_{12}`.
+
+    Evaluated as :class:`Sin` is.
+    """
 
     name = "cos"
 
@@ -388,13 +458,64 @@ class Cos(Nonlinearity):
         return torch.cos(x)
 
     def pair_moments(self, k11: Tensor, k22: Tensor, k12: Tensor, derivative: bool) -> tuple[Tensor, Tensor | None]:
-        half = (k11 + k22) / 2
-        plus, minus = torch.exp(k12 - half), torch.exp(-k12 - half)
-        value = (plus + minus) / 2
-        return value, ((plus - minus) / 2 if derivative else None)
+        return _sinh_cosh_moments(k11, k22, k12, derivative, cosh_first=True)
 
     def self_moment(self, k: Tensor) -> Tensor:
         return (1 + torch.exp(-2 * k)) / 2
+
+
+def _sinh_cosh_moments(
+    k11: Tensor, k22: Tensor, k12: Tensor, both: bool, cosh_first: bool = False
+) -> tuple[Tensor, Tensor | None]:
+    """``e^{-(k11 + k22)/2}`` times ``sinh k12`` and ``cosh k12`` (the first; the second if ``both``)."""
+    if _records_grad(k11, k22, k12):
+        sinh, cosh = _SinhCoshMoments.apply(k11, k22, k12)
+    else:
+        sinh, cosh = _sinh_cosh_values(k11, k22, k12)
+    first, second = (cosh, sinh) if cosh_first else (sinh, cosh)
+    return first, (second if both else None)
+
+
+def _sinh_cosh_values(k11: Tensor, k22: Tensor, k12: Tensor) -> tuple[Tensor, Tensor]:
+    # Never recorded by autograd (_SinhCoshMoments has the gradients): in place on temporaries.
+    m = k12.abs()
+    near = (k11 - m).add_(k22 - m).clamp_(min=0.0).mul_(-0.5).exp_()  # e^{-(k11 + k22)/2 + |k12|}
+    e = torch.expm1(m.mul_(-2.0))  # e^{-2|k12|} - 1, accurate at small |k12|
+    sinh = torch.copysign((near * e).mul_(-0.5), k12)
+    return sinh, e.add_(2.0).mul_(near).mul_(0.5)
+
+
+class _SinhCoshMoments(torch.autograd.Function):
+    """``(S, C) = e^{-(k11 + k22)/2} (sinh k12, cosh k12)`` with analytic gradients.
+
+    ``dS/dk12 = C``, ``dC/dk12 = S`` (Price's theorem) and ``d/dk11 = d/dk22 = -1/2`` times
+    the value: autograd of the two-exponential form would difference nearly equal
+    exponentials (all digits lost at small ``k12``).
+    """
+
+    @staticmethod
+    def forward(ctx, k11: Tensor, k22: Tensor, k12: Tensor):
+        sinh, cosh = _sinh_cosh_values(k11, k22, k12)
+        ctx.save_for_backward(sinh, cosh)
+        ctx.shapes = (k11.shape, k22.shape, k12.shape)
+        ctx.set_materialize_grads(False)
+        return sinh, cosh
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_sinh: Tensor | None, grad_cosh: Tensor | None):
+        sinh, cosh = ctx.saved_tensors
+        shape11, shape22, shape12 = ctx.shapes
+        g12 = g_own = None
+        if grad_sinh is not None:
+            g12, g_own = grad_sinh * cosh, grad_sinh * sinh
+        if grad_cosh is not None:
+            g12 = grad_cosh * sinh if g12 is None else g12 + grad_cosh * sinh
+            g_own = grad_cosh * cosh if g_own is None else g_own + grad_cosh * cosh
+        if g12 is None:
+            return None, None, None
+        g_own = g_own * -0.5
+        return g_own.sum_to_size(shape11), g_own.sum_to_size(shape22), g12.sum_to_size(shape12)
 
 
 class Identity(Layer):
@@ -547,9 +668,13 @@ class _ScaledTanh(Elementwise):
         scale = self.inner**2
         if scale != 1.0:
             k11, k22, k12 = k11 * scale, k22 * scale, k12 * scale
-        value = tanh_pair_moment(k11, k22, k12)
-        if self.gain != 1.0 or self.offset != 0.0:
-            value = value * self.gain**2 + self.offset**2
+        if self.offset**2 == self.gain**2 != 0.0:
+            # b^2 + g^2 T = g^2 (1 + T): positive terms where T -> -1 (sigmoid at correlation -1).
+            value = tanh_pair_moment(k11, k22, k12, plus_one=True) * self.gain**2
+        else:
+            value = tanh_pair_moment(k11, k22, k12)
+            if self.gain != 1.0 or self.offset != 0.0:
+                value = value * self.gain**2 + self.offset**2
         if not derivative:
             return value, None
         return value, tanh_derivative_pair_moment(k11, k22, k12) * (self.gain * self.inner) ** 2
