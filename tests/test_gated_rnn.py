@@ -167,6 +167,8 @@ PAD_CASES = {
 @pytest.mark.parametrize("name", list(PAD_CASES))
 def test_padding_batch_order_diag_and_tiles_never_change_a_value(name):
     cls, options = PAD_CASES[name]
+    # The raw per-pair estimates: projecting k(x) onto the PSD cone makes a subset's matrix depend on the whole set.
+    options = {**options, "psd_projection": False}
     short, long = _kernel(cls, 5, 2, **options), _kernel(cls, 7, 2, **options)
     x1, x2 = nan_padded(PAD_SEQS, 5), nan_padded(PAD_OTHER, 5)
     full = kernel_value(short, x1, x2)

@@ -6,14 +6,33 @@ import copy
 
 import torch
 from gpytorch.priors import Prior
+from torch import Tensor
 
+from ..gaussian_particles import project_psd
 from ..layers import LastStep, Layer, Linear, Sequential, TimeMean, nonlinearity_from_name
 from .rnn_kernel import READOUTS
 from .tensor_program_kernel import TensorProgramKernel
 
 
+def same_points(x1: Tensor, x2: Tensor | None) -> bool:
+    """``x1`` and ``x2`` hold the same items (NaN padding counts as equal)."""
+    if x2 is None or x1 is x2:
+        return True
+    if x1.shape != x2.shape:
+        return False
+    with torch.no_grad():
+        return bool(((x1 == x2) | (torch.isnan(x1) & torch.isnan(x2))).all())
+
+
 class GatedRecurrentKernel(TensorProgramKernel):
-    """Stacked gated recurrent layers (``_layer``), a readout over time and a dense output layer."""
+    """Stacked gated recurrent layers (``_layer``), a readout over time and a dense output layer.
+
+    Kernel matrices of a set of points with itself (``k(x)``, ``k(x, x)``, dense) are made
+    positive semi-definite by :func:`~gpytorch_tp.gaussian_particles.project_psd`: the
+    particle estimate is per pair of sequences, which no construction makes a Gram matrix
+    of per-item features (see ``docs/rnn.md``), so its smallest eigenvalues can fall below
+    zero by about the particle error.
+    """
 
     _layer: type
 
@@ -32,9 +51,12 @@ class GatedRecurrentKernel(TensorProgramKernel):
         readout_variance: float = 1.0,
         num_particles: int = 1024,
         weight_variance_prior: Prior | None = None,
+        psd_projection: bool = True,
         **kwargs,
     ):
         name = type(self).__name__
+        if psd_projection not in (True, False):
+            raise ValueError(f"psd_projection must be True or False, got {psd_projection!r}")
         if kind not in ("nngp", "ntk"):
             raise ValueError(f"kind must be 'nngp' or 'ntk' for {name}, got {kind!r}")
         if isinstance(depth, bool) or not isinstance(depth, int) or depth < 1:
@@ -64,3 +86,20 @@ class GatedRecurrentKernel(TensorProgramKernel):
         ]
         super().__init__(Sequential(*layers), kind=kind, input_shape=tuple(input_shape), sequence=True, **kwargs)
         self.depth, self.readout = depth, readout
+        self.psd_projection = bool(psd_projection)
+
+    def _projects(self, x1: Tensor, x2: Tensor | None, diag: bool, out: Tensor) -> bool:
+        # getattr: kernels pickled before the option existed.
+        if not getattr(self, "psd_projection", True) or diag or out.shape[-1] == 0:
+            return False
+        return same_points(x1, x2)
+
+    def _dense_forward(self, x1: Tensor, x2: Tensor, diag: bool = False, last_dim_is_batch: bool = False) -> Tensor:
+        out = super()._dense_forward(x1, x2, diag=diag, last_dim_is_batch=last_dim_is_batch)
+        return project_psd(out) if self._projects(x1, x2, diag, out) else out
+
+    def nngp_and_ntk(self, x1: Tensor, x2: Tensor | None = None, diag: bool = False) -> tuple[Tensor, Tensor]:
+        nngp, ntk = super().nngp_and_ntk(x1, x2, diag=diag)
+        if not self._projects(x1, x2, diag, nngp):
+            return nngp, ntk
+        return project_psd(nngp), project_psd(ntk)

@@ -25,8 +25,11 @@ class GRUKernel(GatedRecurrentKernel):
     quasi-Monte Carlo with fixed particles of the update gates (the candidate
     state is integrated exactly given them): a deterministic, differentiable
     estimate whose relative error is about 4e-3 with 1024 particles and
-    1.2e-2 with 256; kernel matrices are symmetric and positive
-    semi-definite up to that error.  Cost :math:`O(M T^2)` per pair of
+    1.2e-2 with 256.  Kernel matrices are symmetric; the matrix of a set of
+    points with itself is projected onto the positive semi-definite ones
+    (``psd_projection``; the raw estimate's smallest eigenvalue can fall to
+    about -1e-3 of the largest with near-duplicate sequences, see
+    :func:`~gpytorch_tp.gaussian_particles.project_psd` and ``docs/rnn.md``).  Cost :math:`O(M T^2)` per pair of
     sequences plus :math:`T^2` quadratures of the candidate (6 x 6 nodes with
     the closed forms of erf and tanh, 6 x 6 x 10 x 10 function values otherwise).
 
@@ -53,6 +56,13 @@ class GRUKernel(GatedRecurrentKernel):
     :param readout_variance: starting :math:`\sigma_v^2` of the output layer (default 1).
     :param num_particles: quasi-Monte Carlo particles (even; default 1024).
     :param weight_variance_prior: prior on every layer's recurrent weight variance.
+    :param psd_projection: make dense kernel matrices of a set of points with itself
+        (``k(x)``, ``k(x, x)``, :meth:`nngp_and_ntk`) positive semi-definite (default
+        ``True``): their negative eigenvalues are removed and the diagonal kept, which
+        moves an entry by at most about the removed eigenvalues' sum (the particle
+        error).  Cross matrices of different sets, ``diag=True`` and matrix-free
+        evaluations are the raw estimates; ``False``: raw everywhere (then a pair's
+        value depends only on the pair, also within ``k(x)``).
     :param kwargs: passed to :class:`TensorProgramKernel` (``padding_value``,
         ``batch_shape``, ``active_dims``, ``memory_budget``, ``progress``, ``tile_pairs``).
 

@@ -72,9 +72,13 @@ forward per particle, and :math:`K_h(t, s)` is the particle mean of
   particles) about 4e-3 (GRU) and 3e-2 (LSTM) with the default 1024
   particles, 1.2e-2 and 5e-2 with 256 (see ``docs/rnn.md``); kernel matrices
   are symmetric, and positive semi-definite up to that error (smallest
-  eigenvalue / largest: +1.5e-4 GRU, -1e-3 LSTM with 512 particles and a
-  near-duplicate sequence); a ``GaussianLikelihood`` noise or jitter above
-  that covers it.
+  eigenvalue / largest down to about -6e-4 with near-duplicate sequences: each
+  entry is its own pair's estimate, which no construction makes a Gram matrix
+  of per-item features).  :class:`~gpytorch_tp.GRUKernel` and
+  :class:`~gpytorch_tp.LSTMKernel` therefore project the matrix of a set with
+  itself onto the positive semi-definite ones
+  (:func:`~gpytorch_tp.gaussian_particles.project_psd`, ``psd_projection``);
+  this layer returns the raw estimates.
 
 Cost: :math:`O(M T^2)` per pair of sequences (:math:`M` particles), plus
 :math:`T^2` Gauss-Hermite integrals over the reset gates for the GRU's
@@ -92,7 +96,11 @@ own), and the state's tangent is linear in them with coefficients that are
 functions of the forward families.  So, per particle of *all* forward
 families (the GRU's :math:`\tilde z, \tilde r, A, B`; the LSTM's
 :math:`\tilde i, \tilde f, \tilde g`, its output gate by quadrature),
-drawn with the covariances of the :math:`K_h` computed above (fixed base
+drawn with the covariances of the :math:`K_h` computed above — the pair's and
+each side's own *from the pair's particles*, so that the pair's covariance of
+its :math:`2T` states is positive semi-definite (each side's own estimate
+differs from the pair's by the particle error, which made that matrix
+indefinite for near-duplicates and their NTK 30-65% low) — (fixed base
 points of their own, the same construction: deterministic, symmetric,
 padding-invariant, a pair's value its own), the conditional second moments
 of the tangents are carried exactly, row by row of step pairs, and
@@ -109,6 +117,7 @@ candidate (see ``docs/rnn.md``).
 
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy
@@ -236,11 +245,21 @@ class _GatedRecurrent(Layer):
         hidden1 = per_item(self._self_covariance, state.var1, rows1, w, u, b, state.item_ndim)
         hidden2 = per_item(self._self_covariance, state.var2, rows2, w, u, b, state.item_ndim)
         own = (hidden1, hidden2) if self._uses_own_covariances else ()
-        cross = self._covariance(state.cross, state.var1, state.var2, rows1, rows2, (w, u, b), state.item_ndim, *own)
+        params = (w, u, b)
+        if state.track_ntk:
+            # The NTK's forward particles need each pair's covariance over both sides' 2T steps.  Its
+            # side blocks must come from the pair's own particles, not from each item's own
+            # computation: the two estimates differ by the particle error, and for a near-duplicate
+            # pair (true conditional variances ~ distance^2, far below that error) the mixed matrix is
+            # indefinite, which decorrelated the two sides' particles (cross NTK 30-60% low).
+            blocks = self._covariance(
+                state.cross, state.var1, state.var2, rows1, rows2, params, state.item_ndim, *own, blocks=True
+            )
+            cross, pair11, pair22 = blocks.unbind(-3)
+        else:
+            cross = self._covariance(state.cross, state.var1, state.var2, rows1, rows2, params, state.item_ndim, *own)
         out = state.replace(cross=cross, var1=hidden1, var2=hidden2, ntk=None, gaussian=False, fresh=True)
         if state.track_ntk:
-            # out.cross: pairs of identical items hold their own K_h exactly, so that their forward
-            # covariance over both sides' steps is consistent (else rounding is amplified by the jitter).
             input_ntk = torch.zeros_like(state.cross) if state.ntk is None else state.ntk
             steps = cross.shape[-1]
 
@@ -248,7 +267,7 @@ class _GatedRecurrent(Layer):
                 # Per particle: every family's path and whitened coordinates; with autograd every step's graph.
                 return self.num_particles * 8 * (steps * steps * (10 if grad else 2) + 64 * steps)
 
-            matrices = [state.cross, state.var1, state.var2, out.cross, hidden1, hidden2, input_ntk]
+            matrices = [state.cross, state.var1, state.var2, cross, pair11, pair22, input_ntk]
             ntk = self._in_chunks(self._tangent_chunk, matrices, (), rows1, rows2, (w, u, b), state.item_ndim, per_pair)
             out = out.replace(ntk=ntk)
         return out
@@ -258,12 +277,17 @@ class _GatedRecurrent(Layer):
         own = self._covariance(inputs, inputs, inputs, valid, valid, (w, u, b), item_ndim)
         return (own + own.transpose(-1, -2)) / 2
 
-    def _covariance(self, kx12, kx11, kx22, valid1, valid2, params, item_ndim: int, *own) -> Tensor:
+    def _covariance(
+        self, kx12, kx11, kx22, valid1, valid2, params, item_ndim: int, *own, blocks: bool = False
+    ) -> Tensor:
         """``K_h(t, s)`` of all pairs: flattened to a batch of pairs, in chunks, in float64.
 
         ``own``: each side's own ``K_h`` (from the items' own computations), for
         layers that take them as given (``_uses_own_covariances``); without
-        them, the items are paired with themselves.
+        them, the items are paired with themselves.  ``blocks``: also each
+        side's ``K_h`` with itself from the pair's particles, stacked
+        ``(..., 3, T, T)`` as (pair, side 1, side 2): together a positive
+        semi-definite covariance of the pair's ``2T`` states.
         """
         steps = kx12.shape[-1]
         families = sum(n for _, n in self._families)
@@ -271,15 +295,17 @@ class _GatedRecurrent(Layer):
         def per_pair(grad: bool) -> int:
             return self.num_particles * steps * 8 * (steps * (families + 4) * 2 if grad else 2 * families * 3 + 16)
 
-        return self._in_chunks(self._chunk, [kx12, kx11, kx22], own, valid1, valid2, params, item_ndim, per_pair)
+        fn = functools.partial(self._chunk, blocks=True) if blocks else self._chunk
+        extra = (3,) if blocks else ()
+        return self._in_chunks(fn, [kx12, kx11, kx22], own, valid1, valid2, params, item_ndim, per_pair, extra)
 
-    def _in_chunks(self, fn, matrices, trailing, valid1, valid2, params, item_ndim: int, per_pair) -> Tensor:
+    def _in_chunks(self, fn, matrices, trailing, valid1, valid2, params, item_ndim: int, per_pair, extra=()) -> Tensor:
         """``fn(*matrices, v1, v2, w, u, b, *trailing)`` over all pairs, flattened to a batch, in chunks, in float64.
 
         ``matrices``/``trailing``: ``(..., T, T)`` per pair (or per item, broadcast);
         ``per_pair(grad)``: bytes one pair takes, with or without autograd (then
         each chunk is recomputed in the backward pass).  Returns ``(..., T, T)``
-        in the first matrix's dtype.
+        in the first matrix's dtype (``(..., *extra, T, T)`` if ``fn`` returns ``(B, *extra, T, T)``).
         """
         kx12 = matrices[0]
         steps = kx12.shape[-1]
@@ -304,6 +330,8 @@ class _GatedRecurrent(Layer):
         w, u, b = (flat_param(p) for p in params)
         v1, v2 = flat_valid(valid1), flat_valid(valid2)
         count = v1.shape[0]
+        if count == 0:  # no pairs (an input of 0 items): nothing to run, an empty result of the right shape
+            return kx12.new_zeros(*lead, *extra, steps, steps)
         grad = torch.is_grad_enabled() and any(t.requires_grad for t in (*matrices, *trailing_flat, w, u, b))
         chunk = max(1, min(count, _CHUNK_BYTES // per_pair(grad)))
         outputs = []
@@ -316,9 +344,9 @@ class _GatedRecurrent(Layer):
             else:
                 outputs.append(fn(*args))
         out = torch.cat(outputs) if len(outputs) > 1 else outputs[0]
-        return out.reshape(*lead, steps, steps).to(kx12.dtype)
+        return out.reshape(*lead, *out.shape[1:]).to(kx12.dtype)
 
-    def _chunk(self, kx12, kx11, kx22, v1, v2, w, u, b, *own) -> Tensor:  # pragma: no cover - abstract
+    def _chunk(self, kx12, kx11, kx22, v1, v2, w, u, b, *own, blocks=False) -> Tensor:  # pragma: no cover
         raise NotImplementedError
 
     def _gate_moment(self, k11: Tensor, k22: Tensor, k12: Tensor) -> Tensor:
@@ -591,7 +619,7 @@ class GRU(_GatedRecurrent):
     _families = (("gates", 1),)
     _uses_own_covariances = True
 
-    def _chunk(self, kx12, kx11, kx22, v1, v2, w, u, b, own1=None, own2=None) -> Tensor:
+    def _chunk(self, kx12, kx11, kx22, v1, v2, w, u, b, own1=None, own2=None, blocks=False) -> Tensor:
         """``K_h`` of a chunk of pairs ``(B, T, T)``: update-gate particles, the candidate integrated exactly.
 
         Shell ``m`` adds the step pairs ``(m, s)`` and ``(a, m)``; per particle
@@ -602,6 +630,7 @@ class GRU(_GatedRecurrent):
         ``own1``/``own2`` only tell that the two items differ (``None``: an item
         paired with itself, where one block serves all three).
         """
+        blocks_out = blocks
         batch, steps = v1.shape
         count = self.num_particles
         lengths = torch.maximum(v1.sum(-1), v2.sum(-1)).round().long()
@@ -649,7 +678,12 @@ class GRU(_GatedRecurrent):
                     z[..., right : right + 1],
                     coef,
                 )
-        return blocks["12"].matrix(steps)
+        if not blocks_out:
+            return blocks["12"].matrix(steps)
+        pair12 = blocks["12"].matrix(steps)
+        if not pair:
+            return torch.stack([pair12] * 3, 1)
+        return torch.stack([pair12, blocks["11"].matrix(steps), blocks["22"].matrix(steps)], 1)
 
     def _shell(
         self,
@@ -831,7 +865,7 @@ class LSTM(_GatedRecurrent):
 
     _families = (("gates", 3),)  # i, f, g; the output gate is integrated exactly
 
-    def _chunk(self, kx12, kx11, kx22, v1, v2, w, u, b) -> Tensor:
+    def _chunk(self, kx12, kx11, kx22, v1, v2, w, u, b, blocks=False) -> Tensor:
         """``K_h`` of a chunk of pairs ``(B, T, T)``: particles of ``i, f, g``, the output gate exactly.
 
         ``o`` is independent of the cell state, so ``K_h(t, s) = E[o_t o'_s] E[phi(c_t) phi(c'_s)]``:
@@ -850,6 +884,7 @@ class LSTM(_GatedRecurrent):
         diag2: list[Tensor] = []
         gate_rows: list[Tensor] = []  # C(t, 0..t): side 1 at t, side 2 at a
         gate_cols: list[Tensor] = []  # C(0..t, t)
+        own_rows: tuple[list[Tensor], list[Tensor]] = ([], [])  # each side's C(t, 0..t) with itself
         previous = None  # the previous step's (c11, c12, c21, c22)
         cell = None
         for t in range(steps):
@@ -886,6 +921,8 @@ class LSTM(_GatedRecurrent):
             diag2.append(c22[:, t])
             gate_rows.append(c21)
             gate_cols.append(c12)
+            own_rows[0].append(c11)
+            own_rows[1].append(c22)
             cross_past, d11, d12, d22 = _new_step_covariances(c11, c12, c21, c22, v1, v2, t)
             pre = sampler.step(t, cross_past, d11, d12, d22)  # (B, M, 3, 2): i, f, g
             i, f = self._gate(pre[:, :, 0]), self._gate(pre[:, :, 1])
@@ -901,7 +938,17 @@ class LSTM(_GatedRecurrent):
         gate_cov = torch.tril(lower) + torch.triu(upper, 1)
         d1, d2 = torch.stack(diag1, -1), torch.stack(diag2, -1)
         outputs = self._gate_moment(d1[:, :, None].expand_as(gate_cov), d2[:, None, :].expand_as(gate_cov), gate_cov)
-        return outputs * cells
+        if not blocks:
+            return outputs * cells
+        sides = [outputs * cells]
+        for rows, diag, out in zip(own_rows, (d1, d2), (out1, out2)):
+            lower = torch.tril(torch.stack([nn.functional.pad(r, (0, steps - r.shape[-1])) for r in rows], -2))
+            own_cov = lower + torch.tril(lower, -1).transpose(-1, -2)
+            first, second = diag[:, :, None].expand_as(own_cov), diag[:, None, :].expand_as(own_cov)
+            moment = self._gate_moment(first, second, own_cov)
+            states = out.all()
+            sides.append(moment * torch.einsum("bmt,bms->bts", states, states) / count)
+        return torch.stack(sides, 1)
 
     def _tangent_chunk(self, kx12, kx11, kx22, kh12, kh11, kh22, tx12, v1, v2, w, u, b) -> Tensor:
         r"""``Theta_h`` of a chunk of pairs ``(B, T, T)``: particles of :math:`\tilde i, \tilde f, \tilde g`,
