@@ -38,7 +38,11 @@ Kernels (``--kernels``; the first six run by default):
 * ``nngp3_incumbent``, ``ntk3_incumbent``: the recipe with the origin on the
   incumbent instead of the box's centre (``bo_recipe(bounds, origin=x_best)``,
   re-centred at every fit: no point of the box is privileged, only the best
-  point seen so far).
+  point seen so far);
+* ``nngp3_offset``, ``ntk3_offset``: the recipe with a learned input offset
+  (``bo_recipe(bounds, learn_offset=True)``: the kernel sees ``x - o``, ``o``
+  fitted by the marginal likelihood from 0, the box's centre, with a
+  ``Normal(0, 1/4)`` prior per centred coordinate).
 
 Recorded per iteration: the best value so far and ``log10(regret)``, regret =
 ``f.optimal_value - best`` (floored at 1e-10); per fit: the outputscale (for a
@@ -196,6 +200,12 @@ KERNELS: dict[str, KernelSpec] = {
     ),
     "ntk3_incumbent": KernelSpec(
         "MLP NTK, depth 3, prior, origin on the incumbent", None, 0.0, recipe={"kind": "ntk", "depth": 3}, on_incumbent=True
+    ),
+    "nngp3_offset": KernelSpec(
+        "MLP NNGP, depth 3, prior, learned offset", None, 0.0, recipe={"kind": "nngp", "depth": 3, "learn_offset": True}
+    ),
+    "ntk3_offset": KernelSpec(
+        "MLP NTK, depth 3, prior, learned offset", None, 0.0, recipe={"kind": "ntk", "depth": 3, "learn_offset": True}
     ),
 }
 DEFAULT_KERNELS = ["default", "ibnn3", "nngp1", "nngp3", "ntk1", "ntk3"]

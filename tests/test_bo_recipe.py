@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import math
 import sys
 from pathlib import Path
 
@@ -187,3 +188,131 @@ def test_benchmark_shifted_boxes_keep_the_optimum_inside_and_off_centre(benchmar
             torch.testing.assert_close(benchmark.make_problem(problem_name, seed, shift).bounds, problem.bounds)
     # Different shifts and seeds give different boxes.
     assert all((a - b).abs().max() > 1e-6 for i, a in enumerate(seen) for b in seen[i + 1 :])
+
+
+# -- the learned input offset (issue 21, item 7) ------------------------------------------
+
+
+def test_shifted_kernel_equals_the_base_kernel_on_shifted_inputs():
+    from gpytorch.kernels import LinearKernel, RBFKernel
+
+    from gpytorch_tp.botorch_recipe import ShiftedKernel
+
+    torch.manual_seed(0)
+    x1, x2 = torch.randn(5, 3, dtype=torch.float64), torch.randn(4, 3, dtype=torch.float64)
+    o = torch.tensor([0.3, -0.2, 0.1], dtype=torch.float64)
+    # Independent reference: the linear kernel by hand, (x - o) . (x' - o).
+    linear = ShiftedKernel(LinearKernel(), 3).double()
+    linear.offset = o
+    torch.testing.assert_close(linear(x1, x2).to_dense(), (x1 - o) @ (x2 - o).T * linear.base_kernel.variance)
+    # A stationary kernel does not see the shift at all.
+    rbf = ShiftedKernel(RBFKernel(), 3).double()
+    rbf.offset = o
+    torch.testing.assert_close(rbf(x1, x2).to_dense(), RBFKernel().double()(x1, x2).to_dense())
+    # The MLP kernel (not shift invariant): equal to the base on x - o, different from it on x.
+    for dtype in (torch.float32, torch.float64):
+        base = MLPKernel(3, "relu", "ntk", normalize=True).to(dtype)
+        shifted = ShiftedKernel(base, 3).to(dtype)
+        assert torch.count_nonzero(shifted.offset) == 0  # initialised at the box's centre
+        shifted.offset = o.to(dtype)
+        a, b, oo = x1.to(dtype), x2.to(dtype), o.to(dtype)
+        got = shifted(a, b).to_dense()
+        assert got.dtype == dtype
+        torch.testing.assert_close(got, base(a - oo, b - oo).to_dense())
+        torch.testing.assert_close(shifted(a, diag=True), base(a - oo, diag=True))
+        assert (got - base(a, b).to_dense()).abs().max() > 1e-3
+
+
+def test_shifted_kernel_offset_gradient_matches_finite_differences():
+    from gpytorch_tp.botorch_recipe import ShiftedKernel
+
+    torch.manual_seed(1)
+    x1, x2 = torch.randn(4, 3, dtype=torch.float64), torch.randn(3, 3, dtype=torch.float64)
+    kernel = ShiftedKernel(MLPKernel(2, "relu", "nngp", normalize=True), 3).double()
+
+    def of_offset(o):
+        kernel.raw_offset.data.zero_()
+        return kernel.base_kernel(x1 - o, x2 - o).to_dense()
+
+    o = torch.tensor([[0.2, -0.1, 0.05]], dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(of_offset, (o,))
+    # The gradient reaching the registered parameter is finite and equals the same finite differences.
+    kernel.offset = o.detach()
+    kernel(x1, x2).to_dense().sum().backward()
+    grad = kernel.raw_offset.grad
+    assert torch.isfinite(grad).all()
+    eps, numeric = 1e-6, torch.zeros(3, dtype=torch.float64)
+    for j in range(3):
+        step = torch.zeros(1, 3, dtype=torch.float64)
+        step[0, j] = eps
+        with torch.no_grad():
+            hi = kernel.base_kernel(x1 - (o + step), x2 - (o + step)).to_dense().sum()
+            lo = kernel.base_kernel(x1 - (o - step), x2 - (o - step)).to_dense().sum()
+        numeric[j] = (hi - lo) / (2 * eps)
+    torch.testing.assert_close(grad.flatten(), numeric, rtol=1e-5, atol=1e-7)
+
+
+def test_shifted_kernel_registers_its_prior_and_handles_batches():
+    from gpytorch.priors import NormalPrior
+
+    from gpytorch_tp.botorch_recipe import ShiftedKernel
+
+    kernel = ShiftedKernel(MLPKernel(2, "relu", "nngp", normalize=True), 2).double()
+    priors = {name: (prior, closure) for name, _, prior, closure, _ in kernel.named_priors()}
+    assert set(priors) == {"offset_prior"}
+    prior, closure = priors["offset_prior"]
+    assert isinstance(prior, NormalPrior) and float(prior.scale) == 0.25 and float(prior.loc) == 0.0
+    kernel.offset = torch.tensor([0.5, -0.25], dtype=torch.float64)
+    # Gaussian log density by hand, summed over the coordinates.
+    expected = sum(-0.5 * (v / 0.25) ** 2 - math.log(0.25 * math.sqrt(2 * math.pi)) for v in (0.5, -0.25))
+    assert prior.log_prob(closure(kernel)).sum().item() == pytest.approx(expected, rel=1e-12)
+    assert not list(ShiftedKernel(MLPKernel(2), 2, offset_prior=None).named_priors())
+
+    # One offset per batch member: each member is its own shifted kernel.
+    batched = ShiftedKernel(MLPKernel(2, "relu", "ntk", normalize=True, batch_shape=torch.Size([2])), 3).double()
+    assert batched.raw_offset.shape == (2, 1, 3)
+    offsets = torch.tensor([[[0.1, 0.2, 0.3]], [[-0.3, 0.0, 0.2]]], dtype=torch.float64)
+    batched.offset = offsets
+    x = torch.randn(2, 4, 3, dtype=torch.float64)
+    got = batched(x).to_dense()
+    assert got.shape == (2, 4, 4)
+    single = MLPKernel(2, "relu", "ntk", normalize=True).double()
+    for b in range(2):
+        torch.testing.assert_close(got[b], single(x[b] - offsets[b]).to_dense())
+
+
+def test_shifted_kernel_and_learn_offset_refuse_bad_arguments():
+    from gpytorch_tp.botorch_recipe import ShiftedKernel
+
+    with pytest.raises(TypeError, match="base_kernel"):
+        ShiftedKernel("rbf", 2)
+    with pytest.raises(ValueError, match="dim"):
+        ShiftedKernel(MLPKernel(2), 0)
+    with pytest.raises(TypeError, match="offset_prior"):
+        ShiftedKernel(MLPKernel(2), 2, offset_prior=0.25)
+    with pytest.raises(ValueError, match="dimension 2"):
+        ShiftedKernel(MLPKernel(2), 2)(torch.randn(3, 4)).to_dense()
+    with pytest.raises(ValueError, match="needs dim"):
+        bo_covar_module(learn_offset=True)
+    with pytest.raises(ValueError, match="only used with learn_offset"):
+        bo_covar_module(dim=3)
+
+
+def test_recipe_with_learned_offset_moves_the_offset_towards_the_data():
+    pytest.importorskip("botorch")
+    from botorch.fit import fit_gpytorch_mll
+    from botorch.models import SingleTaskGP
+    from gpytorch.mlls import ExactMarginalLogLikelihood
+
+    from gpytorch_tp.botorch_recipe import ShiftedKernel
+
+    torch.manual_seed(0)
+    bounds = torch.tensor([[0.0, 0.0], [4.0, 4.0]], dtype=torch.float64)
+    x = bounds[0] + (bounds[1] - bounds[0]) * torch.rand(24, 2, dtype=torch.float64)
+    # A bowl centred off the box's centre (at (3, 1), centred coordinates (1/4, -1/4)).
+    y = -((x - torch.tensor([3.0, 1.0], dtype=torch.float64)) ** 2).sum(-1, keepdim=True)
+    model = SingleTaskGP(x, y, **bo_recipe(bounds, learn_offset=True))
+    assert isinstance(model.covar_module.base_kernel, ShiftedKernel)
+    fit_gpytorch_mll(ExactMarginalLogLikelihood(model.likelihood, model))
+    offset = model.covar_module.base_kernel.offset.detach().flatten()
+    assert torch.isfinite(offset).all() and offset.abs().max() > 1e-3  # fitted, not left at 0
