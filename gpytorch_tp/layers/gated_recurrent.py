@@ -630,7 +630,6 @@ class GRU(_GatedRecurrent):
         ``own1``/``own2`` only tell that the two items differ (``None``: an item
         paired with itself, where one block serves all three).
         """
-        blocks_out = blocks
         batch, steps = v1.shape
         count = self.num_particles
         lengths = torch.maximum(v1.sum(-1), v2.sum(-1)).round().long()
@@ -640,9 +639,9 @@ class GRU(_GatedRecurrent):
         pair = own1 is not None
         sides = {"12": (0, 1, kx12), "11": (0, 0, kx11), "22": (1, 1, kx22)} if pair else {"12": (0, 1, kx12)}
         valid = (v1, v2)
-        blocks = {name: _Block(kx12.new_zeros(batch, 1), steps) for name in sides}
+        side_blocks = {name: _Block(kx12.new_zeros(batch, 1), steps) for name in sides}
         for m in range(steps):
-            kh = {name: block.previous(m) for name, block in blocks.items()}  # K_h(m-1, a-1), K_h(a-1, m-1)
+            kh = {name: block.previous(m) for name, block in side_blocks.items()}  # K_h(m-1, a-1), K_h(a-1, m-1)
             row12, col12 = kh["12"]
             within1 = kh["11"][1] if pair else col12  # K_h(a-1, m-1) of side 1 with itself
             within2 = kh["22"][1] if pair else row12
@@ -657,7 +656,7 @@ class GRU(_GatedRecurrent):
             gates[1].append(z[..., 1])
             gate_cov = {"12": (c12, c21), "11": (c11, c11), "22": (c22, c22)}
             for name, (left, right, kx) in sides.items():
-                block = blocks[name]
+                block = side_blocks[name]
                 kh_row, kh_col = kh[name]
                 self._shell(
                     m,
@@ -668,8 +667,8 @@ class GRU(_GatedRecurrent):
                     gate_cov[name],
                     (kx11, kx22)[left].diagonal(0, -2, -1),
                     (kx11, kx22)[right].diagonal(0, -2, -1),
-                    blocks[("11" if left == 0 else "22") if pair else "12"].diagonal(m),
-                    blocks[("11" if right == 0 else "22") if pair else "12"].diagonal(m),
+                    side_blocks[("11" if left == 0 else "22") if pair else "12"].diagonal(m),
+                    side_blocks[("11" if right == 0 else "22") if pair else "12"].diagonal(m),
                     valid[left],
                     valid[right],
                     gates[left],
@@ -678,12 +677,12 @@ class GRU(_GatedRecurrent):
                     z[..., right : right + 1],
                     coef,
                 )
-        if not blocks_out:
-            return blocks["12"].matrix(steps)
-        pair12 = blocks["12"].matrix(steps)
+        pair12 = side_blocks["12"].matrix(steps)
+        if not blocks:
+            return pair12
         if not pair:
             return torch.stack([pair12] * 3, 1)
-        return torch.stack([pair12, blocks["11"].matrix(steps), blocks["22"].matrix(steps)], 1)
+        return torch.stack([pair12, side_blocks["11"].matrix(steps), side_blocks["22"].matrix(steps)], 1)
 
     def _shell(
         self,
