@@ -3,15 +3,17 @@
 The kernels of this package are limits; these functions give the finite-width
 quantities they are limits of:
 
-* :func:`build_network` -- the ``torch.nn`` network of an architecture at a
-  given width, with the matching (NTK-parameterised) initialisation;
+* :func:`~gpytorch_tp.layers.finite_network.build_network` -- the ``torch.nn``
+  network of an architecture at a given width, with the matching
+  (NTK-parameterised) initialisation (defined with the layers, which build
+  networks with it; re-exported here);
 * :func:`empirical_nngp` -- the output covariance over random initialisations;
 * :func:`empirical_ntk` -- the parameter-gradient inner product of one network
   (:func:`network_jacobian` -- its parameter Jacobian).
 
 :class:`~gpytorch_tp.kernels.MonteCarloKernel` turns these into a GPyTorch
 kernel for any network factory, and :meth:`Layer.to_module
-<gpytorch_tp.layers.Layer.to_module>` is :func:`build_network` as a method.
+<gpytorch_tp.layers.Layer.to_module>` is ``build_network`` as a method.
 """
 
 from __future__ import annotations
@@ -22,43 +24,9 @@ from collections.abc import Callable, Mapping
 import torch
 from torch import Tensor, nn
 
-from .layers import Layer, Sequential
+from .layers.finite_network import build_network
 
 __all__ = ["build_network", "empirical_nngp", "empirical_ntk", "network_jacobian"]
-
-
-def build_network(
-    architecture: Layer,
-    in_shape: int | tuple[int, ...],
-    width: int,
-    out_features: int | None = 1,
-    *,
-    dtype: torch.dtype | None = None,
-    device: torch.device | str | None = None,
-    seed: int | None = None,
-) -> nn.Module:
-    """The finite network of ``architecture`` with hidden width ``width``.
-
-    :param architecture: the infinite-width architecture.
-    :param in_shape: input dimension, or the shape ``(channels, *grid)`` of
-        inputs on a grid (images ``(C, H, W)``, signals ``(C, L)``); the network
-        then takes them flattened, ``(..., C * H * W)``, as the kernels do.
-    :param width: width (channels) of every hidden layer.
-    :param out_features: outputs of the final layer (it must then be a weight
-        layer); ``None`` keeps the final layer at ``width``.
-    :param seed: seed for the initialisation (``None``: the global generator).
-    """
-    if not isinstance(architecture, Sequential):
-        architecture = Sequential(architecture)
-    in_shape = (in_shape,) if isinstance(in_shape, int) else tuple(in_shape)
-    out_shape = None if out_features is None else (out_features,)
-    with torch.random.fork_rng(devices=[], enabled=seed is not None):
-        if seed is not None:
-            torch.manual_seed(seed)
-        network, _ = architecture.finite_module(in_shape, width, out_shape=out_shape)
-    if len(in_shape) > 1:
-        network = nn.Sequential(nn.Unflatten(-1, in_shape), *network)
-    return network.to(dtype=dtype or torch.get_default_dtype(), device=device)
 
 
 def empirical_nngp(

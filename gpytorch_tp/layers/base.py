@@ -12,6 +12,7 @@ from gpytorch.priors import Prior
 from torch import Tensor, nn
 
 from ..state import KernelState, per_item
+from .finite_network import build_network, finite_sequence
 
 __all__ = ["Layer", "standard_deviation", "variance_property"]
 
@@ -75,6 +76,12 @@ class Layer(Module):
         """
         raise NotImplementedError(f"{type(self).__name__} has no finite-width counterpart yet")
 
+    def _finite_network(
+        self, in_shape: tuple[int, ...], width: int, out_shape: tuple[int, ...] | None
+    ) -> tuple[nn.Module, tuple[int, ...]]:
+        """The finite module of this layer as a whole network (that of a one-layer ``Sequential``)."""
+        return finite_sequence((self,), in_shape, width, out_shape=out_shape)
+
     def to_module(
         self,
         in_shape: int | tuple[int, ...],
@@ -94,11 +101,9 @@ class Layer(Module):
         networks tends to the NNGP kernel, and the inner product of the
         parameter gradients to the NTK, as ``width`` grows.  Inputs on a grid
         (``in_shape=(C, H, W)``) are taken flattened, as the kernels take them.
-        See :func:`gpytorch_tp.empirical.build_network` (this method) and
+        See :func:`~gpytorch_tp.layers.finite_network.build_network` (this method) and
         :meth:`TensorProgramKernel.to_module <gpytorch_tp.TensorProgramKernel.to_module>`.
         """
-        from ..empirical import build_network  # the finite networks sit above the layers
-
         return build_network(self, in_shape, width, out_features, dtype=dtype, device=device, seed=seed)
 
     # -- hyperparameters -------------------------------------------------------------------

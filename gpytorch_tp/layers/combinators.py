@@ -11,6 +11,7 @@ from ..finite import ResidualSum
 from ..fusion import fusion_active, plain_pairs, run_fused
 from ..state import KernelState, per_item
 from .base import Layer
+from .finite_network import finite_sequence
 
 __all__ = ["Residual", "Sequential"]
 
@@ -100,22 +101,13 @@ class Sequential(Layer):
 
         ``last_width`` only sets the last layer's width, without checking the output shape.
         """
-        modules = []
-        shape = tuple(in_shape)
-        if out_shape is not None:
-            last_width = out_shape[0]
-        for i, layer in enumerate(self.layers):
-            is_last = i == len(self.layers) - 1
-            layer_width = last_width if (is_last and last_width is not None) else width
-            module, shape = layer.finite_module(shape, layer_width)
-            modules.append(module)
-        if out_shape is not None and tuple(shape) != tuple(out_shape):
-            raise ValueError(
-                f"the architecture ends with {type(self.layers[-1]).__name__}, whose output has shape "
-                f"{tuple(shape)}, not {tuple(out_shape)}; end it with a readout (e.g. Flatten or "
-                "GlobalAvgPool for a grid) and a Linear layer"
-            )
-        return nn.Sequential(*modules), shape
+        return finite_sequence(self.layers, in_shape, width, out_shape=out_shape, last_width=last_width)
+
+    def _finite_network(
+        self, in_shape: tuple[int, ...], width: int, out_shape: tuple[int, ...] | None
+    ) -> tuple[nn.Module, tuple[int, ...]]:
+        # Through finite_module, so that a subclass's own finite_module is the network.
+        return self.finite_module(in_shape, width, out_shape=out_shape)
 
 
 class Residual(Layer):

@@ -46,7 +46,7 @@ class Linear(Layer):
     Example:
         >>> layer = Linear(weight_variance=2.0, bias_variance=0.1)
         >>> layer.weight_variance
-        tensor(2.0000, grad_fn=<...>)
+        tensor(2..., grad_fn=<...>)
     """
 
     def __init__(
