@@ -45,7 +45,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from gpytorch_tp import MLPKernel, fusion
-from gpytorch_tp.matrix_free import TiledKernelOperator
+from gpytorch_tp.evaluation import TiledKernelOperator
 
 
 class KernelTimer:

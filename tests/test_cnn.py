@@ -1177,16 +1177,16 @@ def test_progress_false_and_default_write_nothing(capsys):
 
 
 def test_tiles_are_ordered_in_column_panels_that_fit_the_per_item_cache():
-    from gpytorch_tp.evaluation import _in_column_panels
+    from gpytorch_tp.evaluation.plan import in_column_panels
 
     tasks = [(r, c) for r in range(0, 12, 2) for c in range(0, 12, 2) if c >= r]
     # 10 bytes of per-item work per item, 80 bytes of cache: panels of 4 columns (2 tiles)
-    ordered = _in_column_panels(tasks, col_side=2, limit_bytes=80, per_item_bytes=10)
+    ordered = in_column_panels(tasks, col_side=2, limit_bytes=80, per_item_bytes=10)
     assert sorted(ordered) == sorted(tasks)
     panels = [c // 4 for _, c in ordered]
     assert panels == sorted(panels)  # every tile of a panel before any tile of the next
     first_panel = [t for t in ordered if t[1] < 4]
     assert first_panel == [(0, 0), (0, 2), (2, 2)]
     # everything fits (or nothing is known): the row-by-row order is kept
-    assert _in_column_panels(tasks, 2, float("inf"), 10) == tasks
-    assert _in_column_panels(tasks, 2, 80, 0) == tasks
+    assert in_column_panels(tasks, 2, float("inf"), 10) == tasks
+    assert in_column_panels(tasks, 2, 80, 0) == tasks

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from gpytorch_tp import CNNKernel, MLPKernel, RNNKernel
-from gpytorch_tp.matrix_free import TiledKernelOperator
+from gpytorch_tp.evaluation import TiledKernelOperator
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 

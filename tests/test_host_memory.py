@@ -7,7 +7,8 @@ import sys
 import pytest
 import torch
 
-from gpytorch_tp import MLPKernel, host_memory
+from gpytorch_tp import MLPKernel
+from gpytorch_tp.evaluation import host_memory
 
 linux_glibc = pytest.mark.skipif(host_memory._LIBC is None, reason="needs Linux with glibc")
 
@@ -25,7 +26,8 @@ def test_empty_on_huge_pages_is_an_ordinary_empty_tensor():
 
 _CHILD = """
 import resource, torch
-from gpytorch_tp import MLPKernel, host_memory
+from gpytorch_tp import MLPKernel
+from gpytorch_tp.evaluation import host_memory
 x = torch.randn(1500, 8, dtype=torch.float64)
 # Tiles of 256 x 256 pairs (the default on a 512 KiB-L2 CPU), whatever the cache of this machine.
 kernel = MLPKernel(depth=3, kind="ntk", tile_pairs=256 * 256).double()

@@ -224,3 +224,35 @@ def test_evaluate_function_matches_kernel():
     nngp, ntk = evaluate(arch, x1, x2, ntk=True)
     assert nngp.shape == ntk.shape == (4, 3)
     assert torch.allclose(nngp, TensorProgramKernel(arch).double()(x1, x2).to_dense())
+
+
+def test_evaluation_options_are_one_validated_object_behind_the_kernel_attributes():
+    kernel = MLPKernel(depth=2, tile_pairs=64, memory_budget=2**26)
+    assert kernel.options.tile_pairs == 64 and kernel.tile_pairs == 64
+    kernel.tile_pairs = 16  # the attribute replaces the options, checked again
+    assert kernel.options.tile_pairs == 16 and kernel.options.memory_budget == 2**26
+    with pytest.raises(ValueError, match="tile_pairs must be positive"):
+        kernel.tile_pairs = 0
+    with pytest.raises(ValueError, match="memory_budget must be a positive"):
+        kernel.memory_budget = -1
+    with pytest.raises(ValueError, match="matrix_free must be True, False or None"):
+        kernel.matrix_free = "yes"
+    assert kernel.tile_pairs == 16  # a refused value changes nothing
+    x = torch.randn(20, 3, dtype=torch.float64)
+    with pytest.raises(TypeError, match="not both"):
+        evaluate(kernel.architecture, x, options=kernel.options, tile_pairs=8)
+
+
+def test_kernels_pickled_with_loose_option_attributes_load():
+    # Before the options were one object, a kernel pickled its options as attributes (some absent in older ones).
+    kernel = MLPKernel(depth=2, kind="ntk").double()
+    state = kernel.__getstate__() if hasattr(kernel, "__getstate__") else dict(kernel.__dict__)
+    state = dict(state)
+    del state["options"]
+    state.update(tile_pairs=100, memory_budget=2**27, progress=False, input_shape=None)
+    old = MLPKernel.__new__(MLPKernel)
+    old.__setstate__(state)
+    assert old.tile_pairs == 100 and old.memory_budget == 2**27 and old.progress is False
+    assert old.fused is False and old.matrix_free is None and old.sequence is False  # absent: defaults
+    x = torch.randn(30, 3, dtype=torch.float64)
+    torch.testing.assert_close(old(x).to_dense(), kernel(x).to_dense(), rtol=1e-12, atol=1e-12)

@@ -11,9 +11,8 @@ import warnings
 import pytest
 import torch
 
-from gpytorch_tp import MLPKernel, evaluation, host_memory
-from gpytorch_tp.evaluation import MemoryBudgetWarning
-from gpytorch_tp.matrix_free import TiledKernelOperator
+from gpytorch_tp import MLPKernel
+from gpytorch_tp.evaluation import MemoryBudgetWarning, TiledKernelOperator, host_memory, resources
 
 linux = pytest.mark.skipif(host_memory.resident_bytes() is None, reason="needs /proc/self/statm (Linux)")
 
@@ -73,9 +72,9 @@ def test_a_budget_that_forces_slow_tiles_warns_and_an_ample_one_does_not():
 
 
 def test_the_default_budget_leaves_three_quarters_of_the_free_memory(monkeypatch):
-    monkeypatch.setattr(evaluation, "_meminfo_available", lambda: 24 * 2**30)
-    monkeypatch.setattr(evaluation, "_cgroup_available", lambda: 16 * 2**30)
-    assert evaluation.default_memory_budget(torch.device("cpu")) == 4 * 2**30
+    monkeypatch.setattr(resources, "meminfo_available", lambda: 24 * 2**30)
+    monkeypatch.setattr(resources, "cgroup_available", lambda: 16 * 2**30)
+    assert resources.default_memory_budget(torch.device("cpu")) == 4 * 2**30
     # A 50,000 x 50,000 float32 matrix (9.3 GiB) is not planned as one dense matrix on such a machine.
     kernel = MLPKernel(depth=2)
     with torch.no_grad():
@@ -99,13 +98,13 @@ def test_cgroup_v2_limit_of_the_process_own_nested_group_is_read(tmp_path):
     proc = tmp_path / "proc_cgroup"
     proc.write_text("0::/user.slice/job\n")
     # The job's own limit is the tightest: 2 GiB - 0.5 GiB.
-    assert evaluation._cgroup_available(str(proc), str(root)) == 3 * 2**29
+    assert resources.cgroup_available(str(proc), str(root)) == 3 * 2**29
     # An enclosing group nearly full is tighter still.
     _write(root / "user.slice" / "memory.current", str(8 * 2**30 - 2**20))
-    assert evaluation._cgroup_available(str(proc), str(root)) == 2**20
+    assert resources.cgroup_available(str(proc), str(root)) == 2**20
     # Without a cgroup namespace the host's path may be absent here: the mount root is read.
     proc.write_text("0::/elsewhere/not/mounted\n")
-    assert evaluation._cgroup_available(str(proc), str(root)) is None  # the root has no limit
+    assert resources.cgroup_available(str(proc), str(root)) is None  # the root has no limit
 
 
 def test_cgroup_v1_memory_controller_of_the_process_is_read(tmp_path):
@@ -117,4 +116,4 @@ def test_cgroup_v1_memory_controller_of_the_process_is_read(tmp_path):
     _write(root / "memory" / "memory.usage_in_bytes", "0")
     proc = tmp_path / "proc_cgroup"
     proc.write_text("12:cpu,cpuacct:/docker/abc\n11:memory:/docker/abc\n0::/\n")
-    assert evaluation._cgroup_available(str(proc), str(root)) == 3 * 2**28
+    assert resources.cgroup_available(str(proc), str(root)) == 3 * 2**28

@@ -13,7 +13,7 @@ from gpytorch.test.base_kernel_test_case import BaseKernelTestCase
 
 from gpytorch_tp import CNNKernel, MLPKernel, matrix_free
 from gpytorch_tp.kernels import tensor_program_kernel
-from gpytorch_tp.matrix_free import TiledKernelOperator, matrix_free_block_sizes
+from gpytorch_tp.evaluation import TiledKernelOperator, matrix_free_block_sizes
 
 # A small memory budget (1 MiB): blocks of at most 128 points, 52 with autograd.
 TINY_BUDGET = 2**20
@@ -147,12 +147,12 @@ def test_automatic_choice_on_a_cpu_with_autograd_goes_matrix_free_from_many_pair
 def test_block_sizes_shrink_with_the_budget_and_with_positions():
     mlp, cnn = MLPKernel(depth=2), CNNKernel((1, 8, 8), readout="flatten")
     x = _x(10, 1, dtype=torch.float64)
-    big, big_grad = matrix_free_block_sizes(mlp, x, 2**30)
-    small, small_grad = matrix_free_block_sizes(mlp, x, 2**22)
+    big, big_grad = matrix_free_block_sizes(mlp.block_covariance(x), x, 2**30)
+    small, small_grad = matrix_free_block_sizes(mlp.block_covariance(x), x, 2**22)
     assert small < big and small_grad < big_grad and small_grad <= small
     # 4 MiB: a product block of b x b float64 pairs and its product within a quarter of it.
     assert 2 * small**2 * 8 <= 2**22 / 4
-    per_image, _ = matrix_free_block_sizes(cnn, _x(10, 64), 2**22)
+    per_image, _ = matrix_free_block_sizes(cnn.block_covariance(_x(10, 64)), _x(10, 64), 2**22)
     assert per_image < small  # 64 aligned pixel pairs per pair of images
 
 

@@ -10,9 +10,18 @@ from gpytorch.kernels import Kernel
 from linear_operator.operators import LinearOperator
 from torch import Tensor
 
-from ..evaluation import _records_grad, check_inputs, default_memory_budget, evaluate
+from ..evaluation import (
+    BlockCovariance,
+    EvaluationOptions,
+    TiledKernelOperator,
+    check_inputs,
+    default_memory_budget,
+    dense_memory,
+    input_layout,
+    evaluate,
+    records_grad,
+)
 from ..layers.base import Layer
-from ..matrix_free import TiledKernelOperator, dense_memory
 
 __all__ = ["CPU_MATRIX_FREE_GRAD_PAIRS", "KINDS", "TensorProgramKernel"]
 
@@ -103,7 +112,7 @@ class TensorProgramKernel(Kernel):
     :param progress: progress bar over tiles (``None``: on a terminal, for
         evaluations longer than 2 s).
     :param matrix_free: return kernel matrices as a
-        :class:`~gpytorch_tp.matrix_free.TiledKernelOperator`, whose products
+        :class:`~gpytorch_tp.evaluation.TiledKernelOperator`, whose products
         with vectors are computed block by block without ever holding the
         matrix (what GPyTorch's conjugate gradients need above
         ``gpytorch.settings.max_cholesky_size``): ``True`` always, ``False``
@@ -164,14 +173,18 @@ class TensorProgramKernel(Kernel):
             raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
         if input_dim is not None and int(input_dim) < 1:
             raise ValueError(f"input_dim must be a positive integer, got {input_dim}")
-        if tile_pairs is not None and int(tile_pairs) < 1:
-            raise ValueError(f"tile_pairs must be positive, got {tile_pairs}")
-        if memory_budget is not None and memory_budget <= 0:
-            raise ValueError(f"memory_budget must be a positive number of bytes, got {memory_budget}")
+        options = EvaluationOptions(
+            input_shape=input_shape,
+            sequence=sequence,
+            padding_value=padding_value,
+            tile_pairs=tile_pairs,
+            memory_budget=memory_budget,
+            progress=progress,
+            fused=fused,
+            matrix_free=matrix_free,
+        )
+        input_shape = options.input_shape
         if input_shape is not None:
-            input_shape = tuple(int(s) for s in input_shape)
-            if not input_shape or any(s < 1 for s in input_shape):
-                raise ValueError(f"input_shape must be positive sizes, e.g. (C, H, W), got {input_shape}")
             if input_dim is not None and math.prod(input_shape) != int(input_dim):
                 raise ValueError(
                     f"input_shape {input_shape} has {math.prod(input_shape)} features, not input_dim={input_dim}"
@@ -189,20 +202,7 @@ class TensorProgramKernel(Kernel):
         self.architecture = architecture
         self.kind = kind
         self.input_dim = None if input_dim is None else int(input_dim)
-        if sequence and (input_shape is None or len(input_shape) != 2):
-            raise ValueError(f"sequence kernels need input_shape=(T, d), got {input_shape}")
-        self.input_shape = input_shape
-        self.sequence = bool(sequence)
-        self.padding_value = float(padding_value)
-        self.tile_pairs = None if tile_pairs is None else int(tile_pairs)
-        self.memory_budget = memory_budget
-        self.progress = progress
-        if matrix_free not in (None, True, False):
-            raise ValueError(f"matrix_free must be True, False or None (automatic), got {matrix_free!r}")
-        self.matrix_free = matrix_free
-        if fused not in (True, False):
-            raise ValueError(f"fused must be True or False, got {fused!r}")
-        self.fused = bool(fused)
+        self.options = options
         if len(batch_shape):
             for owner, name, tensor in _batched_tensors(self.architecture):
                 if tensor.dim() == 0:
@@ -212,6 +212,66 @@ class TensorProgramKernel(Kernel):
                         f"hyperparameter {name} of {type(owner).__name__} has shape {tuple(tensor.shape)}, "
                         f"which is not the kernel batch_shape {tuple(batch_shape)}"
                     )
+
+    # The evaluation options, one validated object; the attributes below read and replace it.
+    options: EvaluationOptions
+
+    input_shape = property(lambda self: self.options.input_shape, doc="Layout of each item's features (or ``None``).")
+    sequence = property(lambda self: self.options.sequence, doc="The items are padded sequences ``(T, d)``.")
+    padding_value = property(lambda self: self.options.padding_value, doc="Value of sequences' padding steps.")
+
+    @property
+    def tile_pairs(self) -> int | None:
+        """Pairs of items per tile (``None``: chosen per evaluation)."""
+        return self.options.tile_pairs
+
+    @tile_pairs.setter
+    def tile_pairs(self, value: int | None) -> None:
+        self.options = self.options.replace(tile_pairs=value)
+
+    @property
+    def memory_budget(self) -> int | None:
+        """Bytes an evaluation may use besides its outputs (``None``: a quarter of the free memory)."""
+        return self.options.memory_budget
+
+    @memory_budget.setter
+    def memory_budget(self, value: int | None) -> None:
+        self.options = self.options.replace(memory_budget=value)
+
+    @property
+    def progress(self) -> bool | None:
+        """Progress bar over tiles (``None``: on a terminal, for long evaluations)."""
+        return self.options.progress
+
+    @progress.setter
+    def progress(self, value: bool | None) -> None:
+        self.options = self.options.replace(progress=value)
+
+    @property
+    def fused(self) -> bool:
+        """Runs of elementwise pair work compiled into one pass (:mod:`gpytorch_tp.fusion`)."""
+        return self.options.fused
+
+    @fused.setter
+    def fused(self, value: bool) -> None:
+        self.options = self.options.replace(fused=value)
+
+    @property
+    def matrix_free(self) -> bool | None:
+        """Kernel matrices as matrix-free operators: ``True``, ``False`` or ``None`` (automatic)."""
+        return self.options.matrix_free
+
+    @matrix_free.setter
+    def matrix_free(self, value: bool | None) -> None:
+        self.options = self.options.replace(matrix_free=value)
+
+    def __setstate__(self, state: dict) -> None:
+        if "options" not in state:
+            # Pickled before the options were one object: they were loose attributes, some missing.
+            state = dict(state)
+            loose = {name: state.pop(name) for name in _LOOSE_OPTIONS if name in state}
+            state["options"] = EvaluationOptions(**loose)
+        super().__setstate__(state)
 
     def __call__(
         self, x1: Tensor, x2: Tensor | None = None, diag: bool = False, last_dim_is_batch: bool = False, **params
@@ -230,36 +290,43 @@ class TensorProgramKernel(Kernel):
                 not (x1.requires_grad or x2.requires_grad) and x1.shape == x2.shape and bool(torch.equal(x1, x2))
             )
             return TiledKernelOperator(
-                x1, x1 if same else x2, *(p for _, p in self.named_parameters()), kernel=self, same=same
+                x1, x1 if same else x2, *(p for _, p in self.named_parameters()), covariance=self.block_covariance(x1), same=same
             )
         return self._dense_forward(x1, x2, diag=diag, last_dim_is_batch=last_dim_is_batch)
 
+    def block_covariance(self, x: Tensor) -> BlockCovariance:
+        """This kernel as matrix-free operators see it (for inputs like ``x``): its dense covariance of two blocks
+        and its options."""
+        layout = input_layout(self.architecture, self.input_shape, x.shape[-1], self.sequence, self.padding_value)
+        return BlockCovariance(self._dense_forward, self, self.options, layout.pair_elements, self.batch_shape)
+
     def _use_matrix_free(self, x1: Tensor, x2: Tensor) -> bool:
-        choice = getattr(self, "matrix_free", None)  # getattr: kernels pickled before the option existed
-        if choice is not None:
-            return choice
-        records_grad = _records_grad(self.architecture, x1, x2)
-        if records_grad and x1.device.type == "cpu" and self._plain_pairs(x1, x2) >= CPU_MATRIX_FREE_GRAD_PAIRS:
+        if self.matrix_free is not None:
+            return self.matrix_free
+        recording = records_grad(self.architecture, x1, x2)
+        if recording and x1.device.type == "cpu" and self._plain_pairs(x1, x2) >= CPU_MATRIX_FREE_GRAD_PAIRS:
             return True
-        budget = getattr(self, "memory_budget", None) or default_memory_budget(x1.device)
-        return dense_memory(self, x1, x2, records_grad) > budget
+        budget = self.memory_budget or default_memory_budget(x1.device)
+        return dense_memory(self.block_covariance(x1), x1, x2, recording) > budget
 
     def _plain_pairs(self, x1: Tensor, x2: Tensor) -> int:
         """Pairs of items of a plain-feature kernel (0 for items on a grid or sequences)."""
-        if self.input_shape is not None or getattr(self, "sequence", False):
+        if not self.options.plain_features:
             return 0
         batch = math.prod(torch.broadcast_shapes(x1.shape[:-2], x2.shape[:-2], self.batch_shape))
         return batch * x1.shape[-2] * x2.shape[-2]
 
     def _dense_forward(self, x1: Tensor, x2: Tensor, diag: bool = False, last_dim_is_batch: bool = False) -> Tensor:
         """The kernel matrix (or its diagonal) as a dense tensor."""
+        options = self.options
         if last_dim_is_batch:
+            if self.input_shape is not None and len(self.input_shape) > 1:
+                raise ValueError(
+                    "last_dim_is_batch=True treats each input dimension on its own, which a grid input_shape forbids"
+                )
             x1 = x1.transpose(-1, -2).unsqueeze(-1)
             x2 = x2.transpose(-1, -2).unsqueeze(-1)
-        if last_dim_is_batch and self.input_shape is not None and len(self.input_shape) > 1:
-            raise ValueError(
-                "last_dim_is_batch=True treats each input dimension on its own, which a grid input_shape forbids"
-            )
+            options = options.for_dimensions()
         nngp, ntk = evaluate(
             self.architecture,
             x1,
@@ -267,38 +334,16 @@ class TensorProgramKernel(Kernel):
             diag=diag,
             ntk=self.kind == "ntk",
             input_dim=None if last_dim_is_batch else self.input_dim,
-            input_shape=None if last_dim_is_batch else self.input_shape,
-            **self._evaluation_options(),
+            options=options,
         )
         return ntk if self.kind == "ntk" else nngp
-
-    def _evaluation_options(self) -> dict:
-        # getattr: kernels pickled before these options existed.
-        return {
-            "tile_pairs": getattr(self, "tile_pairs", None),
-            "memory_budget": getattr(self, "memory_budget", None),
-            "progress": getattr(self, "progress", None),
-            "sequence": getattr(self, "sequence", False),
-            "padding_value": getattr(self, "padding_value", float("nan")),
-            "fused": getattr(self, "fused", False),
-        }
 
     def nngp_and_ntk(self, x1: Tensor, x2: Tensor | None = None, diag: bool = False) -> tuple[Tensor, Tensor]:
         """Both kernels from one pass of the recursion (dense tensors, ``active_dims`` applied)."""
         if self.active_dims is not None:
             x1 = x1.index_select(-1, self.active_dims)
             x2 = None if x2 is None else x2.index_select(-1, self.active_dims)
-        nngp, ntk = evaluate(
-            self.architecture,
-            x1,
-            x2,
-            diag=diag,
-            ntk=True,
-            input_dim=self.input_dim,
-            input_shape=getattr(self, "input_shape", None),
-            **self._evaluation_options(),
-        )
-        return nngp, ntk
+        return evaluate(self.architecture, x1, x2, diag=diag, ntk=True, input_dim=self.input_dim, options=self.options)
 
     def to_module(
         self,
@@ -319,7 +364,7 @@ class TensorProgramKernel(Kernel):
         if self.input_shape is None and self.input_dim is None:
             raise ValueError("to_module needs the kernel's input_dim or input_shape")
         shape = self.input_shape if self.input_shape is not None else (self.input_dim,)
-        if getattr(self, "sequence", False):
+        if self.sequence:
             steps, d = shape
             network = self.architecture.to_module(
                 (d, steps), width, out_features, dtype=dtype, device=device, seed=seed
@@ -360,6 +405,10 @@ class TensorProgramKernel(Kernel):
 
     def extra_repr(self) -> str:
         return f"kind={self.kind!r}"
+
+
+# The evaluation options as kernels held them before ``options`` (for their pickles).
+_LOOSE_OPTIONS = ("input_shape", "sequence", "padding_value", "tile_pairs", "memory_budget", "progress", "fused", "matrix_free")
 
 
 class _SwapLastAxes(torch.nn.Module):
