@@ -21,7 +21,7 @@ from sequence_data import assert_wide_beats_narrow, kernel_value, nan_padded, ra
 from gpytorch_tp import GRUKernel, LSTMKernel, TensorProgramKernel, evaluate
 from gpytorch_tp import layers as L
 from gpytorch_tp.empirical import build_network, network_jacobian
-from gpytorch_tp.layers import gated_recurrent
+from gpytorch_tp.layers.gated import cell as gated_cell
 
 DTYPE = torch.float64
 
@@ -109,7 +109,7 @@ def test_default_particles_are_within_the_documented_error_of_many_more(cls, opt
     x = nan_padded(ACC_SEQS, 4)
     references = []
     for stream in (101, 201):
-        monkeypatch.setattr(gated_recurrent, "_TANGENT_STREAM", stream)
+        monkeypatch.setattr(gated_cell, "_TANGENT_STREAM", stream)
         references.append(kernel_value(cls((4, 2), kind="ntk", num_particles=8192, **options).double(), x))
     monkeypatch.undo()
     reference = sum(references) / 2

@@ -22,7 +22,7 @@ import torch
 from sequence_data import kernel_value, nan_padded, random_sequences
 
 from gpytorch_tp import GRUKernel, LSTMKernel
-from gpytorch_tp.gaussian_particles import project_psd
+from gpytorch_tp.layers.gated.psd_projection import project_psd
 
 DTYPE = torch.float64
 STEPS, D = 6, 2
@@ -181,3 +181,12 @@ def test_empty_inputs_give_empty_results_as_rbf_does(cls, kind, dtype):
     assert nngp.shape == ntk.shape == (0, 0)
     # Next to an empty evaluation, a non-empty one still works.
     assert torch.isfinite(kernel(some).to_dense()).all()
+
+
+def test_former_module_path_still_imports():
+    # gpytorch_tp.gaussian_particles is documented (CHANGELOG, docs/rnn.md): a thin alias of the new homes.
+    from gpytorch_tp import gaussian_particles
+    from gpytorch_tp.layers.gated import particles
+
+    assert gaussian_particles.project_psd is project_psd
+    assert gaussian_particles.PairParticles is particles.PairParticles

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from ..layers import GRU
-from ._gated import GatedRecurrentKernel
+from .gated_recurrent_kernel import GatedRecurrentKernel
 
 __all__ = ["GRUKernel"]
 
@@ -14,7 +14,7 @@ class GRUKernel(GatedRecurrentKernel):
     ``depth`` stacked :class:`~gpytorch_tp.layers.GRU` layers, a readout over
     time (``"last"`` state or ``"mean"`` over each sequence's steps) and a
     dense output layer.  With :math:`K_h` the limit covariance of the last
-    GRU layer's states (see :mod:`gpytorch_tp.layers.gated_recurrent`),
+    GRU layer's states (see :mod:`gpytorch_tp.layers.gated`),
 
     .. math::
 
@@ -29,14 +29,15 @@ class GRUKernel(GatedRecurrentKernel):
     points with itself is projected onto the positive semi-definite ones
     (``psd_projection``; the raw estimate's smallest eigenvalue can fall to
     about -1e-3 of the largest with near-duplicate sequences, see
-    :func:`~gpytorch_tp.gaussian_particles.project_psd` and ``docs/rnn.md``).  Cost :math:`O(M T^2)` per pair of
-    sequences plus :math:`T^2` quadratures of the candidate (6 x 6 nodes with
-    the closed forms of erf and tanh, 6 x 6 x 10 x 10 function values otherwise).
+    :func:`~gpytorch_tp.layers.gated.psd_projection.project_psd` and ``docs/rnn.md``).
+    Cost :math:`O(M T^2)` per pair of sequences plus :math:`T^2` quadratures of
+    the candidate (6 x 6 nodes with the closed forms of erf and tanh, 6 x 6 x 10 x 10
+    function values otherwise).
 
     ``kind="ntk"``: the readout's NTK :math:`\sigma_v^2 (K_h + \Theta_h) + \sigma_b^2`, with
     :math:`\Theta_h` the GRU states' tangent kernel, from a tangent recursion over
     particles of all four gate and candidate families (see
-    :mod:`gpytorch_tp.layers.gated_tangents`); relative error 1-4e-2 with 1024 particles
+    :mod:`gpytorch_tp.layers.gated.tangents`); relative error 1-4e-2 with 1024 particles
     (1-2e-2 with the erf candidate, whose input is then integrated out; about 1e-2 with
     4096), at about twice the NNGP's cost with the erf candidate.
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from ..layers import LSTM
-from ._gated import GatedRecurrentKernel
+from .gated_recurrent_kernel import GatedRecurrentKernel
 
 __all__ = ["LSTMKernel"]
 
@@ -15,7 +15,7 @@ class LSTMKernel(GatedRecurrentKernel):
     time (``"last"`` state or ``"mean"`` over each sequence's steps) and a
     dense output layer.  With :math:`K_h` the limit covariance of the last
     LSTM layer's states :math:`h_t = o_t \odot \phi(c_t)` (see
-    :mod:`gpytorch_tp.layers.gated_recurrent`),
+    :mod:`gpytorch_tp.layers.gated`),
 
     .. math::
 
@@ -32,7 +32,7 @@ class LSTMKernel(GatedRecurrentKernel):
     -6e-4 of the largest with near-duplicate sequences).
     Cost :math:`O(M T^2)` per pair of sequences.  ``kind="ntk"``: the tangent
     recursion of the cell state over the same kind of particles (the output
-    gate by quadrature; see :mod:`gpytorch_tp.layers.gated_tangents`), relative
+    gate by quadrature; see :mod:`gpytorch_tp.layers.gated.tangents`), relative
     error about 1e-2 with 1024 particles, at about twice the NNGP's cost.
 
     Inputs: as :class:`GRUKernel` (time-major ``(..., N, T * d)``, NaN-padded at the end).

@@ -3,7 +3,7 @@
 from .attention import SelfAttention
 from .base import Layer
 from .combinators import Residual, Sequential
-from .convolution import AvgPool1d, AvgPool2d, Conv, Conv1d, Conv2d, Flatten, GlobalAvgPool
+from .convolution import AvgPool1d, AvgPool2d, Conv, Conv1d, Conv2d
 from .dense import Linear
 from .elementwise import (
     GELU,
@@ -25,10 +25,11 @@ from .elementwise import (
     Tanh,
     nonlinearity_from_name,
 )
-from .gated_recurrent import GRU, LSTM
+from .gated import GRU, LSTM
 from .normalization import LayerNorm
 from .positional import PositionalEmbedding
-from .recurrent import RNN, FirstStep, LastStep, TimeMean
+from .readouts import FirstStep, Flatten, GlobalAvgPool, LastStep, TimeMean
+from .recurrent import RNN
 
 __all__ = [
     "GELU",

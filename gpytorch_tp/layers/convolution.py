@@ -1,4 +1,4 @@
-r"""Layers of convolutional networks: convolutions, average pooling and the readouts of a grid.
+r"""Layers of convolutional networks: convolutions and average pooling.
 
 Features on a grid of positions (pixels, steps) carry, per pair of items, a
 covariance per pair of positions (see :class:`~gpytorch_tp.state.KernelState`).
@@ -15,6 +15,7 @@ maps it by (Novak et al. 2019; Garriga-Alonso et al. 2019)
 where positions outside the grid (zero padding) contribute nothing.  The sum
 only shifts both positions by the same offset, so aligned pairs stay aligned;
 pooling averages each side's positions independently and needs all pairs.
+The readouts of a grid (``Flatten``, ``GlobalAvgPool``) are in :mod:`~gpytorch_tp.layers.readouts`.
 """
 
 from __future__ import annotations
@@ -26,34 +27,17 @@ from gpytorch.constraints import Interval
 from gpytorch.priors import Prior
 from torch import Tensor, nn
 
-from ..finite import GlobalAvgPool as FiniteGlobalAvgPool
 from ..finite import GridAvgPool, NTKConv
 from ..geometry import PADDING_MODES, Padding, grid_tuple, padding
 from ..numerics import scale_and_shift
 from ..state import KernelState, per_item
 from .base import Layer, standard_deviation, variance_property
+from .input_checks import check_grid, require_all_pairs
 
-__all__ = ["AvgPool1d", "AvgPool2d", "Conv", "Conv1d", "Conv2d", "Flatten", "GlobalAvgPool"]
+# Kernels pickled before the readouts moved to .readouts name them here.
+from .readouts import Flatten, GlobalAvgPool  # noqa: E402, F401
 
-
-def _check_grid(layer: Layer, state: KernelState, grid_ndim: int | None) -> int:
-    if state.valid1 is not None:
-        raise ValueError(
-            f"{type(layer).__name__} on padded sequences would mix padding into the kernel; sequences of "
-            "different lengths work with the recurrent layers and their readouts (LastStep, TimeMean)"
-        )
-    if not state.positions:
-        raise ValueError(
-            f"{type(layer).__name__} needs features on a grid of positions (images or signals), but its input "
-            "has none: give the kernel input_shape=(C, H, W) or (C, L), and put grid layers before the readout "
-            "(Flatten or GlobalAvgPool)"
-        )
-    if grid_ndim is not None and len(state.positions) != grid_ndim:
-        raise ValueError(
-            f"{type(layer).__name__} works on {grid_ndim}-d grids, but its input grid is "
-            f"{len(state.positions)}-d with shape {state.positions}"
-        )
-    return len(state.positions)
+__all__ = ["AvgPool1d", "AvgPool2d", "Conv", "Conv1d", "Conv2d"]
 
 
 def _grid_axes(state: KernelState, axis: int) -> tuple[int, ...]:
@@ -211,7 +195,7 @@ class Conv(Layer):
         return tensor
 
     def forward(self, state: KernelState) -> KernelState:
-        grid_ndim = _check_grid(self, state, self.grid_ndim)
+        grid_ndim = check_grid(self, state, self.grid_ndim)
         kernel_size, _, pads = self.geometry(state.positions)
         filter_size = math.prod(kernel_size)
         axes = tuple(_grid_axes(state, axis) for axis in range(grid_ndim))
@@ -321,8 +305,8 @@ class _AvgPool(Layer):
         return tensor / math.prod(self.kernel_size) ** 2
 
     def forward(self, state: KernelState) -> KernelState:
-        _check_grid(self, state, self.grid_ndim)
-        _require_all_pairs(self, state)
+        check_grid(self, state, self.grid_ndim)
+        require_all_pairs(self, state)
         positions = state.positions
         axes = tuple(_grid_axes(state, axis) for axis in range(len(positions)))
         return state.replace(
@@ -349,69 +333,3 @@ class AvgPool1d(_AvgPool):
 class AvgPool2d(_AvgPool):
     __doc__ = _AvgPool.__doc__ + "\n    On 2-d grids.\n"
     grid_ndim = 2
-
-
-def _require_all_pairs(layer: Layer, state: KernelState) -> None:
-    if not state.all_position_pairs:
-        raise RuntimeError(
-            f"{type(layer).__name__} needs all position pairs but the state has aligned pairs only; "
-            "evaluate the architecture through gpytorch_tp.evaluate or a kernel, which choose the pairing"
-        )
-
-
-class GlobalAvgPool(Layer):
-    r"""Readout: the mean over all positions, :math:`K \leftarrow \frac{1}{P^2} \sum_{p, p'} K(p, p')`.
-
-    Follow it with a :class:`~gpytorch_tp.layers.Linear` layer.
-    """
-
-    needs_all_position_pairs = True
-
-    def forward(self, state: KernelState) -> KernelState:
-        _check_grid(self, state, None)
-        _require_all_pairs(self, state)
-        dims = tuple(range(-state.pair_ndim, 0))
-        return state.replace(
-            cross=state.cross.mean(dims),
-            var1=per_item(torch.mean, state.var1, dims),
-            var2=per_item(torch.mean, state.var2, dims),
-            ntk=None if state.ntk is None else state.ntk.mean(dims),
-            positions=(),
-            all_position_pairs=False,
-        )
-
-    def finite_module(self, in_shape: tuple[int, ...], width: int) -> tuple[nn.Module, tuple[int, ...]]:
-        return FiniteGlobalAvgPool(len(in_shape) - 1), (in_shape[0],)
-
-
-class Flatten(Layer):
-    r"""Readout: all positions' features side by side, :math:`K \leftarrow \frac{1}{P} \sum_p K(p, p)`.
-
-    A dense layer on the flattened features (fan-in :math:`C P`) sees the mean
-    over aligned positions only, so a network with this readout and no pooling
-    needs aligned pairs only (cost :math:`O(P)` per pair of items).  Follow it
-    with a :class:`~gpytorch_tp.layers.Linear` layer.
-    """
-
-    def forward(self, state: KernelState) -> KernelState:
-        _check_grid(self, state, None)
-        return state.replace(
-            cross=_aligned_mean(state.cross, state.positions, state.all_position_pairs),
-            var1=per_item(_aligned_mean, state.var1, state.positions, state.all_position_pairs),
-            var2=per_item(_aligned_mean, state.var2, state.positions, state.all_position_pairs),
-            ntk=None if state.ntk is None else _aligned_mean(state.ntk, state.positions, state.all_position_pairs),
-            positions=(),
-            all_position_pairs=False,
-        )
-
-    def finite_module(self, in_shape: tuple[int, ...], width: int) -> tuple[nn.Module, tuple[int, ...]]:
-        return nn.Flatten(-len(in_shape)), (math.prod(in_shape),)
-
-
-def _aligned_mean(tensor: Tensor, positions: tuple[int, ...], all_pairs: bool) -> Tensor:
-    count = math.prod(positions)
-    if all_pairs:
-        lead = tensor.shape[: tensor.dim() - 2 * len(positions)]
-        return tensor.reshape(*lead, count, count).diagonal(dim1=-2, dim2=-1).mean(-1)
-    lead = tensor.shape[: tensor.dim() - len(positions)]
-    return tensor.reshape(*lead, count).mean(-1)

@@ -1,4 +1,4 @@
-r"""Recurrent layers: the simple (Elman) RNN, and the readouts of a sequence.
+r"""The simple (Elman) recurrent layer of infinite width.
 
 A sequence's features live on a 1-d grid of time positions (see
 :class:`~gpytorch_tp.state.KernelState`).  The recurrent layer in the NTK
@@ -24,7 +24,8 @@ A step pair depends only on the pair one step earlier for both sequences, so a
 readout of the last states needs aligned pairs only (:math:`O(T)` per pair of
 sequences); a readout of the mean over time needs all pairs (:math:`O(T^2)`).
 Either way the recursion runs once over time, vectorised over all pairs of
-sequences.
+sequences.  The readouts of a sequence (``LastStep``, ``TimeMean``, ``FirstStep``)
+are in :mod:`~gpytorch_tp.layers.readouts`.
 """
 
 from __future__ import annotations
@@ -35,23 +36,16 @@ from gpytorch.priors import Prior
 from torch import Tensor, nn
 
 from ..finite import NTKRNN, BidirectionalRNN
-from ..finite import FirstPosition as FiniteFirstPosition
-from ..finite import GlobalAvgPool as FiniteGlobalAvgPool
-from ..finite import LastPosition as FiniteLastPosition
 from ..numerics import scale_and_shift
 from ..state import KernelState, per_item, unit_dims
 from .base import Layer, standard_deviation, variance_property
 from .elementwise import Nonlinearity, nonlinearity_from_name
+from .input_checks import check_sequence
 
-__all__ = ["RNN", "FirstStep", "LastStep", "TimeMean"]
+# Kernels pickled before the readouts moved to .readouts name them here.
+from .readouts import FirstStep, LastStep, TimeMean  # noqa: E402, F401
 
-
-def _check_sequence(layer: Layer, state: KernelState) -> None:
-    if len(state.positions) != 1:
-        raise ValueError(
-            f"{type(layer).__name__} needs sequence features (a 1-d grid of time steps), got grid "
-            f"{state.positions or 'none'}: give the kernel input_shape=(T, d) with sequence inputs"
-        )
+__all__ = ["RNN"]
 
 
 class RNN(Layer):
@@ -198,7 +192,7 @@ class RNN(Layer):
         return cross, (torch.stack(ntk_rows, axis) if track_ntk else None)
 
     def forward(self, state: KernelState) -> KernelState:
-        _check_sequence(self, state)
+        check_sequence(self, state)
         forward = self._one_direction(state)
         if not self.bidirectional:
             return forward
@@ -314,160 +308,3 @@ def _shift(row: Tensor) -> Tensor:
 def _as_rows(valid2: Tensor | None) -> Tensor | None:
     """Side-2 validity ``(..., 1, T)`` of all pairs as the row form ``(..., T, 1)`` of its own self pairs."""
     return None if valid2 is None else valid2.transpose(-1, -2)
-
-
-class LastStep(Layer):
-    r"""Readout: the state at the last step, :math:`K \leftarrow K(T - 1, T - 1)`.
-
-    Padded sequences are aligned at their ends, so this is every sequence's
-    own last step.  Needs aligned step pairs only.
-    """
-
-    def forward(self, state: KernelState) -> KernelState:
-        _check_sequence(self, state)
-        if state.all_position_pairs:
-            pick = _last_pair
-        else:
-            pick = _last_step
-        return state.replace(
-            cross=pick(state.cross),
-            var1=per_item(pick, state.var1),
-            var2=per_item(pick, state.var2),
-            ntk=None if state.ntk is None else pick(state.ntk),
-            positions=(),
-            all_position_pairs=False,
-            valid1=None,
-            valid2=None,
-        )
-
-    def finite_module(self, in_shape: tuple[int, ...], width: int) -> tuple[nn.Module, tuple[int, ...]]:
-        return FiniteLastPosition(), (in_shape[0],)
-
-
-def _last_step(t: Tensor) -> Tensor:
-    return t[..., -1]
-
-
-def _last_pair(t: Tensor) -> Tensor:
-    return t[..., -1, -1]
-
-
-class FirstStep(Layer):
-    r"""Readout: the features at each sequence's own first step (the first token, as BERT's ``[CLS]``).
-
-    Padded sequences are aligned at their ends, so the first steps of two
-    sequences of different lengths sit at different positions: this readout
-    needs every step pair.
-    """
-
-    needs_all_position_pairs = True
-
-    def forward(self, state: KernelState) -> KernelState:
-        _check_sequence(self, state)
-        if not state.all_position_pairs:
-            raise RuntimeError("FirstStep needs all step pairs; evaluate through gpytorch_tp.evaluate or a kernel")
-        if state.valid1 is None:
-            cross, ntk = _first_pair(state.cross), None if state.ntk is None else _first_pair(state.ntk)
-            var1, var2 = per_item(_first_pair, state.var1), per_item(_first_pair, state.var2)
-        else:
-            first1, first2 = per_item(_first_of_rows, state.valid1), per_item(_first_of_columns, state.valid2)
-            selector = first1 * first2  # per pair of items: not cached
-            cross = (state.cross * selector).sum((-2, -1))
-            ntk = None if state.ntk is None else (state.ntk * selector).sum((-2, -1))
-            var1 = per_item(_pick_own_first, state.var1, first1)
-            var2 = per_item(_pick_own_first, state.var2, per_item(_columns_as_rows, first2))
-        return state.replace(
-            cross=cross,
-            var1=var1,
-            var2=var2,
-            ntk=ntk,
-            positions=(),
-            all_position_pairs=False,
-            valid1=None,
-            valid2=None,
-        )
-
-    def finite_module(self, in_shape: tuple[int, ...], width: int) -> tuple[nn.Module, tuple[int, ...]]:
-        return FiniteFirstPosition(), (in_shape[0],)
-
-
-def _first_pair(t: Tensor) -> Tensor:
-    return t[..., 0, 0]
-
-
-def _first_of_rows(valid: Tensor) -> Tensor:
-    """1 at the first valid position of a column of positions ``(..., T, 1)``."""
-    return valid * (valid.cumsum(-2) == 1)
-
-
-def _first_of_columns(valid: Tensor) -> Tensor:
-    return valid * (valid.cumsum(-1) == 1)
-
-
-def _columns_as_rows(t: Tensor) -> Tensor:
-    return t.transpose(-1, -2)
-
-
-def _pick_own_first(self_covariance: Tensor, first_rows: Tensor) -> Tensor:
-    return (self_covariance * first_rows * first_rows.transpose(-1, -2)).sum((-2, -1))
-
-
-class TimeMean(Layer):
-    r"""Readout: the mean over each sequence's own steps.
-
-    .. math:: K \leftarrow \frac{1}{L L'} \sum_{t, t'} K(t, t'),
-
-    with :math:`L, L'` the sequences' lengths (padding excluded).  Needs every
-    step pair.
-    """
-
-    needs_all_position_pairs = True
-
-    def forward(self, state: KernelState) -> KernelState:
-        _check_sequence(self, state)
-        if not state.all_position_pairs:
-            raise RuntimeError("TimeMean needs all step pairs; evaluate through gpytorch_tp.evaluate or a kernel")
-        steps = state.positions[0]
-        v1, v2 = state.valid1, state.valid2
-        if v1 is None:
-            n1 = n2 = None
-        else:
-            n1, n2 = per_item(_lengths, v1), per_item(_lengths, v2)
-            # Padding positions may hold non-zero values (a bias added after the last recurrent layer).
-            masked = v1 * v2  # per pair of items: not cached
-        cross = state.cross if v1 is None else state.cross * masked
-        ntk = state.ntk if (v1 is None or state.ntk is None) else state.ntk * masked
-        var1 = state.var1 if v1 is None else per_item(_self_masked, state.var1, v1)
-        var2 = state.var2 if v2 is None else per_item(_self_masked, state.var2, v2.transpose(-1, -2))
-        return state.replace(
-            cross=_time_mean(cross, n1, n2, steps),
-            var1=per_item(_self_time_mean, var1, n1, steps),
-            var2=per_item(_self_time_mean, var2, n2, steps),
-            ntk=None if ntk is None else _time_mean(ntk, n1, n2, steps),
-            positions=(),
-            all_position_pairs=False,
-            valid1=None,
-            valid2=None,
-        )
-
-    def finite_module(self, in_shape: tuple[int, ...], width: int) -> tuple[nn.Module, tuple[int, ...]]:
-        return FiniteGlobalAvgPool(1), (in_shape[0],)
-
-
-def _self_masked(self_covariance: Tensor, valid_rows: Tensor) -> Tensor:
-    return self_covariance * valid_rows * valid_rows.transpose(-1, -2)
-
-
-def _lengths(valid: Tensor) -> Tensor:
-    return valid.sum((-2, -1))
-
-
-def _time_mean(t: Tensor, n1: Tensor | None, n2: Tensor | None, steps: int) -> Tensor:
-    total = t.sum((-2, -1))
-    if n1 is None:
-        return total / steps**2
-    return total / (n1 * n2)
-
-
-def _self_time_mean(t: Tensor, n: Tensor | None, steps: int) -> Tensor:
-    return _time_mean(t, n, n, steps)

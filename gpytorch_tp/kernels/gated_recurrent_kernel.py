@@ -8,8 +8,8 @@ import torch
 from gpytorch.priors import Prior
 from torch import Tensor
 
-from ..gaussian_particles import project_psd
 from ..layers import LastStep, Layer, Linear, Sequential, TimeMean, nonlinearity_from_name
+from ..layers.gated.psd_projection import project_psd
 from .rnn_kernel import READOUTS
 from .tensor_program_kernel import TensorProgramKernel
 
@@ -28,7 +28,7 @@ class GatedRecurrentKernel(TensorProgramKernel):
     """Stacked gated recurrent layers (``_layer``), a readout over time and a dense output layer.
 
     Kernel matrices of a set of points with itself (``k(x)``, ``k(x, x)``, dense) are made
-    positive semi-definite by :func:`~gpytorch_tp.gaussian_particles.project_psd`: the
+    positive semi-definite by :func:`~gpytorch_tp.layers.gated.psd_projection.project_psd`: the
     particle estimate is per pair of sequences, which no construction makes a Gram matrix
     of per-item features (see ``docs/rnn.md``), so its smallest eigenvalues can fall below
     zero by about the particle error.

@@ -45,7 +45,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from .elementwise import Erf, Nonlinearity
+from ..elementwise import Erf, Nonlinearity
 
 __all__ = ["GATE_DERIVATIVES", "DecayedSums", "derivative", "erf_slope_moment", "shift_both", "tangent_rows"]
 
@@ -59,7 +59,7 @@ def _erf_gate_derivative(x: Tensor) -> Tensor:
     return torch.exp(-x * x) / math.sqrt(math.pi)
 
 
-#: Derivatives of the gate functions of :data:`~gpytorch_tp.layers.gated_recurrent.GATES`, by name.
+#: Derivatives of the gate functions of :data:`~gpytorch_tp.layers.gated.cell.GATES`, by name.
 GATE_DERIVATIVES = {"sigmoid": _sigmoid_derivative, "erf": _erf_gate_derivative}
 
 
