@@ -40,33 +40,23 @@ from torch.fx.passes.shape_prop import ShapeProp
 
 from .evaluation import evaluate
 from .layers import (
-    GELU,
     GRU,
     LSTM,
     RNN,
-    Abs,
     AvgPool1d,
     AvgPool2d,
     Conv,
-    Cos,
-    Elementwise,
-    Erf,
     Flatten,
     GlobalAvgPool,
     LastStep,
     Layer,
     LayerNorm,
-    LeakyReLU,
     Linear,
     ReLU,
     Residual,
     Sequential,
-    Sigmoid,
-    SiLU,
-    Sin,
-    Softplus,
-    Tanh,
     TimeMean,
+    torch_operations,
 )
 
 if TYPE_CHECKING:
@@ -607,39 +597,25 @@ for _type, _reason in _NO_CLOSED_FORM.items():
 
 
 # -- elementwise functions -------------------------------------------------------------------------
+# From the nonlinearity registry (each class declares its torch operations), so a new nonlinearity
+# needs no line here.
 
 
-def _gelu_tanh(x: Tensor) -> Tensor:
-    return nn.functional.gelu(x, approximate="tanh")
-
-
-def _gelu_layer(approximate: str = "none") -> Layer:
-    return GELU() if approximate == "none" else Elementwise(_gelu_tanh, name="gelu_tanh")
-
-
-def _activation_module(make: Callable[[nn.Module], Layer]) -> Converter:
+def _activation_module(cls: type[Layer]) -> Converter:
     def convert(module: nn.Module, context: ConversionContext):
-        return [make(module)], context.value.layout
+        layer = cls.from_torch_module(module)
+        if layer is None:
+            arguments = ", ".join(f"{name}={getattr(module, name, default)}" for name, default in cls.torch_arguments)
+            raise UnsupportedModuleError(context.describe(module), f"{arguments} (only the default)")
+        return [layer], context.value.layout
 
     return convert
 
 
-for _type, _make in {
-    nn.ReLU: lambda m: ReLU(),
-    nn.LeakyReLU: lambda m: LeakyReLU(m.negative_slope),
-    nn.GELU: lambda m: _gelu_layer(m.approximate),
-    nn.Tanh: lambda m: Tanh(),
-    nn.Sigmoid: lambda m: Sigmoid(),
-    nn.SiLU: lambda m: SiLU(),
-}.items():
-    register_converter(_type, _activation_module(_make))
-
-
-@register_converter(nn.Softplus)
-def _softplus(module: nn.Softplus, context: ConversionContext):
-    if module.beta != 1:
-        raise UnsupportedModuleError(context.describe(module), f"beta={module.beta} (only 1)")
-    return [Softplus()], context.value.layout
+# Elementwise torch functions and tensor methods: target -> the layer class.
+_FUNCTIONS, _METHODS, _MODULES = torch_operations()
+for _type, _cls in _MODULES.items():
+    register_converter(_type, _activation_module(_cls))
 
 
 def _identity(module: nn.Module, context: ConversionContext):
@@ -650,34 +626,6 @@ def _identity(module: nn.Module, context: ConversionContext):
 for _type in (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d):
     register_converter(_type, _identity)
 
-# Elementwise torch functions and tensor methods: target -> (layer from positional and keyword arguments).
-_F = nn.functional
-_FUNCTIONS: dict[Any, Callable[..., Layer]] = {
-    torch.relu: lambda *a, **k: ReLU(),
-    _F.relu: lambda *a, **k: ReLU(),
-    _F.leaky_relu: lambda negative_slope=0.01, inplace=False: LeakyReLU(negative_slope),
-    _F.gelu: lambda approximate="none": _gelu_layer(approximate),
-    torch.tanh: lambda: Tanh(),
-    _F.tanh: lambda: Tanh(),
-    torch.sigmoid: lambda: Sigmoid(),
-    _F.sigmoid: lambda: Sigmoid(),
-    _F.silu: lambda inplace=False: SiLU(),
-    _F.softplus: lambda beta=1, threshold=20: Softplus() if beta == 1 else None,
-    torch.erf: lambda: Erf(),
-    torch.special.erf: lambda: Erf(),
-    torch.sin: lambda: Sin(),
-    torch.cos: lambda: Cos(),
-    torch.abs: lambda: Abs(),
-}
-_METHODS: dict[str, Callable[..., Layer]] = {
-    "relu": lambda: ReLU(),
-    "tanh": lambda: Tanh(),
-    "sigmoid": lambda: Sigmoid(),
-    "erf": lambda: Erf(),
-    "sin": lambda: Sin(),
-    "cos": lambda: Cos(),
-    "abs": lambda: Abs(),
-}
 _ADD = (operator.add, operator.iadd, torch.add)
 
 
@@ -879,7 +827,7 @@ class _GraphConverter:
         elementwise = _FUNCTIONS.get(target) if node.op == "call_function" else _METHODS.get(target)
         if elementwise is not None:
             try:
-                layer = elementwise(*args[1:], **{k: v for k, v in kwargs.items() if k != "inplace"})
+                layer = elementwise.from_torch_call(args[1:], kwargs)
             except TypeError as error:
                 raise UnsupportedModuleError(what, f"arguments {args[1:]}, {kwargs}") from error
             if layer is None:

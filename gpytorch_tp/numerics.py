@@ -40,6 +40,7 @@ __all__ = [
     "fused_pair_determinant",
     "gaussian_pair_moment",
     "gaussian_rule",
+    "records_grad",
     "pair_determinant",
     "safe_correlation",
     "tanh_derivative_pair_moment",
@@ -49,7 +50,7 @@ __all__ = [
 _TWO_PI = 2.0 * math.pi
 
 
-def _records_grad(*tensors: Tensor) -> bool:
+def records_grad(*tensors: Tensor) -> bool:
     """Whether autograd will record operations on ``tensors``."""
     return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
@@ -62,7 +63,7 @@ def safe_correlation(k11: Tensor, k22: Tensor, k12: Tensor) -> Tensor:
     """
     prod = k11 * k22
     positive = prod > 0
-    if _records_grad(k11, k22, k12):
+    if records_grad(k11, k22, k12):
         # Double ``where`` keeps the gradient finite where ``prod == 0``.
         safe_prod = torch.where(positive, prod, 1.0)
         return torch.where(positive, k12 / torch.sqrt(safe_prod), 0.0).clamp(-1.0, 1.0)
@@ -71,7 +72,7 @@ def safe_correlation(k11: Tensor, k22: Tensor, k12: Tensor) -> Tensor:
 
 def _rsqrt_or_zero(k: Tensor) -> Tensor:
     """``1 / sqrt(k)`` where ``k > 0``, else 0 (with a finite gradient when autograd records)."""
-    if _records_grad(k):
+    if records_grad(k):
         positive = k > 0
         return torch.where(positive, torch.rsqrt(torch.where(positive, k, 1.0)), 0.0)
     # rsqrt(0) = inf and rsqrt(k < 0) = nan: both become 0.
@@ -209,7 +210,7 @@ def arccos_moments(k11: Tensor, k22: Tensor, k12: Tensor) -> tuple[Tensor, Tenso
     Returns ``(E[relu(u) relu(v)], P(u > 0, v > 0))`` for
     ``(u, v) ~ N(0, [[k11, k12], [k12, k22]])``.  Inputs broadcast.
     """
-    if not _records_grad(k11, k22, k12):
+    if not records_grad(k11, k22, k12):
         j1, j0, _ = _arccos_moments_forward(k11, k22, k12)
         return j1, j0
     return _ArcCosineMoments.apply(k11, k22, k12)
@@ -222,7 +223,7 @@ def arccos_item_factors(k11: Tensor, k22: Tensor) -> tuple[Tensor, Tensor, Tenso
     gradients are finite at a zero variance (separate functions, so that the
     per-item cache never hands a fused run factors computed without autograd).
     """
-    if _records_grad(k11, k22):
+    if records_grad(k11, k22):
         return (*per_item(_differentiable_first_factors, k11), *per_item(_differentiable_second_factors, k22))
     return (*per_item(_first_factors, k11), *per_item(_second_factors, k22))
 
@@ -249,7 +250,7 @@ def fused_arccos_moments(k12: Tensor, factors: tuple[Tensor, Tensor, Tensor, Ten
     records, the same analytic gradients (finite at correlation +-1 and at
     zero variance), which ``torch.compile`` compiles with the forward.
     """
-    if _records_grad(k12, *factors):
+    if records_grad(k12, *factors):
         return _FusedArcCosineMoments.apply(k12, *factors)
     return _fused_arccos_values(k12, *factors)
 
@@ -382,7 +383,7 @@ class _PairDeterminant(torch.autograd.Function):
 
 def fused_pair_determinant(k12: Tensor, factors: tuple[Tensor, ...]) -> Tensor:
     """:func:`pair_determinant` from :func:`determinant_item_factors`, as elementwise operations on ``k12``."""
-    if _records_grad(k12, factors[0], factors[3]):
+    if records_grad(k12, factors[0], factors[3]):
         return _PairDeterminant.apply(k12, *factors)
     return _determinant_values(k12, *factors)
 
@@ -540,6 +541,7 @@ def gaussian_pair_moment(
     derivatives: Callable[[Tensor, int], Tensor | None] | None = None,
     order: int = 0,
     num_points: int = 96,
+    split_at_zero: bool = False,
 ) -> Tensor:
     """``E[phi^(order)(u) phi^(order)(v)]`` for ``(u, v) ~ N(0, [[k11, k12], [k12, k22]])``.
 
@@ -549,9 +551,153 @@ def gaussian_pair_moment(
     or of ``fn``.  Accurate for
     smooth ``fn``; the error of a ``num_points``-point rule falls quickly with
     ``num_points`` for analytic functions of moderate growth.
+
+    ``split_at_zero``: ``fn`` is smooth except at 0, where it or a derivative may
+    jump (ELU); then Gauss-Legendre panels split where ``u = 0`` and ``v = 0``
+    are used instead (see :class:`_SplitPairMoment`).
     """
     integrand = _Integrand(fn, derivative_fn, derivatives)
-    return _GaussianPairMoment.apply(k11, k22, k12, integrand, order, order, num_points)
+    moment = _SplitPairMoment if split_at_zero else _GaussianPairMoment
+    return moment.apply(k11, k22, k12, integrand, order, order, num_points)
+
+
+@lru_cache(maxsize=32)
+def _legendre_numpy(num_points: int) -> tuple[np.ndarray, np.ndarray]:
+    nodes, weights = np.polynomial.legendre.leggauss(num_points)
+    return (nodes + 1) / 2, weights / 2  # on [0, 1]
+
+
+def _legendre(num_points: int, like: Tensor) -> tuple[Tensor, Tensor]:
+    nodes, weights = _legendre_numpy(max(2, int(num_points)))
+    return like.new_tensor(nodes), like.new_tensor(weights)
+
+
+def _normal_density(z: Tensor) -> Tensor:
+    return torch.exp(-0.5 * z * z) * (1 / math.sqrt(2 * math.pi))
+
+
+def _panels(edges: Tensor, nodes: Tensor, weights: Tensor) -> tuple[Tensor, Tensor]:
+    """Gauss-Legendre nodes and weights (times the normal density) on the panels between ``edges[..., i]``."""
+    a, b = edges[..., :-1, None], edges[..., 1:, None]
+    z = a + (b - a) * nodes
+    w = (b - a) * weights * _normal_density(z)
+    return z.flatten(-2), w.flatten(-2)
+
+
+def _split_values(k11, k22, k12, integrand, m, n, num_points) -> Tensor:
+    """``E[phi^(m)(u) phi^(n)(v)]`` by Gauss-Legendre panels on which the integrand is smooth.
+
+    Outer variable ``z1`` (``u = sqrt(k11) z1``): panels split at 0 and at
+    ``+-w``, ``w ~ 10 sqrt(1 - c^2) / |c|``, the width over which the inner
+    expectation changes fast when ``|c| -> 1``; inner ``z2`` split where ``v = 0``,
+    which moves with ``z1``.  ``num_points`` nodes per dimension in all.
+    """
+    half_width = 8.5 if k11.dtype == torch.float64 else 6.5
+    outer, outer_w = _legendre(num_points // 4, k11)
+    inner, inner_w = _legendre(num_points // 2, k11)
+    k11, k22, k12 = torch.broadcast_tensors(k11, k22, k12)
+    shape = k11.shape
+    a, b = k11.reshape(-1), k22.reshape(-1)
+    c = safe_correlation(a, b, k12.reshape(-1))
+    s = torch.sqrt(torch.clamp(1 - c * c, min=0.0))
+    width = torch.where(c != 0, 10 * s / c.abs(), half_width).clamp(max=half_width / 2)
+    limit = torch.full_like(width, half_width)
+    z1, w1 = _panels(torch.stack([-limit, -width, 0 * width, width, limit], -1), outer, outer_w)  # (P, q1)
+    # z2 where v = 0; any value when s = 0 (v does not depend on z2 then).
+    kink = torch.where(s[:, None] > 0, -c[:, None] * z1 / torch.where(s > 0, s, 1.0)[:, None], 0.0)
+    kink = kink.clamp(-half_width, half_width)
+    bound = torch.full_like(kink, half_width)
+    z2, w2 = _panels(torch.stack([-bound, kink, bound], -1), inner, inner_w)  # (P, q1, q2)
+    u = torch.sqrt(a)[:, None] * z1
+    v = torch.sqrt(b)[:, None, None] * (c[:, None, None] * z1[..., None] + s[:, None, None] * z2)
+    inner_mean = (integrand(n, v) * w2).sum(-1)
+    return ((integrand(m, u) * inner_mean) * w1).sum(-1).reshape(shape)
+
+
+def _conditional_mean(integrand, order: int, scale: Tensor, num_points: int) -> Tensor:
+    """``E[phi^(order)(scale z)]``, z ~ N(0, 1), on the half-lines.
+
+    At ``scale = 0``: the mean of the one-sided limits at 0 (the limit of small scales).
+    """
+    half_width = 8.5 if scale.dtype == torch.float64 else 6.5
+    nodes, weights = _legendre(num_points // 2, scale)
+    limit = torch.full_like(scale, half_width)
+    z, w = _panels(torch.stack([-limit, 0 * limit, limit], -1), nodes, weights)
+    tiny = torch.finfo(scale.dtype).tiny
+    return (integrand(order, scale.clamp(min=tiny)[..., None] * z) * w).sum(-1)
+
+
+def _jump(integrand, order: int, like: Tensor) -> float:
+    """``phi^(order)(0+) - phi^(order)(0-)``."""
+    tiny = torch.finfo(like.dtype).tiny
+    left, right = integrand(order, like.new_tensor([-tiny, tiny])).tolist()
+    return right - left
+
+
+class _SplitPairMoment(torch.autograd.Function):
+    r"""E[phi^(m)(u) phi^(n)(v)] for ``phi`` smooth except at 0 (:func:`_split_values`).
+
+    The backward pass is Price's theorem with the derivatives as distributions:
+    a jump ``J_k`` of ``phi^(k)`` at 0 adds ``J_k delta`` to ``phi^(k+1)``, and
+    ``E[delta(u) g(v)] = p_u(0) E[g(v) | u = 0]``,
+    ``E[delta'(u) g(v)] = -p_u(0) (k12 / k11) E[g'(v) | u = 0]``,
+    ``E[delta(u) delta(v)] = 1 / (2 pi sqrt(k11 k22 - k12^2))``.  The last (and the
+    jump part of ``g'`` in the second) is infinite at ``|c| = 1``; there those
+    terms are left out: together they are orthogonal to every path that stays at
+    ``|c| = 1`` (the symmetric sub-gradient, as for the arc-cosine kernels).  A
+    zero-variance side (identically 0) gets no delta terms either.
+    """
+
+    @staticmethod
+    def forward(ctx, k11, k22, k12, integrand, m, n, num_points):
+        ctx.save_for_backward(k11, k22, k12)
+        ctx.config = (integrand, m, n, num_points)
+        with torch.no_grad():
+            return _split_values(k11, k22, k12, integrand, m, n, num_points)
+
+    @staticmethod
+    def backward(ctx, grad):
+        k11, k22, k12 = ctx.saved_tensors
+        integrand, m, n, q = ctx.config
+        apply = _SplitPairMoment.apply
+        g12 = apply(k11, k22, k12, integrand, m + 1, n + 1, q)
+        g11 = apply(k11, k22, k12, integrand, m + 2, n, q) / 2
+        g22 = apply(k11, k22, k12, integrand, m, n + 2, q) / 2
+        jumps = [_jump(integrand, k, k11) for k in range(max(m, n) + 2)]
+        if any(jumps):
+            d12, d11, d22 = _delta_terms(k11, k22, k12, integrand, m, n, q, jumps)
+            g12, g11, g22 = g12 + d12, g11 + d11, g22 + d22
+        g11, g22, g12 = grad * g11, grad * g22, grad * g12
+        sizes = (g11.sum_to_size(k11.shape), g22.sum_to_size(k22.shape), g12.sum_to_size(k12.shape))
+        return (*sizes, None, None, None, None)
+
+
+def _delta_terms(k11, k22, k12, integrand, m, n, q, jumps):
+    """The terms of :class:`_SplitPairMoment`'s gradient (k12, k11, k22) that the jumps at 0 add."""
+    k11, k22, k12 = torch.broadcast_tensors(k11, k22, k12)
+    det = pair_determinant(k11, k22, k12).clamp(min=0.0)
+    regular = det > 0
+    safe_det = torch.where(regular, det, 1.0)
+    delta_delta = torch.where(regular, torch.rsqrt(safe_det) / _TWO_PI, 0.0)
+
+    def one_side(k_own, other):
+        # (E[delta(u) phi^(other + 1)(v)], E[delta(u) phi^(other)(v)], E[delta'(u) phi^(other)(v)]),
+        # u the side with variance k_own; v | u = 0 ~ N(0, det / k_own).
+        positive = k_own > 0
+        safe = torch.where(positive, k_own, 1.0)
+        density = torch.where(positive, torch.rsqrt(2 * math.pi * safe), 0.0)
+        scale = torch.sqrt(det / safe)
+        mean, mean_next = (_conditional_mean(integrand, other + i, scale, q) for i in (0, 1))
+        # E[delta(v) | u = 0] = 1 / sqrt(2 pi det / k_own), left out at |c| = 1 (see the class).
+        jump_density = torch.where(regular, torch.rsqrt(2 * math.pi * torch.where(regular, scale * scale, 1.0)), 0.0)
+        slope = -density * (k12 / safe) * (mean_next + jumps[other] * jump_density)
+        return density * mean_next, density * mean, slope
+
+    first, second = one_side(k11, n), one_side(k22, m)
+    d12 = jumps[m] * first[0] + jumps[n] * second[0] + jumps[m] * jumps[n] * delta_delta
+    d11 = (jumps[m + 1] * first[1] + jumps[m] * first[2]) / 2
+    d22 = (jumps[n + 1] * second[1] + jumps[n] * second[2]) / 2
+    return d12, d11, d22
 
 
 # tanh(x) = sum_k c_k erf(a_k x) + e(x) with |e(x)| <= 4.9e-7 and |e'(x)| <= 8.5e-7
@@ -696,7 +842,7 @@ def tanh_pair_moment(k11: Tensor, k22: Tensor, k12: Tensor, plus_one: bool = Fal
     variance and correlation; gradients are analytic (the terms recomputed in
     the backward pass).  Inputs broadcast.
     """
-    if _records_grad(k11, k22, k12):
+    if records_grad(k11, k22, k12):
         return _TanhMoments.apply(k11, k22, k12, 0, plus_one)
     return _tanh_moment(k11, k22, k12, 0, plus_one)
 
@@ -716,6 +862,6 @@ def tanh_derivative_pair_moment(k11: Tensor, k22: Tensor, k12: Tensor) -> Tensor
     :math:`1 + 2a^2 k_{11} + 2b^2 k_{22} + 4a^2b^2 (k_{11}k_{22} - k_{12}^2)` with
     :func:`pair_determinant` (no cancellation at correlation one).  Inputs broadcast.
     """
-    if _records_grad(k11, k22, k12):
+    if records_grad(k11, k22, k12):
         return _TanhMoments.apply(k11, k22, k12, 1)
     return _tanh_moment(k11, k22, k12, 1)

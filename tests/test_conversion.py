@@ -104,7 +104,38 @@ ACTIVATIONS = {
     "F.silu": (lambda: _Functional(F.silu), L.SiLU),
     "F.leaky_relu": (lambda: _Functional(lambda h: F.leaky_relu(h, 0.3)), lambda: L.LeakyReLU(0.3)),
     "torch.erf": (lambda: _Functional(torch.erf), L.Erf),
+    "nn.ELU": (lambda: _Activation(nn.ELU()), L.ELU),
+    "nn.ELU(alpha=0.5)": (lambda: _Activation(nn.ELU(alpha=0.5)), lambda: L.ELU(0.5)),
+    "F.elu": (lambda: _Functional(lambda h: F.elu(h, 2.0)), lambda: L.ELU(2.0)),
+    "nn.Mish": (lambda: _Activation(nn.Mish()), L.Mish),
+    "F.mish": (lambda: _Functional(F.mish), L.Mish),
 }
+
+
+@pytest.mark.parametrize("activation, layer_type", [(nn.ELU, L.ELU), (nn.Mish, L.Mish)])
+def test_elu_and_mish_sequentials_convert_to_the_exact_kernel(activation, layer_type):
+    module = nn.Sequential(nn.Linear(3, 16), activation(), nn.Linear(16, 1))
+    kernel = kernel_from_module(module, "ntk")
+    assert isinstance(kernel, TensorProgramKernel) and not isinstance(kernel, MonteCarloKernel)
+    assert [type(layer) for layer in from_module(module).layers] == [L.Linear, layer_type, L.Linear]
+    hand = L.Sequential(L.Linear(THIRD, 1 / 9), layer_type(), L.Linear(THIRD, 0.0))
+    _assert_same_kernel(module, hand)
+
+
+def test_every_registered_torch_module_and_function_converts_to_its_class():
+    # The converter's tables are the registry's: each declared nn.Module type and torch function
+    # of each registered nonlinearity gives that class.
+    functions, methods, modules = L.torch_operations()
+    assert {cls for cls in modules.values()} >= {L.ReLU, L.ELU, L.Mish, L.GELU, L.Softplus}
+    for module_type, cls in modules.items():
+        converted = from_module(nn.Sequential(nn.Linear(3, 4), module_type(), nn.Linear(4, 1)))
+        assert type(converted.layers[1]) is cls, module_type
+    for fn, cls in functions.items():
+        converted = from_module(_Functional(fn))
+        assert isinstance(converted.layers[1], cls), fn
+    for name, cls in methods.items():
+        converted = from_module(_Functional(lambda h, name=name: getattr(h, name)()))
+        assert type(converted.layers[1]) is cls, name
 
 
 @pytest.mark.parametrize("name", list(ACTIVATIONS))

@@ -38,9 +38,8 @@ import torch
 from gpytorch_tp import evaluate
 from gpytorch_tp.empirical import build_network, empirical_nngp, empirical_ntk
 from gpytorch_tp.layers import (
+    ELU,
     GELU,
-    Abs,
-    Cos,
     Erf,
     LayerNorm,
     LeakyReLU,
@@ -48,13 +47,8 @@ from gpytorch_tp.layers import (
     ReLU,
     Residual,
     Sequential,
-    Sigmoid,
-    Sign,
-    SiLU,
-    Sin,
-    Softplus,
-    Step,
     Tanh,
+    nonlinearities,
 )
 
 DTYPE = torch.float64
@@ -74,23 +68,31 @@ def _inputs() -> torch.Tensor:
 
 X = _inputs()
 
-# name -> (factory, weight variance, bias variance)
-NONLINEARITIES = {
-    "relu": (ReLU, 2.0, 0.05),
+# Every registered nonlinearity (the registry, so that a new one cannot skip this test), with its
+# default arguments, and a few variants: name -> (factory, weight variance, bias variance).
+# Weight and bias variances by name; the others get DEFAULT_VARIANCES.
+VARIANCES = {
+    "relu": (2.0, 0.05),
+    "abs": (1.5, 0.1),
+    "step": (1.7, 0.2),
+    "sign": (1.7, 0.2),
+    "erf": (1.8, 0.1),
+    "gelu": (1.8, 0.1),
+    "sin": (1.5, 0.15),
+    "cos": (1.5, 0.15),
+    "tanh": (1.8, 0.1),
+    "sigmoid": (2.0, 0.2),
+    "silu": (1.8, 0.1),
+    "softplus": (1.6, 0.05),
+}
+DEFAULT_VARIANCES = (1.7, 0.1)
+VARIANTS = {
     "leaky_relu_0.2": (lambda: LeakyReLU(0.2), 1.8, 0.1),
     "leaky_relu_-0.5": (lambda: LeakyReLU(-0.5), 1.6, 0.1),
-    "abs": (Abs, 1.5, 0.1),
-    "step": (Step, 1.7, 0.2),
-    "sign": (Sign, 1.7, 0.2),
-    "erf": (Erf, 1.8, 0.1),
-    "gelu": (GELU, 1.8, 0.1),
-    "sin": (Sin, 1.5, 0.15),
-    "cos": (Cos, 1.5, 0.15),
-    "tanh": (Tanh, 1.8, 0.1),
-    "sigmoid": (Sigmoid, 2.0, 0.2),
-    "silu": (SiLU, 1.8, 0.1),
-    "softplus": (Softplus, 1.6, 0.05),
+    "elu_0.5": (lambda: ELU(0.5), 1.7, 0.1),
 }
+NONLINEARITIES = {name: (cls, *VARIANCES.get(name, DEFAULT_VARIANCES)) for name, cls in nonlinearities().items()}
+NONLINEARITIES.update(VARIANTS)
 
 
 def mlp(name: str, depth: int) -> Sequential:

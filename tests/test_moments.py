@@ -36,12 +36,14 @@ from scipy import integrate, special
 
 from gpytorch_tp import MLPKernel
 from gpytorch_tp.layers import (
+    ELU,
     GELU,
     NONLINEARITIES,
     Abs,
     Cos,
     Erf,
     LeakyReLU,
+    Mish,
     ReLU,
     Sigmoid,
     Sign,
@@ -102,6 +104,35 @@ def _sig_d3(x):
     s = special.expit(x)
     d = s * (1 - s)
     return d * (1 - 2 * s) ** 2 - 2 * d * d
+
+
+def _elu(a):
+    return lambda x: np.where(x > 0, x, a * np.expm1(np.minimum(x, 0.0)))
+
+
+def _elu_d(a):
+    return lambda x: np.where(x > 0, 1.0, a * np.exp(np.minimum(x, 0.0)))
+
+
+def _elu_d2(a):
+    # the regular part; for a != 1 phi'' also holds (1 - a) delta(u)
+    return lambda x: np.where(x > 0, 0.0, a * np.exp(np.minimum(x, 0.0)))
+
+
+def _mish(x):
+    return x * np.tanh(np.logaddexp(0.0, x))
+
+
+def _mish_d(x):
+    t = np.tanh(np.logaddexp(0.0, x))
+    return t + x * (1 - t * t) * special.expit(x)
+
+
+def _mish_d2(x):
+    # d/dx of _mish_d, with t' = (1 - t^2) sigmoid(x) and sigmoid' = _sig_d
+    t, s = np.tanh(np.logaddexp(0.0, x)), special.expit(x)
+    dt = (1 - t * t) * s
+    return 2 * dt + x * (-2 * t * dt * s + (1 - t * t) * _sig_d(x))
 
 
 @dataclass(frozen=True)
@@ -166,10 +197,14 @@ SPECS: dict[str, Spec] = {
         quadrature=True,
     ),
     "softplus": Spec(Softplus, lambda x: np.logaddexp(0.0, x), special.expit, _sig_d, _sig_d2, quadrature=True),
+    # ELU's third derivative holds a delta at 0 (phi'' jumps): no d3; its V' gradients are checked by
+    # gradcheck and along the |c| = 1 manifold.
+    "elu": Spec(ELU, _elu(1.0), _elu_d(1.0), _elu_d2(1.0), quadrature=True),
+    "mish": Spec(Mish, _mish, _mish_d, _mish_d2, quadrature=True),
 }
 CLOSED_FORM = [n for n, s in SPECS.items() if not s.quadrature]
 QUADRATURE = [n for n, s in SPECS.items() if s.quadrature]
-SMOOTH = ["erf", "gelu", "sin", "cos", *QUADRATURE]
+SMOOTH = ["erf", "gelu", "sin", "cos", *(n for n in QUADRATURE if n != "elu")]
 RELU_FAMILY = [n for n, s in SPECS.items() if s.relu_family_slope is not None]
 
 
@@ -285,7 +320,14 @@ def test_reference_integrator_on_polynomial_moments():
 
 @pytest.mark.parametrize(
     "name, k11, k22, c",
-    [("relu", 0.7, 2.0, 0.5), ("sign", 1.0, 3.0, -0.9), ("tanh", 3.0, 1.5, 0.3), ("sin", 10.0, 10.0, 0.999)],
+    [
+        ("relu", 0.7, 2.0, 0.5),
+        ("sign", 1.0, 3.0, -0.9),
+        ("tanh", 3.0, 1.5, 0.3),
+        ("sin", 10.0, 10.0, 0.999),
+        ("elu", 2.0, 0.5, -0.7),
+        ("mish", 1.5, 3.0, 0.8),
+    ],
 )
 def test_reference_integrator_matches_adaptive_scipy_quad(name, k11, k22, c):
     spec = SPECS[name]
@@ -465,7 +507,8 @@ def test_pair_moments_broadcast_over_kernel_matrix_shapes():
 # poles or branch points (tanh at +-i pi/2, sigmoid/SiLU/softplus at +-i pi); in z = u / sqrt(k)
 # they approach the real axis like 1/sqrt(k), so the rule needs more points as k grows.  Measured
 # with the default 96 points: tanh 3e-10 (V') at k = 3, but 1e-7 at k = 5 and 7e-5 at k = 10.
-ACCURATE_1E8_UP_TO = {"tanh": 3.0, "sigmoid": 10.0, "silu": 10.0, "softplus": 10.0}
+# Mish's poles are at log(sqrt(2)) +- 3i pi/4: 4e-9 (V') at k = 10.  ELU (panels split at its kink): 1e-13.
+ACCURATE_1E8_UP_TO = {"tanh": 3.0, "sigmoid": 10.0, "silu": 10.0, "softplus": 10.0, "elu": 10.0, "mish": 10.0}
 QUADRATURE_TOL = 1e-8
 
 
@@ -624,8 +667,8 @@ def test_gradients_at_correlation_one_follow_price_theorem(name):
             e22 = ref_expect2(spec.f, spec.d2, k11, k22, k12) / 2
         for got, want, label in ((g12, e12, "dV/dk12"), (g11, e11, "dV/dk11"), (g22, e22, "dV/dk22")):
             assert got == pytest.approx(want, rel=tol, abs=tol), (label, k11, k22, k12)
-        if spec.d2 is None:
-            continue  # relu family: dV'/dk12 = E[delta delta] is infinite at c = +-1
+        if spec.d2 is None or spec.d3 is None:
+            continue  # relu family: dV'/dk12 = E[delta delta] is infinite at c = +-1; elu: no d3 (a delta)
         g11, g22, g12 = _grads(layer, k11, k22, k12, 1)
         e12 = ref_expect2(spec.d2, spec.d2, k11, k22, k12)
         e11 = ref_expect2(spec.d3, spec.d1, k11, k22, k12) / 2
@@ -919,3 +962,67 @@ def test_tanh_moments_backward_matches_finite_differences(order):
     fn = tanh_pair_moment if order == 0 else tanh_derivative_pair_moment
     inputs = tuple(t.detach().requires_grad_(True) for t in (k11, k22, k12))
     assert torch.autograd.gradcheck(fn, inputs)
+
+
+# ---------------------------------------------------------------------------------------------
+# ELU with alpha != 1: phi itself kinks at 0 (phi'' holds (1 - alpha) delta), as the ReLU family.
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("alpha", [0.5, 2.0])
+def test_elu_alpha_moments_and_gradients(alpha):
+    layer = ELU(alpha)
+    f, d1 = _elu(alpha), _elu_d(alpha)
+    rows = _quadrature_grid(10.0)
+    value, deriv = _package_moments(layer, rows)
+    for got, g in ((value, f), (deriv, d1)):
+        ref = np.array([ref_expect2(g, g, *r) for r in rows])
+        scale = np.array([math.sqrt(ref_expect2(g, g, k, k, k) * ref_expect2(g, g, m, m, m)) for k, m, _ in rows])
+        err = _scaled_error(got, ref, scale)
+        assert err.max() < 1e-10, _report(rows, err)
+    # gradients in the interior (delta terms of Price's theorem included) ...
+    k11, k22 = torch.tensor([1.0, 0.3], dtype=DTYPE), torch.tensor([0.4, 2.0], dtype=DTYPE)
+    k12 = torch.tensor([-0.6, 0.9], dtype=DTYPE) * torch.sqrt(k11 * k22)
+    inputs = tuple(t.clone().requires_grad_(True) for t in (k11, k22, k12))
+    assert torch.autograd.gradcheck(_moments_fn(layer), inputs)
+    # ... and at |c| = 1: finite, dV/dk12 = E[phi' phi'], and along the manifold as finite differences.
+    for k11, k22, k12 in [(0.25, 1.0, 0.5), (1.0, 1.0, -1.0)]:
+        for which in (0, 1):
+            g = _grads(layer, k11, k22, k12, which)
+            assert all(math.isfinite(x) for x in g), (which, g)
+            if which == 0:
+                assert g[2] == pytest.approx(ref_expect2(d1, d1, k11, k22, k12), rel=1e-9)
+            h, rate = 1e-5, (0.7, -0.4)
+
+            def value_at(t, which=which, k11=k11, k22=k22, k12=k12):
+                a, b = k11 * math.exp(rate[0] * t), k22 * math.exp(rate[1] * t)
+                ks = (torch.tensor(x, dtype=DTYPE) for x in (a, b, math.copysign(math.sqrt(a * b), k12)))
+                return float(layer.pair_moments(*ks, True)[which])
+
+            along = g[0] * rate[0] * k11 + g[1] * rate[1] * k22 + g[2] * k12 * sum(rate) / 2
+            fd = (value_at(h) - value_at(-h)) / (2 * h)
+            assert along == pytest.approx(fd, rel=1e-6, abs=1e-8), (which, k11, k22, along, fd)
+
+
+def test_elu_is_picklable_and_converts_alpha():
+    import pickle
+
+    layer = pickle.loads(pickle.dumps(ELU(0.3)))
+    x = torch.linspace(-3, 3, 7, dtype=DTYPE)
+    torch.testing.assert_close(layer.function(x), torch.nn.functional.elu(x, 0.3))
+    with pytest.raises(ValueError, match="alpha must be finite"):
+        ELU(float("nan"))
+
+
+@pytest.mark.parametrize("make", [ELU, lambda: ELU(0.5), Mish], ids=["elu", "elu_0.5", "mish"])
+def test_elu_and_mish_kernels_in_float32_and_batches(make):
+    # float32 (its own truncation of the rule) against float64, on inputs with a batch shape.
+    x = torch.randn(2, 3, 5, 4, generator=torch.Generator().manual_seed(1), dtype=DTYPE)
+    for kind in ("nngp", "ntk"):
+        kernel = MLPKernel(depth=2, nonlinearity=make(), kind=kind, weight_variance=1.7, bias_variance=0.1)
+        k64 = kernel.double()(x).to_dense()
+        k32 = kernel.float()(x.float()).to_dense()
+        assert k32.dtype == torch.float32 and k64.shape == (2, 3, 5, 5)
+        torch.testing.assert_close(k32.double(), k64, rtol=2e-5, atol=2e-6)
+        # each batch entry is the kernel of its own inputs
+        torch.testing.assert_close(k64[1, 2], kernel.double()(x[1, 2]).to_dense(), rtol=1e-12, atol=1e-14)
