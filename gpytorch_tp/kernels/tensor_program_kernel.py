@@ -13,10 +13,9 @@ from torch import Tensor
 from ..evaluation import _records_grad, check_inputs, default_memory_budget, evaluate
 from ..layers.base import Layer
 from ..matrix_free import TiledKernelOperator, dense_memory
+from ..state import KINDS
 
 __all__ = ["CPU_MATRIX_FREE_GRAD_PAIRS", "KINDS", "TensorProgramKernel"]
-
-KINDS = ("nngp", "ntk")
 
 # With autograd recording on a CPU, the matrix-free path is the faster one too
 # from about this many pairs of plain-feature items: the dense path's graph of
