@@ -104,6 +104,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from .dense_update import dense_update
 from .finite import NTKLinear
 from .numerics import arccos_moments
 
@@ -119,6 +120,7 @@ __all__ = [
     "batchnorm_relu_single",
     "batchnorm_relu_single_ntk",
     "finite_batchnorm_mlp",
+    "per_layer",
     "quadrature_rule",
 ]
 
@@ -534,7 +536,8 @@ def batchnorm_relu_cross_ntk(
     return total(j1), total(integrand)
 
 
-def _per_layer(value: float | Tensor | Sequence, depth: int, name: str) -> list:
+def per_layer(value: float | Tensor | Sequence, depth: int, name: str) -> list:
+    """One value per dense layer (``depth + 1``): a list of that length as given, or one value repeated; checked."""
     if isinstance(value, (list, tuple)):
         if len(value) != depth + 1:
             raise ValueError(f"{name} needs one value per dense layer ({depth + 1}), got {len(value)}")
@@ -546,6 +549,10 @@ def _per_layer(value: float | Tensor | Sequence, depth: int, name: str) -> list:
         if not bool(torch.isfinite(v_).all()) or bool((v_ < 0).any()):
             raise ValueError(f"{name} must be finite and non-negative, got {v_.tolist()}")
     return values
+
+
+def _layer_variances(weight_variance, bias_variance, depth: int) -> tuple[list, list]:
+    return per_layer(weight_variance, depth, "weight_variance"), per_layer(bias_variance, depth, "bias_variance")
 
 
 def _input_covariance(x1: Tensor, x2: Tensor) -> Tensor:
@@ -561,6 +568,13 @@ def _check_batch(x: Tensor, name: str) -> None:
         raise ValueError(f"BatchNorm needs a batch of at least 2 points, {name} has {x.shape[-2]}")
     if not bool(torch.isfinite(x).all()):
         raise ValueError(f"{name} contains NaN or infinite values")
+
+
+def _check_batch_pair(x1: Tensor, x2: Tensor) -> None:
+    _check_batch(x1, "x1")
+    _check_batch(x2, "x2")
+    if x1.shape[-1] != x2.shape[-1]:
+        raise ValueError(f"x1 has {x1.shape[-1]} features but x2 has {x2.shape[-1]}")
 
 
 def batchnorm_mlp_nngp(
@@ -583,11 +597,10 @@ def batchnorm_mlp_nngp(
         torch.Size([8, 8])
     """
     _check_batch(x, "x")
-    weights = _per_layer(weight_variance, depth, "weight_variance")
-    biases = _per_layer(bias_variance, depth, "bias_variance")
-    cov = weights[0] * _input_covariance(x, x) + biases[0]
+    weights, biases = _layer_variances(weight_variance, bias_variance, depth)
+    cov, _ = dense_update(_input_covariance(x, x), weights[0], biases[0])
     for layer in range(1, depth + 1):
-        cov = weights[layer] * batchnorm_relu_single(cov, eps, rule) + biases[layer]
+        cov, _ = dense_update(batchnorm_relu_single(cov, eps, rule), weights[layer], biases[layer])
     return cov
 
 
@@ -609,14 +622,11 @@ def batchnorm_mlp_ntk(
     rank at least 3 (input dimension at least 3); see :func:`batchnorm_relu_single_ntk`.
     """
     _check_batch(x, "x")
-    weights = _per_layer(weight_variance, depth, "weight_variance")
-    biases = _per_layer(bias_variance, depth, "bias_variance")
-    cov = weights[0] * _input_covariance(x, x) + biases[0]
-    ntk = cov
+    weights, biases = _layer_variances(weight_variance, bias_variance, depth)
+    cov, ntk = dense_update(_input_covariance(x, x), weights[0], biases[0], track_ntk=True)
     for layer in range(1, depth + 1):
         value, derivative = batchnorm_relu_single_ntk(cov, ntk, eps, rule)
-        cov = weights[layer] * value + biases[layer]
-        ntk = cov + weights[layer] * derivative
+        cov, ntk = dense_update(value, weights[layer], biases[layer], derivative, track_ntk=True)
     return cov, ntk
 
 
@@ -636,19 +646,16 @@ def batchnorm_mlp_nngp_cross(
     own batch statistics; the result is
     :math:`\lim \operatorname{Cov}[f_{x_1}(x_{1,i}), f_{x_2}(x_{2,j})]`.
     """
-    _check_batch(x1, "x1")
-    _check_batch(x2, "x2")
-    if x1.shape[-1] != x2.shape[-1]:
-        raise ValueError(f"x1 has {x1.shape[-1]} features but x2 has {x2.shape[-1]}")
-    weights = _per_layer(weight_variance, depth, "weight_variance")
-    biases = _per_layer(bias_variance, depth, "bias_variance")
-    cov11 = weights[0] * _input_covariance(x1, x1) + biases[0]
-    cov22 = weights[0] * _input_covariance(x2, x2) + biases[0]
-    cov12 = weights[0] * _input_covariance(x1, x2) + biases[0]
+    _check_batch_pair(x1, x2)
+    weights, biases = _layer_variances(weight_variance, bias_variance, depth)
+    (cov11, _), (cov12, _), (cov22, _) = (
+        dense_update(_input_covariance(a, b), weights[0], biases[0]) for a, b in ((x1, x1), (x1, x2), (x2, x2))
+    )
     for layer in range(1, depth + 1):
-        cov12 = weights[layer] * batchnorm_relu_cross(cov11, cov12, cov22, eps, rule) + biases[layer]
-        cov11 = weights[layer] * batchnorm_relu_single(cov11, eps, rule) + biases[layer]
-        cov22 = weights[layer] * batchnorm_relu_single(cov22, eps, rule) + biases[layer]
+        w, b = weights[layer], biases[layer]
+        cov12, _ = dense_update(batchnorm_relu_cross(cov11, cov12, cov22, eps, rule), w, b)
+        cov11, _ = dense_update(batchnorm_relu_single(cov11, eps, rule), w, b)
+        cov22, _ = dense_update(batchnorm_relu_single(cov22, eps, rule), w, b)
     return cov12
 
 
@@ -666,8 +673,7 @@ def finite_batchnorm_mlp(
     ``depth`` blocks ``NTKLinear -> BatchNormOverBatch -> ReLU`` and an
     ``NTKLinear`` readout.  Apply it to a batch ``(..., B, in_features)``.
     """
-    weights = _per_layer(weight_variance, depth, "weight_variance")
-    biases = _per_layer(bias_variance, depth, "bias_variance")
+    weights, biases = _layer_variances(weight_variance, bias_variance, depth)
     modules: list[nn.Module] = []
     fan_in = in_features
     for layer in range(depth):
@@ -713,21 +719,18 @@ def batchnorm_mlp_ntk_cross(
     The NTK is :math:`\lim \langle \nabla_\theta f_{x_1}(x_{1,i}), \nabla_\theta f_{x_2}(x_{2,j}) \rangle`
     for the same network applied to each batch (see :func:`batchnorm_mlp_ntk`).
     """
-    _check_batch(x1, "x1")
-    _check_batch(x2, "x2")
-    if x1.shape[-1] != x2.shape[-1]:
-        raise ValueError(f"x1 has {x1.shape[-1]} features but x2 has {x2.shape[-1]}")
-    weights = _per_layer(weight_variance, depth, "weight_variance")
-    biases = _per_layer(bias_variance, depth, "bias_variance")
-    cov11 = weights[0] * _input_covariance(x1, x1) + biases[0]
-    cov22 = weights[0] * _input_covariance(x2, x2) + biases[0]
-    cov12 = weights[0] * _input_covariance(x1, x2) + biases[0]
-    ntk11, ntk12, ntk22 = cov11, cov12, cov22
+    _check_batch_pair(x1, x2)
+    weights, biases = _layer_variances(weight_variance, bias_variance, depth)
+    (cov11, ntk11), (cov12, ntk12), (cov22, ntk22) = (
+        dense_update(_input_covariance(a, b), weights[0], biases[0], track_ntk=True)
+        for a, b in ((x1, x1), (x1, x2), (x2, x2))
+    )
     for layer in range(1, depth + 1):
         w, b = weights[layer], biases[layer]
         value12, derivative12 = batchnorm_relu_cross_ntk(cov11, cov12, cov22, ntk12, eps, rule)
         value11, derivative11 = batchnorm_relu_single_ntk(cov11, ntk11, eps, rule)
         value22, derivative22 = batchnorm_relu_single_ntk(cov22, ntk22, eps, rule)
-        cov11, cov12, cov22 = w * value11 + b, w * value12 + b, w * value22 + b
-        ntk11, ntk12, ntk22 = cov11 + w * derivative11, cov12 + w * derivative12, cov22 + w * derivative22
+        cov11, ntk11 = dense_update(value11, w, b, derivative11, track_ntk=True)
+        cov12, ntk12 = dense_update(value12, w, b, derivative12, track_ntk=True)
+        cov22, ntk22 = dense_update(value22, w, b, derivative22, track_ntk=True)
     return cov12, ntk12

@@ -86,7 +86,7 @@ def _broadcasts_to(shape: torch.Size, target: torch.Size) -> bool:
     return all(s == 1 or s == t for s, t in zip(reversed(shape), reversed(target)))
 
 
-def scale_and_shift(x: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
+def scale_and_shift(x: Tensor, scale: Tensor | float, shift: Tensor | float) -> Tensor:
     """``shift + scale * x``, for a ``scale`` and ``shift`` of a few elements (hyperparameters) and a large ``x``.
 
     Not ``torch.addcmul(shift, scale, x)``: with two broadcast operands it runs
@@ -95,7 +95,9 @@ def scale_and_shift(x: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
     autograd (a product's backward keeps its inputs, not its output).
     """
     out = torch.mul(x, scale)
-    return out.add_(shift) if _broadcasts_to(shift.shape, out.shape) else out + shift
+    # A number (a per-layer variance of the BatchNorm functions) always adds in place.
+    in_place = not isinstance(shift, Tensor) or _broadcasts_to(shift.shape, out.shape)
+    return out.add_(shift) if in_place else out + shift
 
 
 def _arccos_moments_forward(k11: Tensor, k22: Tensor, k12: Tensor) -> tuple[Tensor, Tensor, Tensor]:

@@ -55,6 +55,7 @@ import torch
 from torch import Tensor
 
 __all__ = [
+    "KINDS",
     "KernelState",
     "PerItemCache",
     "per_item",
@@ -63,6 +64,9 @@ __all__ = [
     "shared_per_item_work",
     "unit_dims",
 ]
+
+#: What a kernel can compute from the state: the NNGP kernel (``cross``) or the NTK (``ntk``).
+KINDS = ("nngp", "ntk")
 
 # While a kernel matrix is evaluated tile by tile, per-item results are shared
 # between the tiles of a row (or column) of tiles; see ``per_item``.  The cache

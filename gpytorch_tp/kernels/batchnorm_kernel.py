@@ -13,15 +13,18 @@ from gpytorch.priors import Prior
 from torch import Tensor, nn
 
 from ..batchnorm import (
-    _per_layer,
     batchnorm_relu_cross,
     batchnorm_relu_cross_ntk,
     batchnorm_relu_single,
     batchnorm_relu_single_ntk,
+    per_layer,
     quadrature_rule,
 )
+from ..dense_update import dense_update
 from ..evaluation import check_inputs
-from ..layers import Linear
+from ..layers.base import WeightBiasVariances
+from ..state import KINDS
+from .presets import check_depth
 from .tensor_program_kernel import check_feature_sizes
 
 __all__ = ["BatchNormMLPKernel"]
@@ -121,10 +124,9 @@ class BatchNormMLPKernel(Kernel):
         kind: str = "nngp",
         **kwargs,
     ):
-        if kind not in ("nngp", "ntk"):
+        if kind not in KINDS:
             raise ValueError(f"kind must be 'nngp' or 'ntk', got {kind!r}")
-        if isinstance(depth, bool) or not isinstance(depth, int) or depth < 1:
-            raise ValueError(f"depth must be a positive integer (BatchNorm blocks), got {depth!r}")
+        check_depth(depth, counts="BatchNorm blocks")
         if kwargs.get("batch_shape"):
             raise ValueError("BatchNormMLPKernel does not support a batch_shape of hyperparameters")
         if not torch.is_tensor(reference_points) or not reference_points.is_floating_point():
@@ -139,12 +141,13 @@ class BatchNormMLPKernel(Kernel):
         if not eps >= 0:
             raise ValueError(f"eps must be non-negative, got {eps}")
         quadrature_rule(torch.float64, accuracy)  # validates ``accuracy``
-        weight_variances = _per_layer(weight_variance, depth, "weight_variance")
-        bias_variances = _per_layer(bias_variance, depth, "bias_variance")
+        weight_variances = per_layer(weight_variance, depth, "weight_variance")
+        bias_variances = per_layer(bias_variance, depth, "bias_variance")
         super().__init__(**kwargs)
         self.register_buffer("reference_points", reference_points.detach().clone())
+        # The dense layers' hyperparameters only: the kernel runs its own recursion (``dense_update``).
         self.dense = nn.ModuleList(
-            Linear(
+            WeightBiasVariances(
                 weight,
                 bias,
                 weight_variance_prior=copy.deepcopy(weight_variance_prior),
@@ -214,16 +217,15 @@ class BatchNormMLPKernel(Kernel):
         variances = self._variances(batches.dtype)
         rule = quadrature_rule(torch.float64, self.accuracy)
         weight, bias = variances[0]
-        cov = weight * (batches @ batches.transpose(-1, -2)) / batches.shape[-1] + bias
-        ntk = cov if self.kind == "ntk" else None
+        track_ntk = self.kind == "ntk"
+        cov, ntk = dense_update(batches @ batches.transpose(-1, -2) / batches.shape[-1], weight, bias, None, track_ntk)
         layers = [(cov, ntk)]
         for weight, bias in variances[1:]:
-            if ntk is None:
-                cov = weight * batchnorm_relu_single(cov, self.eps, rule) + bias
-            else:
+            if track_ntk:
                 value, derivative = batchnorm_relu_single_ntk(cov, ntk, self.eps, rule)
-                cov = weight * value + bias
-                ntk = cov + weight * derivative
+            else:
+                value, derivative = batchnorm_relu_single(cov, self.eps, rule), None
+            cov, ntk = dense_update(value, weight, bias, derivative, track_ntk)
             layers.append((cov, ntk))
         return layers
 
@@ -231,21 +233,21 @@ class BatchNormMLPKernel(Kernel):
         """``k`` for the pairs ``(i[p], j[p])`` by the cross-batch recursion, in chunks."""
         variances = self._variances(batches1.dtype)
         rule = quadrature_rule(torch.float64, self.accuracy)
+        track_ntk = self.kind == "ntk"
         values = []
         for start in range(0, len(i), _PAIRS_PER_CHUNK):
             a, b = i[start : start + _PAIRS_PER_CHUNK], j[start : start + _PAIRS_PER_CHUNK]
             weight, bias = variances[0]
-            cross = weight * (batches1[a] @ batches2[b].transpose(-1, -2)) / batches1.shape[-1] + bias
-            ntk = cross
+            inputs = batches1[a] @ batches2[b].transpose(-1, -2) / batches1.shape[-1]
+            cross, ntk = dense_update(inputs, weight, bias, None, track_ntk)
             for layer, (weight, bias) in enumerate(variances[1:]):
                 cov11, cov22 = items1[layer][0][a], items2[layer][0][b]
-                if self.kind == "nngp":
-                    cross = weight * batchnorm_relu_cross(cov11, cross, cov22, self.eps, rule) + bias
-                else:
+                if track_ntk:
                     value, derivative = batchnorm_relu_cross_ntk(cov11, cross, cov22, ntk, self.eps, rule)
-                    cross = weight * value + bias
-                    ntk = cross + weight * derivative
-            values.append((cross if self.kind == "nngp" else ntk)[:, 0, 0])
+                else:
+                    value, derivative = batchnorm_relu_cross(cov11, cross, cov22, self.eps, rule), None
+                cross, ntk = dense_update(value, weight, bias, derivative, track_ntk)
+            values.append((ntk if track_ntk else cross)[:, 0, 0])
         if not values:
             return batches1.new_zeros(0)
         return torch.cat(values)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 
-import torch
 from gpytorch.priors import Prior
 
 from ..layers import (
@@ -18,7 +17,7 @@ from ..layers import (
     Sequential,
     nonlinearity_from_name,
 )
-from ..layers.elementwise import variance_preserving_weight_variance
+from .presets import check_choice, check_depth, hyperparameter_batch_shape, nonlinearity_and_weight_variance
 from .tensor_program_kernel import TensorProgramKernel
 
 __all__ = ["CNNKernel", "MyrtleKernel"]
@@ -124,22 +123,13 @@ class CNNKernel(TensorProgramKernel):
         **kwargs,
     ):
         grid_ndim = _grid_ndim(input_shape)
-        if isinstance(depth, bool) or not isinstance(depth, int) or depth < 1:
-            raise ValueError(f"depth must be a positive integer, got {depth!r}")
-        if readout not in READOUTS:
-            raise ValueError(f"readout must be one of {READOUTS}, got {readout!r}")
+        check_depth(depth)
+        check_choice("readout", readout, READOUTS)
         if pool_every is not None and (not isinstance(pool_every, int) or pool_every < 1):
             raise ValueError(f"pool_every must be a positive integer or None, got {pool_every!r}")
-        template = nonlinearity_from_name(nonlinearity, **(nonlinearity_kwargs or {}))
-        if weight_variance is None:
-            weight_variance = variance_preserving_weight_variance(template)
-        stack = _ConvStack(
-            weight_variance,
-            bias_variance,
-            weight_variance_prior,
-            bias_variance_prior,
-            torch.Size(kwargs.get("batch_shape") or []),
-        )
+        template, weight_variance = nonlinearity_and_weight_variance(nonlinearity, nonlinearity_kwargs, weight_variance)
+        batch_shape = hyperparameter_batch_shape(kwargs)
+        stack = _ConvStack(weight_variance, bias_variance, weight_variance_prior, bias_variance_prior, batch_shape)
         pool = AvgPool1d if grid_ndim == 1 else AvgPool2d
         layers: list[Layer] = []
         for i in range(depth):
@@ -202,13 +192,8 @@ class MyrtleKernel(TensorProgramKernel):
             raise ValueError(
                 f"MyrtleKernel pools twice by 2 x 2 and needs images of at least 4 x 4, got {height} x {width}"
             )
-        stack = _ConvStack(
-            weight_variance,
-            bias_variance,
-            weight_variance_prior,
-            bias_variance_prior,
-            torch.Size(kwargs.get("batch_shape") or []),
-        )
+        batch_shape = hyperparameter_batch_shape(kwargs)
+        stack = _ConvStack(weight_variance, bias_variance, weight_variance_prior, bias_variance_prior, batch_shape)
         layers: list[Layer] = []
         for stage, blocks in enumerate(MYRTLE_STAGES[depth]):
             for _ in range(blocks):

@@ -8,8 +8,10 @@ import torch
 from gpytorch.priors import Prior
 from torch import Tensor
 
-from ..layers import LastStep, Layer, Linear, Sequential, TimeMean, nonlinearity_from_name
+from ..layers import Layer, Sequential, nonlinearity_from_name
 from ..layers.gated.psd_projection import project_psd
+from ..state import KINDS
+from .presets import check_choice, check_depth, check_sequence_shape, hyperparameter_batch_shape, recurrent_readout
 from .rnn_kernel import READOUTS
 from .tensor_program_kernel import TensorProgramKernel
 
@@ -57,16 +59,13 @@ class GatedRecurrentKernel(TensorProgramKernel):
         name = type(self).__name__
         if psd_projection not in (True, False):
             raise ValueError(f"psd_projection must be True or False, got {psd_projection!r}")
-        if kind not in ("nngp", "ntk"):
+        if kind not in KINDS:
             raise ValueError(f"kind must be 'nngp' or 'ntk' for {name}, got {kind!r}")
-        if isinstance(depth, bool) or not isinstance(depth, int) or depth < 1:
-            raise ValueError(f"depth must be a positive integer, got {depth!r}")
-        if readout not in READOUTS:
-            raise ValueError(f"readout must be one of {READOUTS}, got {readout!r}")
-        if input_shape is None or len(tuple(input_shape)) != 2:
-            raise ValueError(f"{name} needs input_shape=(T, d), got {input_shape}")
+        check_depth(depth)
+        check_choice("readout", readout, READOUTS)
+        input_shape = check_sequence_shape(name, input_shape)
         template = nonlinearity_from_name(nonlinearity)
-        batch_shape = torch.Size(kwargs.get("batch_shape") or [])
+        batch_shape = hyperparameter_batch_shape(kwargs)
         layers: list[Layer] = [
             self._layer(
                 template if i == 0 else copy.deepcopy(template),
@@ -80,11 +79,8 @@ class GatedRecurrentKernel(TensorProgramKernel):
             )
             for i in range(depth)
         ]
-        layers += [
-            LastStep() if readout == "last" else TimeMean(),
-            Linear(readout_variance, bias_variance, batch_shape=batch_shape),
-        ]
-        super().__init__(Sequential(*layers), kind=kind, input_shape=tuple(input_shape), sequence=True, **kwargs)
+        layers += recurrent_readout(readout, readout_variance, bias_variance, batch_shape)
+        super().__init__(Sequential(*layers), kind=kind, input_shape=input_shape, sequence=True, **kwargs)
         self.depth, self.readout = depth, readout
         self.psd_projection = bool(psd_projection)
 

@@ -8,8 +8,8 @@ import torch
 from gpytorch.priors import Prior
 from torch import Tensor
 
-from ..layers import Identity, Layer, LayerNorm, LeakyReLU, Linear, Sequential, Sign, Step, nonlinearity_from_name
-from ..layers.elementwise import variance_preserving_weight_variance
+from ..layers import Identity, Layer, LayerNorm, LeakyReLU, Linear, Sequential, Sign, Step
+from .presets import check_depth, hyperparameter_batch_shape, nonlinearity_and_weight_variance
 from .tensor_program_kernel import TensorProgramKernel
 
 __all__ = ["MLPKernel"]
@@ -133,12 +133,9 @@ class MLPKernel(TensorProgramKernel):
         normalize: bool = False,
         **kwargs,
     ):
-        if isinstance(depth, bool) or not isinstance(depth, int) or depth < 0:
-            raise ValueError(f"depth must be a non-negative integer, got {depth!r}")
-        template = nonlinearity_from_name(nonlinearity, **(nonlinearity_kwargs or {}))
-        if weight_variance is None:
-            weight_variance = variance_preserving_weight_variance(template)
-        batch_shape = torch.Size(kwargs.get("batch_shape") or [])
+        check_depth(depth, minimum=0)
+        template, weight_variance = nonlinearity_and_weight_variance(nonlinearity, nonlinearity_kwargs, weight_variance)
+        batch_shape = hyperparameter_batch_shape(kwargs)
 
         normalize = bool(normalize)
         scale_free_hidden = normalize and (layer_norm or isinstance(template, _HOMOGENEOUS))

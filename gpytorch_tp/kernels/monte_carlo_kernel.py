@@ -11,11 +11,10 @@ from linear_operator.operators import LinearOperator
 from torch import Tensor, nn
 
 from ..empirical import network_jacobian
+from ..state import KINDS
 from .tensor_program_kernel import check_feature_sizes
 
 __all__ = ["MonteCarloKernel"]
-
-KINDS = ("nngp", "ntk")
 
 ParameterScales = Mapping[str, float] | Callable[[nn.Module], Mapping[str, float]]
 

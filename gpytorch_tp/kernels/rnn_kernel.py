@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import copy
 
-import torch
 from gpytorch.priors import Prior
 
-from ..layers import RNN, LastStep, Layer, Linear, Sequential, TimeMean, nonlinearity_from_name
+from ..layers import RNN, Layer, Sequential, nonlinearity_from_name
+from .presets import check_choice, check_depth, check_sequence_shape, hyperparameter_batch_shape, recurrent_readout
 from .tensor_program_kernel import TensorProgramKernel
 
 __all__ = ["RNNKernel"]
@@ -78,14 +78,11 @@ class RNNKernel(TensorProgramKernel):
         weight_variance_prior: Prior | None = None,
         **kwargs,
     ):
-        if isinstance(depth, bool) or not isinstance(depth, int) or depth < 1:
-            raise ValueError(f"depth must be a positive integer, got {depth!r}")
-        if readout not in READOUTS:
-            raise ValueError(f"readout must be one of {READOUTS}, got {readout!r}")
-        if input_shape is None or len(tuple(input_shape)) != 2:
-            raise ValueError(f"RNNKernel needs input_shape=(T, d), got {input_shape}")
+        check_depth(depth)
+        check_choice("readout", readout, READOUTS)
+        input_shape = check_sequence_shape("RNNKernel", input_shape)
         template = nonlinearity_from_name(nonlinearity)
-        batch_shape = torch.Size(kwargs.get("batch_shape") or [])
+        batch_shape = hyperparameter_batch_shape(kwargs)
         layers: list[Layer] = [
             RNN(
                 template if i == 0 else copy.deepcopy(template),
@@ -98,9 +95,6 @@ class RNNKernel(TensorProgramKernel):
             )
             for i in range(depth)
         ]
-        layers += [
-            LastStep() if readout == "last" else TimeMean(),
-            Linear(readout_variance, bias_variance, batch_shape=batch_shape),
-        ]
-        super().__init__(Sequential(*layers), kind=kind, input_shape=tuple(input_shape), sequence=True, **kwargs)
+        layers += recurrent_readout(readout, readout_variance, bias_variance, batch_shape)
+        super().__init__(Sequential(*layers), kind=kind, input_shape=input_shape, sequence=True, **kwargs)
         self.depth, self.readout = depth, readout

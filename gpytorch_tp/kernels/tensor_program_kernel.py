@@ -22,10 +22,9 @@ from ..evaluation import (
     records_grad,
 )
 from ..layers.base import Layer
+from ..state import KINDS
 
 __all__ = ["CPU_MATRIX_FREE_GRAD_PAIRS", "KINDS", "TensorProgramKernel"]
-
-KINDS = ("nngp", "ntk")
 
 # With autograd recording on a CPU, the matrix-free path is the faster one too
 # from about this many pairs of plain-feature items: the dense path's graph of

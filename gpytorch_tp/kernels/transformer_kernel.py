@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import copy
 
-import torch
-
 from ..layers import (
     FirstStep,
     LastStep,
@@ -20,6 +18,7 @@ from ..layers import (
     nonlinearity_from_name,
 )
 from ..layers.attention import MECHANISMS, QUERY_KEY
+from .presets import check_choice, check_depth, check_sequence_shape, hyperparameter_batch_shape
 from .tensor_program_kernel import TensorProgramKernel
 
 __all__ = ["TransformerKernel"]
@@ -110,19 +109,16 @@ class TransformerKernel(TensorProgramKernel):
         layer_norm_affine: bool = False,
         **kwargs,
     ):
-        if isinstance(depth, bool) or not isinstance(depth, int) or depth < 1:
-            raise ValueError(f"depth must be a positive integer, got {depth!r}")
-        if readout not in READOUTS:
-            raise ValueError(f"readout must be one of {READOUTS}, got {readout!r}")
-        if positional not in POSITIONAL:
-            raise ValueError(f"positional must be one of {POSITIONAL}, got {positional!r}")
-        if query_key not in QUERY_KEY:
-            raise ValueError(f"query_key must be one of {QUERY_KEY}, got {query_key!r}")
-        if mechanism not in MECHANISMS:
-            raise ValueError(f"mechanism must be one of {MECHANISMS}, got {mechanism!r}")
-        if input_shape is None or len(tuple(input_shape)) != 2:
-            raise ValueError(f"TransformerKernel needs input_shape=(T, d), got {input_shape}")
-        batch_shape = torch.Size(kwargs.get("batch_shape") or [])
+        check_depth(depth)
+        for option, value, choices in (
+            ("readout", readout, READOUTS),
+            ("positional", positional, POSITIONAL),
+            ("query_key", query_key, QUERY_KEY),
+            ("mechanism", mechanism, MECHANISMS),
+        ):
+            check_choice(option, value, choices)
+        input_shape = check_sequence_shape("TransformerKernel", input_shape)
+        batch_shape = hyperparameter_batch_shape(kwargs)
         nonlinearity_from_name(nonlinearity)  # a clear error for an unknown name, before building anything
 
         def dense(variance: float = weight_variance) -> Linear:
@@ -151,7 +147,7 @@ class TransformerKernel(TensorProgramKernel):
                 LayerNorm(elementwise_affine=layer_norm_affine),
             ]
         layers += [{"mean": TimeMean, "last": LastStep, "first": FirstStep}[readout](), dense()]
-        super().__init__(Sequential(*layers), kind=kind, input_shape=tuple(input_shape), sequence=True, **kwargs)
+        super().__init__(Sequential(*layers), kind=kind, input_shape=input_shape, sequence=True, **kwargs)
         self.depth, self.readout, self.causal = depth, readout, bool(causal)
 
 

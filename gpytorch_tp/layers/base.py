@@ -1,4 +1,4 @@
-"""Base class of all layers: a GPyTorch module mapping a kernel state to a kernel state."""
+"""Base classes of the layers: variance hyperparameters, and :class:`Layer`, a map from kernel state to kernel state."""
 
 from __future__ import annotations
 
@@ -14,99 +14,17 @@ from torch import Tensor, nn
 from ..state import KernelState, per_item
 from .finite_network import build_network, finite_sequence
 
-__all__ = ["Layer", "standard_deviation", "variance_property"]
+__all__ = ["Layer", "VarianceModule", "WeightBiasVariances", "standard_deviation", "variance_property"]
 
 
-class Layer(Module):
-    """A layer of an infinitely wide network.
+class VarianceModule(Module):
+    """A GPyTorch module whose hyperparameters are variances.
 
-    Subclasses implement :meth:`forward`, a pure map ``KernelState -> KernelState``
-    written with elementwise operations over the item axes (so it serves both the
-    full and the diagonal pairing), and :meth:`finite_module`, which builds the
-    finite-width ``torch.nn`` layer whose infinite-width limit it is.
-
-    Hyperparameters are registered with :meth:`register_variance`: a raw parameter
-    of shape ``batch_shape`` behind a positivity constraint, an optional prior and
-    a property of the same name.
+    Each is registered with :meth:`register_variance`: a raw parameter of shape
+    ``batch_shape`` behind a positivity constraint, an optional prior and a
+    property of the same name (:func:`variance_property`).  The base of every
+    :class:`Layer`, and of :class:`WeightBiasVariances`.
     """
-
-    def __call__(self, state: KernelState) -> KernelState:  # type: ignore[override]
-        # gpytorch.Module.__call__ only accepts tensor-like outputs.
-        return self.forward(state)
-
-    def forward(self, state: KernelState) -> KernelState:  # pragma: no cover - abstract
-        raise NotImplementedError
-
-    #: Whether the layer needs every pair of positions of two items (pooling
-    #: mixes positions), not only aligned ones; see :class:`~gpytorch_tp.state.KernelState`.
-    needs_all_position_pairs: bool = False
-
-    #: Whether the layer's operations act on whole blocks of position pairs at
-    #: once (attention multiplies T x T' matrices), so that a tile of the
-    #: kernel matrix should count every position pair of a pair of sequences
-    #: (rather than one step's, as the step-by-step recurrent layers).
-    acts_on_position_blocks: bool = False
-
-    def fusion_split(self, state: KernelState) -> tuple[KernelState, tuple] | None:
-        """This layer's per-item work, for a fused run of layers (see :mod:`gpytorch_tp.fusion`).
-
-        Returns the state after the layer with everything but ``cross`` and
-        ``ntk`` updated (those are left as they came in), and the tensors that
-        :meth:`fused_pairs` needs (per-item factors, hyperparameters); ``None``
-        (the default) when this layer's pair work is not elementwise.
-        """
-        return None
-
-    def fused_pairs(
-        self, cross: Tensor, ntk: Tensor | None, args: tuple, track_ntk: bool
-    ) -> tuple[Tensor, Tensor | None]:
-        """The pair work of :meth:`forward` as a pure elementwise function, for ``torch.compile``.
-
-        :param args: what :meth:`fusion_split` returned alongside the state.
-        """
-        raise NotImplementedError(f"{type(self).__name__} has no fused pair work")  # pragma: no cover
-
-    def finite_module(self, in_shape: tuple[int, ...], width: int) -> tuple[nn.Module, tuple[int, ...]]:
-        """A finite-width torch module with this layer's initialisation.
-
-        :param in_shape: shape of the incoming features: ``(features,)``, or
-            ``(channels, *grid)`` for features on a grid of positions.
-        :param width: width (channels) of the layer's output (where it has any choice).
-        :return: the module and the shape of its output features.
-        """
-        raise NotImplementedError(f"{type(self).__name__} has no finite-width counterpart yet")
-
-    def _finite_network(
-        self, in_shape: tuple[int, ...], width: int, out_shape: tuple[int, ...] | None
-    ) -> tuple[nn.Module, tuple[int, ...]]:
-        """The finite module of this layer as a whole network (that of a one-layer ``Sequential``)."""
-        return finite_sequence((self,), in_shape, width, out_shape=out_shape)
-
-    def to_module(
-        self,
-        in_shape: int | tuple[int, ...],
-        width: int,
-        out_features: int | None = 1,
-        *,
-        dtype: torch.dtype | None = None,
-        device: torch.device | str | None = None,
-        seed: int | None = None,
-    ) -> nn.Module:
-        """The finite-width ``torch.nn`` network whose infinite-width limit this architecture is.
-
-        Every hidden layer gets ``width`` units (channels), the last one
-        ``out_features``; parameters are i.i.d. standard normal in the NTK
-        parameterisation (each layer scales by its standard deviations over
-        the square root of its fan-in), so the output covariance over random
-        networks tends to the NNGP kernel, and the inner product of the
-        parameter gradients to the NTK, as ``width`` grows.  Inputs on a grid
-        (``in_shape=(C, H, W)``) are taken flattened, as the kernels take them.
-        See :func:`~gpytorch_tp.layers.finite_network.build_network` (this method) and
-        :meth:`TensorProgramKernel.to_module <gpytorch_tp.TensorProgramKernel.to_module>`.
-        """
-        return build_network(self, in_shape, width, out_features, dtype=dtype, device=device, seed=seed)
-
-    # -- hyperparameters -------------------------------------------------------------------
 
     def register_variance(
         self,
@@ -224,6 +142,96 @@ class Layer(Module):
         return ", ".join(parts)
 
 
+class Layer(VarianceModule):
+    """A layer of an infinitely wide network.
+
+    Subclasses implement :meth:`forward`, a pure map ``KernelState -> KernelState``
+    written with elementwise operations over the item axes (so it serves both the
+    full and the diagonal pairing), and :meth:`finite_module`, which builds the
+    finite-width ``torch.nn`` layer whose infinite-width limit it is.
+
+    Hyperparameters are registered with :meth:`~VarianceModule.register_variance`:
+    a raw parameter of shape ``batch_shape`` behind a positivity constraint, an
+    optional prior and a property of the same name.
+    """
+
+    def __call__(self, state: KernelState) -> KernelState:  # type: ignore[override]
+        # gpytorch.Module.__call__ only accepts tensor-like outputs.
+        return self.forward(state)
+
+    def forward(self, state: KernelState) -> KernelState:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    #: Whether the layer needs every pair of positions of two items (pooling
+    #: mixes positions), not only aligned ones; see :class:`~gpytorch_tp.state.KernelState`.
+    needs_all_position_pairs: bool = False
+
+    #: Whether the layer's operations act on whole blocks of position pairs at
+    #: once (attention multiplies T x T' matrices), so that a tile of the
+    #: kernel matrix should count every position pair of a pair of sequences
+    #: (rather than one step's, as the step-by-step recurrent layers).
+    acts_on_position_blocks: bool = False
+
+    def fusion_split(self, state: KernelState) -> tuple[KernelState, tuple] | None:
+        """This layer's per-item work, for a fused run of layers (see :mod:`gpytorch_tp.fusion`).
+
+        Returns the state after the layer with everything but ``cross`` and
+        ``ntk`` updated (those are left as they came in), and the tensors that
+        :meth:`fused_pairs` needs (per-item factors, hyperparameters); ``None``
+        (the default) when this layer's pair work is not elementwise.
+        """
+        return None
+
+    def fused_pairs(
+        self, cross: Tensor, ntk: Tensor | None, args: tuple, track_ntk: bool
+    ) -> tuple[Tensor, Tensor | None]:
+        """The pair work of :meth:`forward` as a pure elementwise function, for ``torch.compile``.
+
+        :param args: what :meth:`fusion_split` returned alongside the state.
+        """
+        raise NotImplementedError(f"{type(self).__name__} has no fused pair work")  # pragma: no cover
+
+    def finite_module(self, in_shape: tuple[int, ...], width: int) -> tuple[nn.Module, tuple[int, ...]]:
+        """A finite-width torch module with this layer's initialisation.
+
+        :param in_shape: shape of the incoming features: ``(features,)``, or
+            ``(channels, *grid)`` for features on a grid of positions.
+        :param width: width (channels) of the layer's output (where it has any choice).
+        :return: the module and the shape of its output features.
+        """
+        raise NotImplementedError(f"{type(self).__name__} has no finite-width counterpart yet")
+
+    def _finite_network(
+        self, in_shape: tuple[int, ...], width: int, out_shape: tuple[int, ...] | None
+    ) -> tuple[nn.Module, tuple[int, ...]]:
+        """The finite module of this layer as a whole network (that of a one-layer ``Sequential``)."""
+        return finite_sequence((self,), in_shape, width, out_shape=out_shape)
+
+    def to_module(
+        self,
+        in_shape: int | tuple[int, ...],
+        width: int,
+        out_features: int | None = 1,
+        *,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+        seed: int | None = None,
+    ) -> nn.Module:
+        """The finite-width ``torch.nn`` network whose infinite-width limit this architecture is.
+
+        Every hidden layer gets ``width`` units (channels), the last one
+        ``out_features``; parameters are i.i.d. standard normal in the NTK
+        parameterisation (each layer scales by its standard deviations over
+        the square root of its fan-in), so the output covariance over random
+        networks tends to the NNGP kernel, and the inner product of the
+        parameter gradients to the NTK, as ``width`` grows.  Inputs on a grid
+        (``in_shape=(C, H, W)``) are taken flattened, as the kernels take them.
+        See :func:`~gpytorch_tp.layers.finite_network.build_network` (this method) and
+        :meth:`TensorProgramKernel.to_module <gpytorch_tp.TensorProgramKernel.to_module>`.
+        """
+        return build_network(self, in_shape, width, out_features, dtype=dtype, device=device, seed=seed)
+
+
 DEFAULT_VARIANCE_FLOOR = 1e-6
 
 
@@ -240,23 +248,23 @@ def default_variance_floor(value: Tensor) -> float:
 
 
 def variance_property(name: str) -> property:
-    """The property ``name`` of a variance registered with :meth:`Layer.register_variance` (get and set)."""
+    """The property ``name`` of a variance registered with :meth:`VarianceModule.register_variance` (get and set)."""
 
-    def get(layer: Layer) -> Tensor:
+    def get(layer: VarianceModule) -> Tensor:
         return layer.get_variance(name)
 
-    def set_(layer: Layer, value: float | Tensor) -> None:
+    def set_(layer: VarianceModule, value: float | Tensor) -> None:
         layer._set_variance(name, value)
 
     return property(get, set_, doc=f"The {name.replace('_', ' ')} (constrained, possibly batched).")
 
 
-def _prior_value(module: Layer, name: str) -> Tensor:
+def _prior_value(module: VarianceModule, name: str) -> Tensor:
     # Module-level (not a lambda) so that kernels with priors pickle.
     return module.get_variance(name)
 
 
-def _prior_setter(module: Layer, value: Tensor, name: str) -> None:
+def _prior_setter(module: VarianceModule, value: Tensor, name: str) -> None:
     module._set_variance(name, value)
 
 
@@ -265,3 +273,69 @@ def standard_deviation(variance: Tensor) -> float:
     if variance.numel() != 1:
         raise ValueError("finite-width networks are built for kernels without a batch_shape")
     return math.sqrt(float(variance))
+
+
+class WeightBiasVariances(VarianceModule):
+    r"""The weight variance :math:`\sigma_w^2 > 0` and bias variance :math:`\sigma_b^2 \ge 0` of one weight layer.
+
+    The base of :class:`~gpytorch_tp.layers.Linear` and :class:`~gpytorch_tp.layers.Conv`
+    (one registration for both), and on its own the hyperparameters of a dense
+    layer whose recursion a kernel runs itself
+    (:class:`~gpytorch_tp.BatchNormMLPKernel`).  A bias variance of exactly 0 is
+    held fixed unless ``learn_bias_variance=True`` (an error).
+
+    :param weight_variance: :math:`\sigma_w^2` (default 1).
+    :param bias_variance: :math:`\sigma_b^2` (default 0.1).
+    :param weight_variance_prior: optional prior on :math:`\sigma_w^2`.
+    :param bias_variance_prior: optional prior on :math:`\sigma_b^2`.
+    :param weight_variance_constraint: constraint (default ``GreaterThan(1e-6)``, lower for smaller starting values).
+    :param bias_variance_constraint: constraint (default ``GreaterThan(1e-6)``, lower for smaller starting values).
+    :param learn_weight_variance: learn :math:`\sigma_w^2` (default: yes).
+    :param learn_bias_variance: learn :math:`\sigma_b^2` (default: yes unless 0).
+    :param batch_shape: shape of each hyperparameter.
+
+    Example:
+        >>> variances = WeightBiasVariances(2.0, 0.0)
+        >>> variances.weight_variance, variances.bias_variance
+        (tensor(2..., grad_fn=<...>), tensor(0.))
+    """
+
+    def __init__(
+        self,
+        weight_variance: float | Tensor = 1.0,
+        bias_variance: float | Tensor = 0.1,
+        *,
+        weight_variance_prior: Prior | None = None,
+        bias_variance_prior: Prior | None = None,
+        weight_variance_constraint: Interval | None = None,
+        bias_variance_constraint: Interval | None = None,
+        learn_weight_variance: bool | None = None,
+        learn_bias_variance: bool | None = None,
+        batch_shape: torch.Size = torch.Size(),
+    ):
+        super().__init__()
+        self.register_variance(
+            "weight_variance",
+            weight_variance,
+            batch_shape=batch_shape,
+            prior=weight_variance_prior,
+            constraint=weight_variance_constraint,
+            learnable=learn_weight_variance,
+            allow_zero=False,
+        )
+        self.register_variance(
+            "bias_variance",
+            bias_variance,
+            batch_shape=batch_shape,
+            prior=bias_variance_prior,
+            constraint=bias_variance_constraint,
+            learnable=learn_bias_variance,
+        )
+
+    weight_variance = variance_property("weight_variance")
+
+    bias_variance = variance_property("bias_variance")
+
+    def standard_deviations(self) -> tuple[float, float]:
+        """``(sigma_w, sigma_b)`` as numbers, for the initialisation of a finite network."""
+        return standard_deviation(self.weight_variance.detach()), standard_deviation(self.bias_variance.detach())

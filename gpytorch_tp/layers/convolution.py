@@ -29,9 +29,9 @@ from torch import Tensor, nn
 
 from ..finite import GridAvgPool, NTKConv
 from ..geometry import PADDING_MODES, Padding, grid_tuple, padding
-from ..numerics import scale_and_shift
+from ..dense_update import dense_update
 from ..state import KernelState, per_item
-from .base import Layer, standard_deviation, variance_property
+from .base import Layer, WeightBiasVariances
 from .input_checks import check_grid, require_all_pairs
 
 # Kernels pickled before the readouts moved to .readouts name them here.
@@ -98,7 +98,7 @@ def window_sum(tensor: Tensor, axes: tuple[int, ...], kernel: int, stride: int, 
     return total
 
 
-class Conv(Layer):
+class Conv(WeightBiasVariances, Layer):
     r"""Convolution over a grid of any dimension (infinite channels), NTK parameterisation.
 
     .. math::
@@ -141,7 +141,6 @@ class Conv(Layer):
         learn_bias_variance: bool | None = None,
         batch_shape: torch.Size = torch.Size(),
     ):
-        super().__init__()
         if padding not in PADDING_MODES:
             raise ValueError(f"{type(self).__name__}: padding must be one of {PADDING_MODES}, got {padding!r}")
         if grid_ndim is not None:
@@ -150,28 +149,18 @@ class Conv(Layer):
         else:
             for name, value in (("kernel_size", kernel_size), ("stride", stride)):
                 grid_tuple(value, len(value) if isinstance(value, (tuple, list)) else 1, name)
-        self.kernel_size, self.stride, self.padding, self.grid_ndim = kernel_size, stride, padding, grid_ndim
-        self.register_variance(
-            "weight_variance",
+        super().__init__(
             weight_variance,
-            batch_shape=batch_shape,
-            prior=weight_variance_prior,
-            constraint=weight_variance_constraint,
-            learnable=learn_weight_variance,
-            allow_zero=False,
-        )
-        self.register_variance(
-            "bias_variance",
             bias_variance,
+            weight_variance_prior=weight_variance_prior,
+            bias_variance_prior=bias_variance_prior,
+            weight_variance_constraint=weight_variance_constraint,
+            bias_variance_constraint=bias_variance_constraint,
+            learn_weight_variance=learn_weight_variance,
+            learn_bias_variance=learn_bias_variance,
             batch_shape=batch_shape,
-            prior=bias_variance_prior,
-            constraint=bias_variance_constraint,
-            learnable=learn_bias_variance,
         )
-
-    weight_variance = variance_property("weight_variance")
-
-    bias_variance = variance_property("bias_variance")
+        self.kernel_size, self.stride, self.padding, self.grid_ndim = kernel_size, stride, padding, grid_ndim
 
     def geometry(self, positions: tuple[int, ...]) -> tuple[tuple[int, ...], tuple[int, ...], tuple[Padding, ...]]:
         """``(kernel_size, stride, paddings)`` per axis of an input grid of shape ``positions``."""
@@ -202,12 +191,13 @@ class Conv(Layer):
         weight = state.broadcast_parameter(self.weight_variance)
         bias = state.broadcast_parameter(self.bias_variance)
         scaled_weight = per_item(torch.mul, weight, 1.0 / filter_size)
-        cross = scale_and_shift(self._filtered(state.cross, axes, state.positions), scaled_weight, bias)
-        ntk = None
-        if state.track_ntk:
-            ntk = cross
-            if state.ntk is not None:
-                ntk = torch.addcmul(cross, scaled_weight, self._filtered(state.ntk, axes, state.positions))
+        # The dense update of the footprint sums (Linear's, with sigma_w^2 / k).
+        tangent = None
+        if state.track_ntk and state.ntk is not None:
+            tangent = self._filtered(state.ntk, axes, state.positions)
+        cross, ntk = dense_update(
+            self._filtered(state.cross, axes, state.positions), scaled_weight, bias, tangent, state.track_ntk
+        )
         var1 = per_item(self._filtered_variance, state.var1, bias, scaled_weight, axes, state.positions)
         var2 = per_item(self._filtered_variance, state.var2, bias, scaled_weight, axes, state.positions)
         return state.replace(
@@ -222,21 +212,17 @@ class Conv(Layer):
         )
 
     def _filtered_variance(self, var, bias, scaled_weight, axes, positions):
-        return scale_and_shift(self._filtered(var, axes, positions), scaled_weight, bias)
+        variance, _ = dense_update(self._filtered(var, axes, positions), scaled_weight, bias)
+        return variance
 
     def finite_module(self, in_shape: tuple[int, ...], width: int) -> tuple[nn.Module, tuple[int, ...]]:
         positions = tuple(in_shape[1:])
         if not positions:
             raise ValueError(f"{type(self).__name__} needs inputs on a grid, got feature shape {tuple(in_shape)}")
         kernel_size, stride, pads = self.geometry(positions)
+        weight_std, bias_std = self.standard_deviations()
         module = NTKConv(
-            in_shape[0],
-            width,
-            kernel_size,
-            stride,
-            self.padding,
-            weight_std=standard_deviation(self.weight_variance.detach()),
-            bias_std=standard_deviation(self.bias_variance.detach()),
+            in_shape[0], width, kernel_size, stride, self.padding, weight_std=weight_std, bias_std=bias_std
         )
         return module, (width, *(pad.output_size for pad in pads))
 

@@ -2,20 +2,17 @@
 
 from __future__ import annotations
 
-import torch
-from gpytorch.constraints import Interval
-from gpytorch.priors import Prior
 from torch import Tensor, nn
 
+from ..dense_update import dense_update
 from ..finite import NTKConv, NTKLinear
-from ..numerics import scale_and_shift
 from ..state import KernelState, per_item
-from .base import Layer, standard_deviation, variance_property
+from .base import Layer, WeightBiasVariances
 
 __all__ = ["Linear"]
 
 
-class Linear(Layer):
+class Linear(WeightBiasVariances, Layer):
     r"""A fully connected layer of infinite width, in the NTK parameterisation.
 
     The finite layer is :math:`h = \sigma_w W z / \sqrt{n} + \sigma_b b` with
@@ -49,56 +46,17 @@ class Linear(Layer):
         tensor(2..., grad_fn=<...>)
     """
 
-    def __init__(
-        self,
-        weight_variance: float | Tensor = 1.0,
-        bias_variance: float | Tensor = 0.1,
-        *,
-        weight_variance_prior: Prior | None = None,
-        bias_variance_prior: Prior | None = None,
-        weight_variance_constraint: Interval | None = None,
-        bias_variance_constraint: Interval | None = None,
-        learn_weight_variance: bool | None = None,
-        learn_bias_variance: bool | None = None,
-        batch_shape: torch.Size = torch.Size(),
-    ):
-        super().__init__()
-        self.register_variance(
-            "weight_variance",
-            weight_variance,
-            batch_shape=batch_shape,
-            prior=weight_variance_prior,
-            constraint=weight_variance_constraint,
-            learnable=learn_weight_variance,
-            allow_zero=False,
-        )
-        self.register_variance(
-            "bias_variance",
-            bias_variance,
-            batch_shape=batch_shape,
-            prior=bias_variance_prior,
-            constraint=bias_variance_constraint,
-            learnable=learn_bias_variance,
-        )
-
-    weight_variance = variance_property("weight_variance")
-
-    bias_variance = variance_property("bias_variance")
-
     def forward(self, state: KernelState) -> KernelState:
         after, (weight, bias) = self.fusion_split(state)
-        cross = scale_and_shift(state.cross, weight, bias)
-        ntk = None
-        if state.track_ntk:
-            ntk = cross if state.ntk is None else torch.addcmul(cross, weight, state.ntk)
+        cross, ntk = dense_update(state.cross, weight, bias, state.ntk, state.track_ntk)
         return after.replace(cross=cross, ntk=ntk)
 
     def fusion_split(self, state: KernelState) -> tuple[KernelState, tuple[Tensor, Tensor]]:
         weight = state.broadcast_parameter(self.weight_variance)
         bias = state.broadcast_parameter(self.bias_variance)
         # Per-item work: once per row (column) of tiles, see ``per_item``.
-        var1 = per_item(torch.addcmul, bias, weight, state.var1)
-        var2 = per_item(torch.addcmul, bias, weight, state.var2)
+        var1, _ = per_item(dense_update, state.var1, weight, bias)
+        var2, _ = per_item(dense_update, state.var2, weight, bias)
         after = state.replace(var1=var1, var2=var2, gaussian=True, fresh=True, ntk_feature_coupled=False)
         return after, (weight, bias)
 
@@ -106,14 +64,10 @@ class Linear(Layer):
         self, cross: Tensor, ntk: Tensor | None, args: tuple, track_ntk: bool
     ) -> tuple[Tensor, Tensor | None]:
         weight, bias = args
-        cross = bias + weight * cross
-        if not track_ntk:
-            return cross, None
-        return cross, (cross if ntk is None else cross + weight * ntk)
+        return dense_update(cross, weight, bias, ntk, track_ntk)
 
     def finite_module(self, in_shape: tuple[int, ...], width: int) -> tuple[nn.Module, tuple[int, ...]]:
-        weight_std = standard_deviation(self.weight_variance.detach())
-        bias_std = standard_deviation(self.bias_variance.detach())
+        weight_std, bias_std = self.standard_deviations()
         if len(in_shape) == 1:
             return NTKLinear(in_shape[0], width, weight_std=weight_std, bias_std=bias_std), (width,)
         # On a grid, a dense layer acts on the channels at each position: a 1 x 1 convolution.
