@@ -54,6 +54,7 @@ from linear_operator.operators import (
 )
 from torch import Tensor
 
+from .early_stopping import StoppingTime, search_stopping_time
 from .evaluation import evaluate
 from .kernels.tensor_program_kernel import TensorProgramKernel
 from .layers.base import Layer
@@ -76,20 +77,6 @@ class ExpectedLoss(NamedTuple):
     loss: Tensor
     bias: Tensor
     variance: Tensor
-
-
-class StoppingTime(NamedTuple):
-    """Result of :meth:`TrainedNetworkGP.optimal_stopping_time`.
-
-    ``time`` is a training time (gradient flow) or a number of steps (gradient
-    descent); it is ``inf`` when the loss only decreases.  ``loss`` is the
-    predicted loss there, ``loss_at_end`` the predicted loss after training to
-    convergence (``t = inf``), for comparison.
-    """
-
-    time: float
-    loss: float
-    loss_at_end: float
 
 
 def _is_kernel_callable(obj) -> bool:
@@ -694,41 +681,9 @@ class TrainedNetworkGP:
             bias, variance = terms(self._filter(times, discrete))
             return scale * (bias + (variance if criterion == "expected" else 0.0))
 
-        mu = self._eigen[0]
-        active = mu[~self._null]
-        inf = torch.tensor([math.inf], dtype=torch.float64)
-        loss_end = float(loss(inf)[0])
-        if active.numel() == 0:
-            return StoppingTime(0.0, float(loss(torch.zeros(1, dtype=torch.float64))[0]), loss_end)
-        fastest = float(active.max()) * self._rate
-        slowest = float(active.min()) * self._rate
-        lo, hi = 1e-3 / fastest, 1e3 / slowest
-        count = max(8, math.ceil(points_per_decade * math.log10(hi / lo)))
-        grid = torch.logspace(math.log10(lo), math.log10(hi), count, dtype=torch.float64)
-        if discrete:
-            grid = torch.unique(torch.cat([torch.arange(0.0, 10.0, dtype=torch.float64), grid.round()]))
-        else:
-            grid = torch.cat([torch.zeros(1, dtype=torch.float64), grid])
-        values = torch.cat([loss(chunk) for chunk in grid.split(4096)])
-        best = int(torch.argmin(values))
-        best_time, best_loss = float(grid[best]), float(values[best])
-        # Losses equal to the converged one up to round-off mean "train to convergence".
-        if loss_end <= best_loss + 1e-9 * abs(best_loss) + 1e-12 * float(values[0]):
-            return StoppingTime(math.inf, loss_end, loss_end)
-        left = float(grid[max(best - 1, 0)])
-        right = float(grid[min(best + 1, len(grid) - 1)])
-        if discrete:
-            candidates = torch.arange(left, right + 1.0, dtype=torch.float64)
-            if candidates.numel() > 100_000:
-                candidates = torch.unique(torch.linspace(left, right, 100_000, dtype=torch.float64).round())
-            values = torch.cat([loss(chunk) for chunk in candidates.split(4096)])
-            i = int(torch.argmin(values))
-            best_time, best_loss = float(candidates[i]), float(values[i])
-        elif right > left:
-            best_time, best_loss = _golden_section(
-                lambda s: float(loss(torch.tensor([s], dtype=torch.float64))[0]), left, right, best_time, best_loss
-            )
-        return StoppingTime(best_time, best_loss, loss_end)
+        return search_stopping_time(
+            loss, self._eigen[0][~self._null], self._rate, discrete=discrete, points_per_decade=points_per_decade
+        )
 
     def __repr__(self) -> str:
         return (
@@ -795,28 +750,3 @@ def _nonnegative_finite(value, name: str) -> float:
     if not (math.isfinite(value) and value >= 0):
         raise ValueError(f"{name} must be a non-negative finite number, got {value}")
     return value
-
-
-def _golden_section(f, left: float, right: float, best_time: float, best_value: float) -> tuple[float, float]:
-    """Minimise ``f`` over ``[left, right]`` (in log space when ``left > 0``), starting from a known best point."""
-    use_log = left > 0
-    a, b = (math.log(left), math.log(right)) if use_log else (left, right)
-    to_time = math.exp if use_log else (lambda s: s)
-    ratio = (math.sqrt(5) - 1) / 2
-    c, d = b - ratio * (b - a), a + ratio * (b - a)
-    fc, fd = f(to_time(c)), f(to_time(d))
-    for _ in range(80):
-        if fc <= fd:
-            b, d, fd = d, c, fc
-            c = b - ratio * (b - a)
-            fc = f(to_time(c))
-        else:
-            a, c, fc = c, d, fd
-            d = a + ratio * (b - a)
-            fd = f(to_time(d))
-        if abs(b - a) <= 1e-10 * max(1.0, abs(a)):
-            break
-    for s, v in ((c, fc), (d, fd)):
-        if v < best_value:
-            best_time, best_value = to_time(s), v
-    return best_time, best_value

@@ -18,6 +18,8 @@ PACKAGE = pathlib.Path(gpytorch_tp.__file__).parent
 FLOORS = {
     "gpytorch_tp.state": 0,
     "gpytorch_tp.numerics": 0,
+    "gpytorch_tp.quadrature": 0,
+    "gpytorch_tp.tanh_moments": 0,
     "gpytorch_tp.geometry": 0,
     "gpytorch_tp.fusion": 0,
     "gpytorch_tp.finite": 0,

@@ -22,7 +22,8 @@ import torch
 
 from gpytorch_tp import MLPKernel
 from gpytorch_tp.layers import GELU, Cos, Erf, Sigmoid, Sign, Sin, Step, Tanh
-from gpytorch_tp.numerics import _TANH_AS_ERFS, pair_determinant
+from gpytorch_tp.numerics import pair_determinant
+from gpytorch_tp.tanh_moments import _TANH_AS_ERFS
 
 DIGITS = 50
 

@@ -875,7 +875,7 @@ def test_quadrature_gradients_consistent_with_values_in_a_typical_tanh_ntk():
 
 def test_tanh_expansion_moments_match_integration():
     """Tanh's default closed form (six erf terms): V, V' and the self moment against the independent integrator."""
-    from gpytorch_tp.numerics import TANH_DERIVATIVE_PAIR_MOMENT_ERROR, TANH_PAIR_MOMENT_ERROR
+    from gpytorch_tp.tanh_moments import TANH_DERIVATIVE_PAIR_MOMENT_ERROR, TANH_PAIR_MOMENT_ERROR
 
     rows = _grid(VARIANCE_PAIRS + [(40.0, 0.01), (200.0, 150.0)], CORRELATIONS)
     k11, k22, k12 = (torch.tensor(column, dtype=DTYPE) for column in zip(*rows))
@@ -950,7 +950,7 @@ def test_arccos_moments_backward_matches_finite_differences(outputs, per_item):
 @pytest.mark.parametrize("order", [0, 1])
 def test_tanh_moments_backward_matches_finite_differences(order):
     """The analytic backward of the tanh closed forms, per-item variances against a matrix of pairs."""
-    from gpytorch_tp.numerics import tanh_derivative_pair_moment, tanh_pair_moment
+    from gpytorch_tp.tanh_moments import tanh_derivative_pair_moment, tanh_pair_moment
 
     gen = torch.Generator().manual_seed(5)
     a = torch.randn(4, 3, generator=gen, dtype=DTYPE)

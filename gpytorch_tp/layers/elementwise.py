@@ -32,16 +32,10 @@ import torch
 from torch import Tensor, nn
 
 from ..finite import Pointwise
-from ..numerics import (
-    arccos_item_factors,
-    arccos_moments,
-    fused_arccos_moments,
-    gaussian_pair_moment,
-    pair_determinant,
-    tanh_derivative_pair_moment,
-    tanh_pair_moment,
-)
+from ..numerics import arccos_item_factors, arccos_moments, fused_arccos_moments, pair_determinant
+from ..quadrature import gaussian_pair_moment
 from ..state import KernelState, per_item, self_position_variances
+from ..tanh_moments import tanh_derivative_pair_moment, tanh_pair_moment
 from .base import Layer
 from .closed_form_moments import erf_item_factors, erf_moments, erf_self_moment, gelu_moments, sinh_cosh_moments
 from .nonlinearity_registry import TorchEquivalent, nonlinearity_from_name, register_nonlinearity
@@ -461,7 +455,7 @@ class Elementwise(Nonlinearity):
     trapezoidal rule of ``num_quadrature_points`` nodes per dimension on
     :math:`[-8.5, 8.5]` (float64) in the standard normal variables of
     :math:`u = \sqrt{k_{11}} z_1`, :math:`v = \sqrt{k_{22}} (c z_1 + \sqrt{1 - c^2} z_2)`
-    (see :func:`gpytorch_tp.numerics.gaussian_rule`).
+    (see :func:`gpytorch_tp.quadrature.gaussian_rule`).
     Gradients with respect to the covariance use Price's theorem
     (:math:`\partial V / \partial k_{12} = E[\phi'\phi']`,
     :math:`\partial V / \partial k_{11} = E[\phi''(u)\phi(v)]/2`), so they are
@@ -575,8 +569,8 @@ class _ScaledTanh(Elementwise):
 
     tanh is odd, so for a centred Gaussian pair :math:`V_\phi = b^2 + g^2
     E[\tanh(sU)\tanh(sV)]` and :math:`V_{\phi'} = g^2 s^2 E[\tanh'(sU)\tanh'(sV)]`,
-    the closed forms of :func:`~gpytorch_tp.numerics.tanh_pair_moment` and
-    :func:`~gpytorch_tp.numerics.tanh_derivative_pair_moment` on the covariance
+    the closed forms of :func:`~gpytorch_tp.tanh_moments.tanh_pair_moment` and
+    :func:`~gpytorch_tp.tanh_moments.tanh_derivative_pair_moment` on the covariance
     scaled by :math:`s^2`.
     """
 
@@ -617,8 +611,8 @@ class Tanh(_ScaledTanh):
     \operatorname{erf}(a_k x)` (a fit with error below 4.9e-7 for every real
     :math:`x`, 8.5e-7 for the derivative), so that :math:`V_\phi` and
     :math:`V_{\phi'}` are sums of 36 closed-form terms
-    (:func:`~gpytorch_tp.numerics.tanh_pair_moment`,
-    :func:`~gpytorch_tp.numerics.tanh_derivative_pair_moment`): accurate to
+    (:func:`~gpytorch_tp.tanh_moments.tanh_pair_moment`,
+    :func:`~gpytorch_tp.tanh_moments.tanh_derivative_pair_moment`): accurate to
     1e-6 and 2e-6 at every variance, hundreds of times cheaper than the
     quadrature, with exact analytic gradients.
 

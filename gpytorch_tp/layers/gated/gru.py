@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from ...finite import NTKGRU
-from ...numerics import tanh_pair_moment
+from ...tanh_moments import tanh_pair_moment
 from ..elementwise import Erf, Tanh
 from .cell import GATES, GatedRecurrent, new_step_covariances, shift_one_step
 from .particles import PairParticles, StepStack, base_normals
@@ -153,7 +153,7 @@ class GRU(GatedRecurrent):
     state is linear in the candidates :math:`n_t`, whose second moments
     :math:`E[n_a n'_b]` are Gauss-Hermite integrals over the reset-gate pair
     (6 x 6 nodes) of the nonlinearity's closed form (erf; tanh through its
-    six-term erf expansion, :func:`~gpytorch_tp.numerics.tanh_pair_moment`,
+    six-term erf expansion, :func:`~gpytorch_tp.tanh_moments.tanh_pair_moment`,
     1e-6) or of a 10 x 10-node rule (other nonlinearities).  The NTK samples all four families
     (:meth:`_tangent_chunk`), with erf integrating the candidate input out of the
     terms through :math:`\phi'` (closed form; half the error).
