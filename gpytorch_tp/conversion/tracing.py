@@ -38,8 +38,8 @@ import torch.fx
 from torch import Tensor, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
-from .evaluation import evaluate
-from .layers import (
+from ..evaluation import evaluate
+from ..layers import (
     GRU,
     LSTM,
     RNN,
@@ -60,7 +60,7 @@ from .layers import (
 )
 
 if TYPE_CHECKING:
-    from .kernels import BatchNormMLPKernel, TensorProgramKernel
+    from ..kernels import BatchNormMLPKernel, TensorProgramKernel
 
 __all__ = [
     "CONVERTERS",
@@ -269,7 +269,7 @@ def _conv(module: nn.Module, context: ConversionContext, grid_ndim: int):
 
 def _conv_padding_mode(module, grid, kernel_size, stride, out_grid) -> str | None:
     """The :mod:`gpytorch_tp.geometry` padding mode that places the windows as ``module`` does, if any."""
-    from .geometry import padding
+    from ..geometry import padding
 
     torch_padding = module.padding
     if isinstance(torch_padding, str):
@@ -1052,7 +1052,7 @@ def kernel_from_module(
 
     :param reference_points: the reference set :math:`R` of a BatchNorm network (``None``: no BatchNorm).
     """
-    from .kernels import TensorProgramKernel
+    from ..kernels import TensorProgramKernel
 
     if reference_points is not None:
         return _batchnorm_kernel(
@@ -1081,7 +1081,7 @@ def _batchnorm_kernel(
     kernel_kwargs: dict,
 ) -> BatchNormMLPKernel:
     """``kernel_from_module`` of a ``Linear -> BatchNorm1d -> ReLU`` MLP: its :class:`~gpytorch_tp.BatchNormMLPKernel`."""
-    from .kernels import BatchNormMLPKernel
+    from ..kernels import BatchNormMLPKernel
 
     if not torch.is_tensor(reference_points) or reference_points.dim() != 2:
         raise ValueError(
