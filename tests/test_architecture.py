@@ -16,6 +16,7 @@ PACKAGE = pathlib.Path(gpytorch_tp.__file__).parent
 
 # Longest matching prefix wins; what no prefix names is a front end (the top floor).
 FLOORS = {
+    "gpytorch_tp.errors": 0,
     "gpytorch_tp.state": 0,
     "gpytorch_tp.numerics": 0,
     "gpytorch_tp.quadrature": 0,

@@ -140,6 +140,7 @@ class SelfAttention(Layer):
 
     needs_all_position_pairs = True
     acts_on_position_blocks = True
+    has_weights = True
 
     def __init__(
         self,

@@ -172,6 +172,9 @@ class Layer(VarianceModule):
     #: (rather than one step's, as the step-by-step recurrent layers).
     acts_on_position_blocks: bool = False
 
+    #: Whether the layer applies weight matrices, so that its output width is infinite.
+    has_weights: bool = False
+
     def fusion_split(self, state: KernelState) -> tuple[KernelState, tuple] | None:
         """This layer's per-item work, for a fused run of layers (see :mod:`gpytorch_tp.fusion`).
 

@@ -90,6 +90,10 @@ class Sequential(Layer):
     def acts_on_position_blocks(self) -> bool:
         return any(layer.acts_on_position_blocks for layer in self.layers)
 
+    @property
+    def has_weights(self) -> bool:
+        return any(layer.has_weights for layer in self.layers)
+
     def finite_module(
         self,
         in_shape: tuple[int, ...],
@@ -170,6 +174,10 @@ class Residual(Layer):
     @property
     def acts_on_position_blocks(self) -> bool:
         return self.block.acts_on_position_blocks or (self.skip is not None and self.skip.acts_on_position_blocks)
+
+    @property
+    def has_weights(self) -> bool:
+        return self.block.has_weights or (self.skip is not None and self.skip.has_weights)
 
     def finite_module(self, in_shape: tuple[int, ...], width: int) -> tuple[nn.Module, tuple[int, ...]]:
         in_shape = tuple(in_shape)

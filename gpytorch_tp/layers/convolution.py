@@ -124,6 +124,8 @@ class Conv(WeightBiasVariances, Layer):
         >>> net = Sequential(Conv2d(3, weight_variance=2.0), ReLU(), Flatten(), Linear())
     """
 
+    has_weights = True
+
     def __init__(
         self,
         kernel_size: int | tuple[int, ...] = 3,

@@ -46,6 +46,8 @@ class Linear(WeightBiasVariances, Layer):
         tensor(2..., grad_fn=<...>)
     """
 
+    has_weights = True
+
     def forward(self, state: KernelState) -> KernelState:
         after, (weight, bias) = self.fusion_split(state)
         cross, ntk = dense_update(state.cross, weight, bias, state.ntk, state.track_ntk)

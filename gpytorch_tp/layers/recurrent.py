@@ -71,6 +71,8 @@ class RNN(Layer):
         >>> net = Sequential(RNN("erf"), LastStep(), Linear())
     """
 
+    has_weights = True
+
     def __init__(
         self,
         nonlinearity: str | Nonlinearity = "tanh",

@@ -174,6 +174,7 @@ class GRU(GatedRecurrent):
         >>> net = Sequential(GRU(), LastStep(), Linear())
     """
 
+    has_weights = True
     _families = (("gates", 1),)
     _uses_own_covariances = True
 

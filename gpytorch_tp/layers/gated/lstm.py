@@ -41,6 +41,7 @@ class LSTM(GatedRecurrent):
         >>> net = Sequential(LSTM(), LastStep(), Linear())
     """
 
+    has_weights = True
     _families = (("gates", 3),)  # i, f, g; the output gate is integrated exactly
 
     def _chunk(self, kx12, kx11, kx22, v1, v2, w, u, b, blocks=False) -> Tensor:
