@@ -39,7 +39,17 @@ infinite-width recursion cannot express:
   after a weight layer); nonlinearities need it;
 * ``fresh`` -- the features were produced by weights that nothing else in the
   network shares since the last branching point; a residual sum is the sum of
-  the branch kernels only when a branch is fresh.
+  the branch kernels only when a branch is fresh;
+* ``ntk_feature_coupled`` -- part of the NTK is a product of each unit's own
+  features (an affine LayerNorm's gains), so a nonlinearity cannot factor it.
+
+The flags change in one place, the transitions of :class:`KernelState` that
+layers call: :meth:`~KernelState.after_weights` (a weight layer: Gaussian,
+fresh, decoupled), :meth:`~KernelState.after_recurrence` (a recurrent layer's
+hidden states: fresh, decoupled, not Gaussian),
+:meth:`~KernelState.after_coordinatewise` (a nonlinearity: neither),
+:meth:`~KernelState.after_per_unit_gains` (coupled), :meth:`~KernelState.shared`
+(the input of two branches) and :meth:`~KernelState.joined` (their sum).
 """
 
 from __future__ import annotations
@@ -212,6 +222,37 @@ class KernelState:
     def broadcast_parameter(self, value: Tensor) -> Tensor:
         """Reshape a hyperparameter of shape ``kernel.batch_shape`` to broadcast against ``cross``."""
         return unit_dims(value, self.item_ndim + self.pair_ndim)
+
+    # -- the flags' transitions (the only places layers change them) ----------------------------
+
+    def after_weights(self, **changes) -> KernelState:
+        """Features of this branch's own weight matrices: centred Gaussian, fresh, NTK decoupled."""
+        return self.replace(gaussian=True, fresh=True, ntk_feature_coupled=False, **changes)
+
+    def after_recurrence(self, **changes) -> KernelState:
+        """Hidden states of a recurrence: functions of its own weights (fresh, decoupled), not Gaussian."""
+        return self.replace(gaussian=False, fresh=True, ntk_feature_coupled=False, **changes)
+
+    def after_coordinatewise(self, **changes) -> KernelState:
+        """Features after a coordinatewise function: neither Gaussian nor fresh."""
+        return self.replace(gaussian=False, fresh=False, **changes)
+
+    def after_per_unit_gains(self, gains: bool, **changes) -> KernelState:
+        """Features scaled by per-unit gains (``gains``), which couple the NTK to each unit's features."""
+        return self.replace(ntk_feature_coupled=self.ntk_feature_coupled or gains, **changes)
+
+    def shared(self) -> KernelState:
+        """This state as the input of two branches: its features are no branch's own."""
+        return self.replace(fresh=False)
+
+    def joined(self, other: KernelState, **changes) -> KernelState:
+        """The flags of the sum of two branches' features (both Gaussian, both fresh, either coupled)."""
+        return self.replace(
+            gaussian=self.gaussian and other.gaussian,
+            fresh=self.fresh and other.fresh,
+            ntk_feature_coupled=self.ntk_feature_coupled or other.ntk_feature_coupled,
+            **changes,
+        )
 
     def replace(self, **changes) -> KernelState:
         """A new state with ``changes``; pairs of identical items keep correlation exactly one.

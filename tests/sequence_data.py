@@ -44,3 +44,35 @@ def assert_wide_beats_narrow(
     message = f"{name}: width 64 {sum(narrow) / 3:.4f} (mean), 1024 {wide:.4f}"
     assert wide < bound, message
     assert wide < sum(narrow) / 3 / ratio, message
+
+
+class PaddedSequenceData:
+    """Data for BaseKernelTestCase: sequences of 3 steps of 2 features (6 features), some padded.
+
+    ``test_active_dims_range`` keeps the columns 3..8 of the 10-column data, the overridden
+    ``test_active_dims_list`` the columns [0, 2, 4, 6, 8, 9]; columns 7, 8, 9 of some rows are
+    NaN, so that both selections hold sequences with a NaN last step.
+    """
+
+    def create_data_no_batch(self):
+        x = torch.randn(12, 10)
+        x[::3, 7:] = float("nan")
+        return x
+
+    def create_data_single_batch(self):
+        x = torch.randn(2, 3, 6)
+        x[0, 1, 4:] = float("nan")
+        x[1, 2, 2:] = float("nan")
+        return x
+
+    def create_data_double_batch(self):
+        x = torch.randn(3, 2, 5, 6)
+        x[:, :, ::2, 4:] = float("nan")
+        return x
+
+    def test_active_dims_list(self):
+        dims = [0, 2, 4, 6, 8, 9]
+        kernel = self.create_kernel_no_ard(active_dims=dims)
+        x = self.create_data_no_batch()
+        expected = self.create_kernel_no_ard()(x[:, dims]).to_dense()
+        self.assertAllClose(kernel(x).to_dense(), expected, rtol=1e-5, atol=1e-6)

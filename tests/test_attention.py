@@ -26,7 +26,8 @@ import gpytorch
 import pytest
 import torch
 from gpytorch.test.base_kernel_test_case import BaseKernelTestCase
-from sequence_data import nan_padded, random_sequences
+from kernel_checks import relative_error
+from sequence_data import PaddedSequenceData, nan_padded, random_sequences
 
 from gpytorch_tp import TensorProgramKernel, TransformerKernel, evaluate
 from gpytorch_tp.empirical import build_network
@@ -498,8 +499,6 @@ def _finite_ntk(arch, width, seeds):
     return total / len(seeds)
 
 
-def _relative_error(estimate, exact) -> float:
-    return ((estimate - exact).norm() / exact.norm()).item()
 
 
 def _finite_errors(name: str, kind: str, seed_set: int = 0, cases=None, networks: int = FINITE_NETWORKS) -> dict:
@@ -513,8 +512,8 @@ def _finite_errors(name: str, kind: str, seed_set: int = 0, cases=None, networks
         return [base + width + 100 * batch + i for i in range(networks)]
 
     return {
-        WIDE: _relative_error(estimate(kernel.architecture, WIDE, seeds(WIDE, 0)), exact),
-        "narrow": [_relative_error(estimate(kernel.architecture, NARROW, seeds(NARROW, b)), exact) for b in range(4)],
+        WIDE: relative_error(estimate(kernel.architecture, WIDE, seeds(WIDE, 0)), exact),
+        "narrow": [relative_error(estimate(kernel.architecture, NARROW, seeds(NARROW, b)), exact) for b in range(4)],
     }
 
 
@@ -673,34 +672,7 @@ def test_diag_tiles_and_other_sequences_change_nothing(name):
 # =============================================================================================
 
 
-class _SequenceData:
-    """Sequences of 3 tokens of 2 features, some NaN-padded (see test_rnn._SequenceData)."""
-
-    def create_data_no_batch(self):
-        x = torch.randn(12, 10)
-        x[::3, 7:] = NAN
-        return x
-
-    def create_data_single_batch(self):
-        x = torch.randn(2, 3, 6)
-        x[0, 1, 4:] = NAN
-        x[1, 2, 2:] = NAN
-        return x
-
-    def create_data_double_batch(self):
-        x = torch.randn(3, 2, 5, 6)
-        x[:, :, ::2, 4:] = NAN
-        return x
-
-    def test_active_dims_list(self):
-        dims = [0, 2, 4, 6, 8, 9]
-        kernel = self.create_kernel_no_ard(active_dims=dims)
-        x = self.create_data_no_batch()
-        expected = self.create_kernel_no_ard()(x[:, dims]).to_dense()
-        self.assertAllClose(kernel(x).to_dense(), expected, rtol=1e-5, atol=1e-6)
-
-
-class TestTransformerKernelCausalNTK(_SequenceData, BaseKernelTestCase, unittest.TestCase):
+class TestTransformerKernelCausalNTK(PaddedSequenceData, BaseKernelTestCase, unittest.TestCase):
     def create_kernel_no_ard(self, **kwargs):
         return TransformerKernel((3, 2), kind="ntk", causal=True, readout="last", positional="add", **kwargs)
 

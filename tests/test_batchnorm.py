@@ -19,10 +19,12 @@ import math
 import gpytorch
 import pytest
 import torch
+from kernel_checks import relative_error
 
 from gpytorch_tp import BatchNormMLPKernel
 from gpytorch_tp.batchnorm import (
     BatchNormOverBatch,
+    QuadratureRule,
     batchnorm_mlp_nngp,
     batchnorm_mlp_nngp_cross,
     batchnorm_mlp_ntk,
@@ -31,7 +33,6 @@ from gpytorch_tp.batchnorm import (
     batchnorm_relu_cross_ntk,
     batchnorm_relu_single,
     batchnorm_relu_single_ntk,
-    QuadratureRule,
     finite_batchnorm_mlp,
     quadrature_rule,
 )
@@ -169,8 +170,6 @@ def _empirical(batches: list[torch.Tensor], width: int, networks: int, depth: in
     return totals
 
 
-def _relative_error(empirical: torch.Tensor, exact: torch.Tensor) -> float:
-    return ((empirical - exact).norm() / exact.norm()).item()
 
 
 def test_single_and_cross_batch_kernels_are_limits_of_finite_networks():
@@ -180,7 +179,7 @@ def test_single_and_cross_batch_kernels_are_limits_of_finite_networks():
     errors = {}
     for width in (32, 512):
         totals = _empirical([x1, x2], width, networks=12, depth=2)
-        errors[width] = (_relative_error(totals[0, 0], single), _relative_error(totals[0, 1], cross))
+        errors[width] = (relative_error(totals[0, 0], single), relative_error(totals[0, 1], cross))
     # Measured: 0.06-0.08 at width 32, 0.027 at 512 (much of it the sampling of 12 networks).
     for narrow, wide in zip(errors[32], errors[512]):
         assert wide < 0.05 and wide < narrow, errors
@@ -196,7 +195,7 @@ def test_pairwise_kernel_is_the_limit_of_finite_networks_on_reference_batches():
     errors = {}
     for width in (32, 512):
         totals = _empirical([batches], width, networks=12, depth=1, pick=lambda f: f[:, 0, :])
-        errors[width] = _relative_error(totals[0, 0], exact)
+        errors[width] = relative_error(totals[0, 0], exact)
     # Measured: 0.085 at width 32, 0.02 at 512.
     assert errors[512] < 0.05 and errors[512] < errors[32], errors
 
@@ -241,7 +240,7 @@ def test_ntk_is_the_limit_of_finite_networks():
         for seed in range(6):
             torch.manual_seed(seed)
             mean = mean + empirical_ntk(finite_batchnorm_mlp(12, width, 2).to(DTYPE), x) / 6
-        errors[width] = _relative_error(mean, ntk)
+        errors[width] = relative_error(mean, ntk)
     # Measured (6 networks): 0.31 at width 32, 0.043 at 512.
     assert errors[512] < 0.09 and errors[512] < errors[32], errors
 
@@ -267,7 +266,7 @@ def test_cross_batch_ntk_is_the_limit_of_finite_networks():
         for seed in range(6):
             torch.manual_seed(seed)
             mean = mean + empirical_ntk(finite_batchnorm_mlp(12, width, 2).to(DTYPE), x1, x2) / 6
-        errors[width] = _relative_error(mean, ntk)
+        errors[width] = relative_error(mean, ntk)
     # Measured (6 networks): 0.29 at width 32, 0.058 at 512.
     assert errors[512] < 0.1 and errors[512] < errors[32], errors
 
@@ -339,7 +338,7 @@ def test_pairwise_ntk_is_psd_consistent_and_the_limit_of_finite_networks():
             torch.manual_seed(seed)
             network = finite_batchnorm_mlp(8, width, 1).to(DTYPE)
             mean = mean + empirical_ntk(_FirstOfBatch(network), batches) / 6
-        errors[width] = _relative_error(mean, matrix)
+        errors[width] = relative_error(mean, matrix)
     # Measured (6 networks): 0.15 at width 32, 0.048 at 512.
     assert errors[512] < 0.09 and errors[512] < errors[32], errors
 

@@ -19,8 +19,8 @@ import contextlib
 import io
 import itertools
 import math
-import re
 import pickle
+import re
 import unittest
 
 import gpytorch
@@ -34,6 +34,8 @@ try:  # the reference's many small matrix products run best on one BLAS thread
     from threadpoolctl import threadpool_limits
 except ImportError:  # pragma: no cover
     threadpool_limits = None
+
+from kernel_checks import relative_error
 
 from gpytorch_tp import CNNKernel, MyrtleKernel, evaluate
 from gpytorch_tp.empirical import build_network, empirical_nngp, empirical_ntk
@@ -510,8 +512,6 @@ def _limit_inputs(shape) -> torch.Tensor:
     return torch.cat([x, x[:1]])
 
 
-def _relative_error(estimate: torch.Tensor, exact: torch.Tensor) -> float:
-    return ((estimate - exact).norm() / exact.norm()).item()
 
 
 def _empirical_ntk(network: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -563,7 +563,7 @@ def _limit_errors(name: str, kind: str) -> tuple[float, float, list[float]]:
 
     def error(width: int, batch: int) -> float:
         seeds = [1000 * batch + s for s in range(n)]
-        return _relative_error(_empirical(arch, shape, x, kind, width, seeds), exact)
+        return relative_error(_empirical(arch, shape, x, kind, width, seeds), exact)
 
     return error(WIDE, 0), error(MIDDLE, 1), [error(NARROW, 2 + b) for b in range(NARROW_BATCHES)]
 

@@ -21,6 +21,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from kernel_checks import relative_error
 from torch import nn
 
 from gpytorch_tp import BatchNormMLPKernel, TensorProgramKernel
@@ -491,8 +492,6 @@ FAMILIES = {
 }
 
 
-def _relative_error(estimate, exact):
-    return ((estimate - exact).norm() / exact.norm()).item()
 
 
 class _Flattened(nn.Module):
@@ -528,7 +527,7 @@ def test_monte_carlo_kernel_of_the_real_module_approaches_the_converted_kernel(f
         with torch.no_grad():
             return kernel(x).to_dense()
 
-    error_wide, error_narrow = _relative_error(estimate(wide), exact), _relative_error(estimate(narrow), exact)
+    error_wide, error_narrow = relative_error(estimate(wide), exact), relative_error(estimate(narrow), exact)
     assert error_wide < BOUNDS[kind], (error_wide, error_narrow)
     assert error_wide < error_narrow, (error_wide, error_narrow)
 
@@ -833,7 +832,7 @@ def test_real_batchnorm_module_in_training_mode_approaches_the_converted_kernel(
         with torch.no_grad():
             return estimator(x).to_dense()
 
-    error_wide, error_narrow = _relative_error(estimate(wide), exact), _relative_error(estimate(narrow), exact)
+    error_wide, error_narrow = relative_error(estimate(wide), exact), relative_error(estimate(narrow), exact)
     assert error_wide < 0.12, (error_wide, error_narrow)
     assert error_wide < error_narrow, (error_wide, error_narrow)
 

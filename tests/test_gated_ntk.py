@@ -16,6 +16,7 @@ import math
 import gpytorch
 import pytest
 import torch
+from kernel_checks import relative_error
 from sequence_data import assert_wide_beats_narrow, kernel_value, nan_padded, random_sequences
 
 from gpytorch_tp import GRUKernel, LSTMKernel, TensorProgramKernel, evaluate
@@ -26,8 +27,6 @@ from gpytorch_tp.layers.gated import cell as gated_cell
 DTYPE = torch.float64
 
 
-def _relative_error(estimate, exact):
-    return ((estimate - exact).norm() / exact.norm()).item()
 
 
 # =============================================================================================
@@ -80,7 +79,7 @@ def test_finite_width_ntk_converges_to_the_kernel(name):
     architecture = FINITE_CASES[name]()
     exact = _below_readout(architecture)
     assert_wide_beats_narrow(
-        lambda width, seeds: _relative_error(_finite_below_readout(architecture, width, seeds), exact),
+        lambda width, seeds: relative_error(_finite_below_readout(architecture, width, seeds), exact),
         name,
         FINITE_NETWORKS,
         FINITE_BOUND,
@@ -114,7 +113,7 @@ def test_default_particles_are_within_the_documented_error_of_many_more(cls, opt
     monkeypatch.undo()
     reference = sum(references) / 2
     errors = [
-        _relative_error(kernel_value(cls((4, 2), kind="ntk", num_particles=m, **options).double(), x), reference)
+        relative_error(kernel_value(cls((4, 2), kind="ntk", num_particles=m, **options).double(), x), reference)
         for m in (64, 1024)
     ]
     assert errors[1] < 0.05, errors

@@ -19,6 +19,7 @@ import gpytorch
 import numpy as np
 import pytest
 import torch
+from kernel_checks import relative_error
 from sequence_data import assert_wide_beats_narrow, kernel_value, nan_padded, random_sequences
 
 from gpytorch_tp import GRUKernel, LSTMKernel, evaluate
@@ -33,8 +34,6 @@ def _kernel(cls, steps, d, **options):
     return cls((steps, d), **options).double()
 
 
-def _relative_error(estimate, exact):
-    return ((estimate - exact).norm() / exact.norm()).item()
 
 
 # =============================================================================================
@@ -77,7 +76,7 @@ def test_finite_width_networks_converge_to_the_kernel(name):
     with torch.no_grad():
         exact = kernel(nan_padded(FIN_SEQS, FIN_STEPS)).to_dense()
     assert_wide_beats_narrow(
-        lambda width, seeds: _relative_error(_finite_nngp(kernel, width, seeds), exact),
+        lambda width, seeds: relative_error(_finite_nngp(kernel, width, seeds), exact),
         name,
         FINITE_NETWORKS,
         FINITE_BOUND,
@@ -105,7 +104,7 @@ def test_default_particles_are_within_the_documented_error_of_many_more(cls, opt
     with torch.no_grad():
         reference = _kernel(cls, 4, 2, num_particles=16384, **options)(x).to_dense()
         errors = [
-            _relative_error(_kernel(cls, 4, 2, num_particles=m, **options)(x).to_dense(), reference) for m in (64, 1024)
+            relative_error(_kernel(cls, 4, 2, num_particles=m, **options)(x).to_dense(), reference) for m in (64, 1024)
         ]
     assert errors[1] < default_bound, errors
     assert errors[1] < errors[0] / 2, errors

@@ -14,6 +14,7 @@ from __future__ import annotations
 import gpytorch
 import pytest
 import torch
+from kernel_checks import relative_error
 from torch import nn
 
 from gpytorch_tp import MLPKernel, RNNKernel
@@ -27,8 +28,6 @@ def _x(n=5, d=3, seed=0):
     return torch.randn(n, d, generator=torch.Generator().manual_seed(seed), dtype=DTYPE)
 
 
-def _relative_error(estimate, exact):
-    return ((estimate - exact).norm() / exact.norm()).item()
 
 
 def _mlp(width=32, out=1):
@@ -49,7 +48,7 @@ def test_ntk_of_the_to_module_networks_approaches_the_mlp_ntk():
 
     def error(width):
         mc = MonteCarloKernel(lambda: kernel.to_module(width, dtype=DTYPE), "ntk", n_samples=4, seed=width)
-        return _relative_error(mc(x).to_dense().detach(), exact)
+        return relative_error(mc(x).to_dense().detach(), exact)
 
     wide, narrow = error(512), error(16)
     assert wide < 0.1 and wide < narrow, (wide, narrow)
@@ -62,13 +61,13 @@ def test_nngp_of_the_to_module_networks_approaches_the_rnn_nngp_with_time_major_
 
     def error(width):
         mc = MonteCarloKernel(lambda: kernel.to_module(width, out_features=width), n_samples=8, seed=width)
-        return _relative_error(mc(x).to_dense().detach(), exact)
+        return relative_error(mc(x).to_dense().detach(), exact)
 
     wide, narrow = error(256), error(8)
     assert wide < 0.12 and wide < narrow, (wide, narrow)
     # The same network on the steps in the wrong (channel-major) order is a different function.
     swapped = x.reshape(5, 3, 2).transpose(1, 2).reshape(5, 6)
-    assert _relative_error(kernel(swapped).to_dense().detach(), exact) > 0.05
+    assert relative_error(kernel(swapped).to_dense().detach(), exact) > 0.05
 
 
 # =============================================================================================

@@ -26,7 +26,8 @@ import gpytorch
 import pytest
 import torch
 from gpytorch.test.base_kernel_test_case import BaseKernelTestCase
-from sequence_data import nan_padded, random_sequences
+from kernel_checks import relative_error
+from sequence_data import PaddedSequenceData, nan_padded, random_sequences
 
 from gpytorch_tp import RNNKernel, TensorProgramKernel, evaluate
 from gpytorch_tp.empirical import build_network
@@ -368,8 +369,6 @@ def _finite_ntk(kernel, width, seeds):
     return total / len(seeds)
 
 
-def _relative_error(estimate: torch.Tensor, exact: torch.Tensor) -> float:
-    return ((estimate - exact).norm() / exact.norm()).item()
 
 
 def _finite_errors(name: str, kind: str, seed_set: int = 0) -> dict:
@@ -382,9 +381,9 @@ def _finite_errors(name: str, kind: str, seed_set: int = 0) -> dict:
     def seeds(width, batch):
         return [base + width + 100 * batch + i for i in range(FINITE_NETWORKS)]
 
-    errors = {width: _relative_error(estimate(kernel, width, seeds(width, 0)), exact) for width in WIDTHS[1:]}
+    errors = {width: relative_error(estimate(kernel, width, seeds(width, 0)), exact) for width in WIDTHS[1:]}
     errors["narrow"] = [
-        _relative_error(estimate(kernel, WIDTHS[0], seeds(WIDTHS[0], b)), exact) for b in range(FINITE_NARROW_BATCHES)
+        relative_error(estimate(kernel, WIDTHS[0], seeds(WIDTHS[0], b)), exact) for b in range(FINITE_NARROW_BATCHES)
     ]
     return errors
 
@@ -560,44 +559,12 @@ def test_leading_batch_dimensions_with_padding():
 # =============================================================================================
 
 
-class _SequenceData:
-    """Data for BaseKernelTestCase: sequences of 3 steps of 2 features (6 features), some padded.
-
-    ``test_active_dims_range`` keeps the columns 3..8 of the 10-column data, the overridden
-    ``test_active_dims_list`` the columns [0, 2, 4, 6, 8, 9]; columns 7, 8, 9 of some rows are
-    NaN, so that both selections hold sequences with a NaN last step.
-    """
-
-    def create_data_no_batch(self):
-        x = torch.randn(12, 10)
-        x[::3, 7:] = NAN
-        return x
-
-    def create_data_single_batch(self):
-        x = torch.randn(2, 3, 6)
-        x[0, 1, 4:] = NAN
-        x[1, 2, 2:] = NAN
-        return x
-
-    def create_data_double_batch(self):
-        x = torch.randn(3, 2, 5, 6)
-        x[:, :, ::2, 4:] = NAN
-        return x
-
-    def test_active_dims_list(self):
-        dims = [0, 2, 4, 6, 8, 9]
-        kernel = self.create_kernel_no_ard(active_dims=dims)
-        x = self.create_data_no_batch()
-        expected = self.create_kernel_no_ard()(x[:, dims]).to_dense()
-        self.assertAllClose(kernel(x).to_dense(), expected, rtol=1e-5, atol=1e-6)
-
-
-class TestRNNKernelLastNNGP(_SequenceData, BaseKernelTestCase, unittest.TestCase):
+class TestRNNKernelLastNNGP(PaddedSequenceData, BaseKernelTestCase, unittest.TestCase):
     def create_kernel_no_ard(self, **kwargs):
         return RNNKernel((3, 2), depth=2, nonlinearity="erf", kind="nngp", readout="last", **kwargs)
 
 
-class TestRNNKernelBidirectionalMeanNTK(_SequenceData, BaseKernelTestCase, unittest.TestCase):
+class TestRNNKernelBidirectionalMeanNTK(PaddedSequenceData, BaseKernelTestCase, unittest.TestCase):
     def create_kernel_no_ard(self, **kwargs):
         return RNNKernel((3, 2), nonlinearity="relu", kind="ntk", readout="mean", bidirectional=True, **kwargs)
 

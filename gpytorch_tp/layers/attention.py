@@ -255,9 +255,7 @@ class SelfAttention(Layer):
             ntk = torch.addcmul(cross, gain, through)
         var1 = per_item(_mixed_self, first, state.var1, gain, bias)
         var2 = per_item(_mixed_self, second, state.var2, gain, bias)
-        return state.replace(
-            cross=cross, var1=var1, var2=var2, ntk=ntk, gaussian=True, fresh=True, ntk_feature_coupled=False
-        )
+        return state.after_weights(cross=cross, var1=var1, var2=var2, ntk=ntk)
 
     def finite_module(self, in_shape: tuple[int, ...], width: int) -> tuple[nn.Module, tuple[int, ...]]:
         if len(in_shape) != 2:

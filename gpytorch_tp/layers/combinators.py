@@ -137,7 +137,7 @@ class Residual(Layer):
 
     def forward(self, state: KernelState) -> KernelState:
         # Mark the input as shared, so a block without weights of its own is caught.
-        shared = dataclasses.replace(state, fresh=False)
+        shared = state.shared()
         block = self.block(shared)
         skip = self.skip(shared) if self.skip is not None else shared
         if block.positions != skip.positions or block.all_position_pairs != skip.all_position_pairs:
@@ -155,16 +155,14 @@ class Residual(Layer):
             ntk = None if not parts else (parts[0] if len(parts) == 1 else parts[0] + parts[1])
         else:
             ntk = None
-        return block.replace(
+        return block.joined(
+            skip,
             cross=block.cross + skip.cross,
             # Per-item work (see ``state.per_item``): a new tensor per tile would
             # make every later per-item result a cache miss held until the end.
             var1=per_item(torch.add, block.var1, skip.var1),
             var2=per_item(torch.add, block.var2, skip.var2),
             ntk=ntk,
-            gaussian=block.gaussian and skip.gaussian,
-            fresh=block.fresh and skip.fresh,
-            ntk_feature_coupled=block.ntk_feature_coupled or skip.ntk_feature_coupled,
         )
 
     @property

@@ -202,15 +202,8 @@ class Conv(WeightBiasVariances, Layer):
         )
         var1 = per_item(self._filtered_variance, state.var1, bias, scaled_weight, axes, state.positions)
         var2 = per_item(self._filtered_variance, state.var2, bias, scaled_weight, axes, state.positions)
-        return state.replace(
-            cross=cross,
-            var1=var1,
-            var2=var2,
-            ntk=ntk,
-            positions=tuple(pad.output_size for pad in pads),
-            gaussian=True,
-            fresh=True,
-            ntk_feature_coupled=False,
+        return state.after_weights(
+            cross=cross, var1=var1, var2=var2, ntk=ntk, positions=tuple(pad.output_size for pad in pads)
         )
 
     def _filtered_variance(self, var, bias, scaled_weight, axes, positions):

@@ -59,7 +59,7 @@ class Linear(WeightBiasVariances, Layer):
         # Per-item work: once per row (column) of tiles, see ``per_item``.
         var1, _ = per_item(dense_update, state.var1, weight, bias)
         var2, _ = per_item(dense_update, state.var2, weight, bias)
-        after = state.replace(var1=var1, var2=var2, gaussian=True, fresh=True, ntk_feature_coupled=False)
+        after = state.after_weights(var1=var1, var2=var2)
         return after, (weight, bias)
 
     def fused_pairs(

@@ -113,7 +113,7 @@ class Nonlinearity(TorchEquivalent, Layer):
             return None
         self._check_input(state)
         var1, var2 = per_item(self.self_moment, state.var1), per_item(self.self_moment, state.var2)
-        return state.replace(var1=var1, var2=var2, gaussian=False, fresh=False), factors
+        return state.after_coordinatewise(var1=var1, var2=var2), factors
 
     def fused_pairs(
         self, cross: Tensor, ntk: Tensor | None, args: tuple, track_ntk: bool
@@ -148,14 +148,7 @@ class Nonlinearity(TorchEquivalent, Layer):
             var2 = per_item(self._self_covariance, state.var2, *self_position_variances(state.var2, grid_ndim))
         else:
             var1, var2 = per_item(self.self_moment, state.var1), per_item(self.self_moment, state.var2)
-        return state.replace(
-            cross=cross,
-            var1=var1,
-            var2=var2,
-            ntk=ntk,
-            gaussian=False,
-            fresh=False,
-        )
+        return state.after_coordinatewise(cross=cross, var1=var1, var2=var2, ntk=ntk)
 
     def finite_module(self, in_shape: tuple[int, ...], width: int) -> tuple[nn.Module, tuple[int, ...]]:
         return Pointwise(self.function, type(self).__name__), in_shape

@@ -74,12 +74,8 @@ class LayerNorm(Layer):
             var2 = per_item(_self_correlation, state.var2, *self_position_variances(state.var2, grid_ndim))
         else:
             var1, var2 = _unit_or_zero(state.var1), _unit_or_zero(state.var2)
-        return state.replace(
-            cross=cross,
-            var1=var1,
-            var2=var2,
-            ntk=ntk,
-            ntk_feature_coupled=state.ntk_feature_coupled or (self.elementwise_affine and state.track_ntk),
+        return state.after_per_unit_gains(
+            self.elementwise_affine and state.track_ntk, cross=cross, var1=var1, var2=var2, ntk=ntk
         )
 
     def finite_module(self, in_shape: tuple[int, ...], width: int) -> tuple[nn.Module, tuple[int, ...]]:

@@ -237,7 +237,7 @@ class RNN(Layer):
         else:
             var1 = per_item(self._aligned_self, hidden1, v1)
             var2 = per_item(self._aligned_self, hidden2, v2)
-        return state.replace(cross=cross, var1=var1, var2=var2, ntk=ntk, gaussian=False, fresh=True)
+        return state.after_recurrence(cross=cross, var1=var1, var2=var2, ntk=ntk)
 
     def _self_recursion(self, self_inputs, hidden, valid_rows, w, u, b) -> Tensor:
         valid_cols = None if valid_rows is None else valid_rows.transpose(-1, -2)

@@ -151,7 +151,7 @@ class GatedRecurrent(Layer):
             cross, pair11, pair22 = blocks.unbind(-3)
         else:
             cross = self._covariance(state.cross, state.var1, state.var2, rows1, rows2, params, state.item_ndim, *own)
-        out = state.replace(cross=cross, var1=hidden1, var2=hidden2, ntk=None, gaussian=False, fresh=True)
+        out = state.after_recurrence(cross=cross, var1=hidden1, var2=hidden2, ntk=None)
         if state.track_ntk:
             input_ntk = torch.zeros_like(state.cross) if state.ntk is None else state.ntk
             steps = cross.shape[-1]
