@@ -27,6 +27,7 @@ FLOORS = {
     "gpytorch_tp.batchnorm": 0,
     "gpytorch_tp.dense_update": 0,
     "gpytorch_tp.layers": 1,
+    "gpytorch_tp.programs": 1,
     "gpytorch_tp.evaluation": 2,
     "gpytorch_tp.empirical": 2,
     "gpytorch_tp.kernels": 3,

@@ -35,6 +35,7 @@ from gpytorch_tp.conversion import (
     register_converter,
 )
 from gpytorch_tp.kernels import MonteCarloKernel
+from gpytorch_tp.programs import CompiledProgram
 
 DTYPE = torch.float64
 THIRD = 1.0 / 3.0
@@ -611,9 +612,6 @@ UNSUPPORTED = {
     ),
     "MaxPool1d": (lambda: nn.Sequential(nn.Linear(3, 8), nn.MaxPool1d(2)), r"MaxPool1d '1'.*no closed-form"),
     "softmax": (lambda: _Wrap(lambda s, h: torch.softmax(h, -1)), r"'softmax'"),
-    "scaling": (lambda: _Wrap(lambda s, h: 2 * h), r"'mul'"),
-    "shared weights": (lambda: _Wrap(lambda s, h: s.first2(torch.relu(s.first2(h))), first2=nn.Linear(8, 8)), r"twice"),
-    "self sum": (lambda: _Wrap(lambda s, h: h + h), r"added to itself"),
     "linear on a grid": (lambda: nn.Sequential(nn.Conv1d(2, 4, 3), nn.Linear(4, 1)), r"Linear '1' on a tensor"),
     "nonlinearity on the input": (lambda: nn.Sequential(nn.ReLU(), nn.Linear(3, 1)), r"needs centred Gaussian"),
 }
@@ -630,17 +628,41 @@ def test_unsupported_modules_raise_an_error_naming_them_and_the_monte_carlo_kern
     assert isinstance(info.value, NotImplementedError)
 
 
+# What the layer vocabulary refused and the tensor-program compiler now gives exactly:
+# (module, the hand-written architecture of its kernel).
+COMPILED = {
+    "scaling": (lambda: _Wrap(lambda s, h: 2 * h), lambda: [L.Linear(THIRD, 1 / 9), L.Linear(4 * THIRD, 0.0)]),
+    "self sum": (lambda: _Wrap(lambda s, h: h + h), lambda: [L.Linear(THIRD, 1 / 9), L.Linear(4 * THIRD, 0.0)]),
+    # a chain reusing one matrix has the independent layers' kernels (no transposes: Tensor Programs II)
+    "shared weights": (
+        lambda: _Wrap(lambda s, h: s.first2(torch.relu(s.first2(h))), first2=nn.Linear(8, 8)),
+        lambda: [L.Linear(THIRD, 1 / 9), L.Linear(THIRD, 0.0), L.ReLU(), L.Linear(THIRD, 0.0), L.Linear(THIRD, 0.0)],
+    ),
+}
+
+
+@pytest.mark.parametrize("kind", ["nngp", "ntk"])
+@pytest.mark.parametrize("name", list(COMPILED))
+def test_networks_outside_the_layer_vocabulary_are_compiled_exactly(name, kind):
+    make, hand = COMPILED[name]
+    kernel = kernel_from_module(make(), kind, (3,)).double()
+    assert isinstance(kernel.architecture, CompiledProgram)
+    x = _inputs(4, 3)
+    expected = TensorProgramKernel(L.Sequential(*hand()), kind=kind).double()(x).to_dense()
+    torch.testing.assert_close(kernel(x).to_dense(), expected, rtol=1e-12, atol=1e-12)
+
+
 def test_a_converter_registers_in_one_line():
     class Cube(nn.Module):
         def forward(self, x):
             return x**3
 
     module = nn.Sequential(nn.Linear(3, 8), Cube(), nn.Linear(8, 1))
-    with pytest.raises(UnsupportedModuleError, match="pow"):
-        from_module(module)
+    assert isinstance(from_module(module)[0], CompiledProgram)  # compiled (x**3 by quadrature) until ...
     try:
         register_converter(Cube, lambda m, context: ([L.Elementwise(_cube, name="cube")], context.value.layout))
-        converted = from_module(module)
+        converted = from_module(module)  # ... a converter is registered, which comes first
+        assert not isinstance(converted[0], CompiledProgram)
     finally:
         CONVERTERS.pop(Cube)
     x = _inputs(4, 3)

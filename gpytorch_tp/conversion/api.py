@@ -11,6 +11,8 @@ from torch import Tensor, nn
 
 from ..errors import UnsupportedModuleError
 from ..layers import Layer, Linear, ReLU, Sequential
+from ..programs import CompiledProgram, compile_module
+from ..programs.trace import OutsideTheTheoremError
 from .batchnorm_converter import BatchNormMarker
 from .tracing import architecture_summary, convert_network
 
@@ -94,7 +96,13 @@ def from_module(
         >>> net = nn.Sequential(nn.Linear(3, 64), nn.ReLU(), nn.Linear(64, 1))
         >>> arch = from_module(net)  # Linear(1/3, 1/9), ReLU, Linear(1/3, 0)
     """
-    result = convert_network(module, input_shape, init, weight_variance, bias_variance, input_variance, sequence)
+    try:
+        result = convert_network(module, input_shape, init, weight_variance, bias_variance, input_variance, sequence)
+    except UnsupportedModuleError as refusal:
+        compiled = _compiled(
+            module, input_shape, init, weight_variance, bias_variance, input_variance, sequence, refusal
+        )
+        return Sequential(compiled)
     return result.architecture
 
 
@@ -143,7 +151,13 @@ def kernel_from_module(
         return _batchnorm_kernel(
             module, kind, input_shape, init, weight_variance, bias_variance, reference_points, kernel_kwargs
         )
-    result = convert_network(module, input_shape, init, weight_variance, bias_variance, input_variance, sequence)
+    try:
+        result = convert_network(module, input_shape, init, weight_variance, bias_variance, input_variance, sequence)
+    except UnsupportedModuleError as refusal:
+        compiled = _compiled(
+            module, input_shape, init, weight_variance, bias_variance, input_variance, sequence, refusal
+        )
+        return TensorProgramKernel(compiled, kind, input_dim=compiled.program.input_width, **kernel_kwargs)
     shape = result.input_shape
     return TensorProgramKernel(
         result.architecture,
@@ -271,6 +285,42 @@ def ntk_parameter_scales(
     ``MonteCarloKernel(parameter_scales=...)``.  Gradient descent on the module
     as written with these per-tensor learning-rate factors follows the NTK.
     """
-    return convert_network(
-        module, input_shape, init, weight_variance, bias_variance, input_variance, sequence, check=False, batchnorm=True
-    ).scales
+    try:
+        return convert_network(
+            module, input_shape, init, weight_variance, bias_variance, input_variance, sequence, check=False,
+            batchnorm=True,
+        ).scales
+    except UnsupportedModuleError as refusal:
+        compiled = _compiled(
+            module, input_shape, init, weight_variance, bias_variance, input_variance, sequence, refusal
+        )
+        return compiled.parameter_scales(module)
+
+
+def _compiled(
+    module: nn.Module, input_shape, init, weight_variance, bias_variance, input_variance, sequence, refusal
+) -> CompiledProgram:
+    """The module compiled as a tensor program, for what the layer vocabulary refused.
+
+    Networks of feature vectors only (so far).  Where the compiler refuses too, its reason is
+    raised when it understood every operation (the program is outside the master theorem), else
+    the converter's (it names the module), with the compiler's as a note.
+    """
+    if sequence or input_variance is not None:
+        raise refusal
+    if input_shape is None:
+        first = next((m for m in module.modules() if isinstance(m, nn.Linear)), None)
+        if first is None:
+            raise refusal
+        input_shape = (first.in_features,)
+    shape = (input_shape,) if isinstance(input_shape, int) else tuple(input_shape)
+    if len(shape) != 1:
+        raise refusal
+    try:
+        return compile_module(module, shape[0], init=init, weight_variance=weight_variance, bias_variance=bias_variance)
+    except OutsideTheTheoremError:
+        raise  # the compiler understood the network: its reason is the one that matters
+    except UnsupportedModuleError as compiler_refusal:
+        # An operation of neither vocabulary: the converter's refusal names the module.
+        refusal.add_note(f"The tensor-program compiler refused it too: {compiler_refusal.what}.")
+        raise refusal from None

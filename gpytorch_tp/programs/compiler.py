@@ -1,0 +1,68 @@
+"""``compile_module``: a ``torch.nn.Module`` to the layer of its exact infinite-width kernels."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from .master_theorem import CompiledProgram
+from .trace import trace_program
+
+__all__ = ["INITS", "compile_module"]
+
+INITS = ("pytorch", "measured")
+# Weight variances (entries' variance times fan-in) of PyTorch's default initialisation,
+# kaiming_uniform(a=sqrt(5)): U(+-1/sqrt(fan_in)), variance 1/(3 fan_in).
+_PYTORCH_DEFAULTS = (nn.Linear, nn.Bilinear)
+
+
+def compile_module(
+    module: nn.Module,
+    input_dim: int,
+    *,
+    init: str = "pytorch",
+    weight_variance: float | None = None,
+    bias_variance: float | None = None,
+) -> CompiledProgram:
+    """The layer of ``module``'s NNGP kernel and NTK on inputs ``(N, input_dim)``, from its tensor program.
+
+    The variances of the weights come from, in this order: ``weight_variance`` / ``bias_variance``
+    (all matrices / all biases); ``init="measured"``: the second moments of the module's current
+    parameters (times the fan-in for matrices); ``init="pytorch"``: PyTorch's default
+    initialisation for parameters of ``nn.Linear`` (matrices 1/3; biases ``1/(3 fan_in)``, which
+    vanishes at infinite fan-in unless the layer takes the network input), the measured moments for
+    every other parameter.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> from gpytorch_tp import TensorProgramKernel
+        >>> class GLU(nn.Module):  # a gated unit: no layer of the vocabulary is a product
+        ...     def __init__(self, width=64):
+        ...         super().__init__()
+        ...         self.a, self.b, self.out = nn.Linear(3, width), nn.Linear(3, width), nn.Linear(width, 1)
+        ...     def forward(self, x):
+        ...         return self.out(self.a(x) * torch.sigmoid(self.b(x)))
+        >>> kernel = TensorProgramKernel(compile_module(GLU(), 3), kind="ntk")
+        >>> kernel(torch.randn(5, 3)).to_dense().shape
+        torch.Size([5, 5])
+    """
+    if init not in INITS:
+        raise ValueError(f"init must be one of {INITS}, got {init!r}")
+    program, info = trace_program(module, input_dim)
+    variances = {}
+    for weight in program.weights:
+        entry = info[weight.name]
+        tensor = entry["tensor"].detach().double()
+        explicit = bias_variance if weight.bias else weight_variance
+        if explicit is not None:
+            value = float(explicit)
+        elif init == "pytorch" and isinstance(entry["module"], _PYTORCH_DEFAULTS):
+            finite = entry["finite_fan_in"]
+            value = (0.0 if finite is None else 1.0 / (3.0 * finite)) if weight.bias else 1.0 / 3.0
+        else:
+            second_moment = float(tensor.pow(2).mean()) if tensor.numel() else 0.0
+            value = second_moment if weight.bias else weight.fan_in * second_moment
+        if value < 0 or value != value:
+            raise ValueError(f"the variance of {weight.name} must be non-negative and finite, got {value}")
+        variances[weight.name] = value
+    return CompiledProgram(program, variances)

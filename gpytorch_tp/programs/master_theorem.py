@@ -1,0 +1,422 @@
+r"""The master theorem on a traced program: NNGP kernel and NTK of its output, as a layer.
+
+For two inputs :math:`x, x'` every pair of G-vars has a covariance, by the recursion
+
+.. math::
+
+    \operatorname{Cov}(W_a h_a(x), W_b h_b(x')) = [W_a = W_b]\; \sigma_W^2 \sum_k r_k\, E[h_{a,k}(x)\, h_{b,k}(x')],
+    \qquad \operatorname{Cov}(b, b) = \sigma_b^2,
+
+(:math:`r_k`: the width fractions of the blocks the two vectors share; rows of one matrix that do
+not overlap are independent weights), and an NTK (Yang, *Tensor Programs II*; NTK
+parameterisation :math:`W h / \sqrt{n}`, as :class:`~gpytorch_tp.layers.Linear`)
+
+.. math::
+
+    \Theta(W h_a, W h_b) = \sigma_W^2 \sum_k r_k \Bigl(E[h_{a,k} h_{b,k}']
+        + \sum_{i, j} E[\partial_i h_{a,k}\, \partial_j h_{b,k}']\; \Theta(g_i, g_j')\Bigr),
+    \qquad \Theta(b, b) = \sigma_b^2,
+
+summed over the G-vars :math:`g_i` each H-var depends on, so a weight used several times
+contributes once per pair of its uses.  The NTK recursion assumes the gradient independence of
+Tensor Programs II, exact for programs without transposed weights whose readout weights are used
+only by the readout (every program the tracer accepts).
+
+The expectations are over the joint Gaussian of the G-vars they involve: the covariance itself for
+G-vars, the closed forms of the layer library for one nonlinearity of one G-var on both sides,
+products of independent factors split into their groups, and otherwise
+:func:`~gpytorch_tp.programs.gaussian.gaussian_moments` (quadrature).
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+from torch import Tensor, nn
+
+from ..layers.base import Layer
+from ..layers.elementwise import Nonlinearity
+from ..layers.nonlinearity_registry import torch_operations
+from ..state import KernelState
+from .gaussian import gaussian_moments
+from .program import Apply, Bias, Expr, GVar, InputFeatures, Program, Value, aligned_pieces, leaves
+
+__all__ = ["CompiledProgram"]
+
+_MUL_NAMES = frozenset({"mul", "multiply", "__mul__", "__rmul__", "__imul__"})
+
+
+def _closed_form(expr: Expr) -> tuple[Nonlinearity, GVar] | None:
+    """The nonlinearity layer and its G-var when ``expr`` is ``phi(g)`` for a registered nonlinearity ``phi``."""
+    if not isinstance(expr, Apply) or not expr.args or not isinstance(expr.args[0], GVar):
+        return None
+    extra, keywords = expr.args[1:], dict(expr.kwargs)
+    if any(isinstance(a, (GVar, Apply)) for a in (*extra, *keywords.values())):
+        return None
+    functions, methods, _ = torch_operations()
+    cls = functions.get(expr.fn)
+    if cls is None and getattr(expr.fn, "__objclass__", None) is torch._C.TensorBase:
+        cls = methods.get(expr.fn.__name__)  # x.relu(): a tensor method
+    if cls is None:
+        return None
+    try:
+        layer = cls.from_torch_call(tuple(extra), keywords)
+    except (TypeError, ValueError):
+        return None  # arguments the layer does not take: integrated by quadrature instead
+    return (layer, expr.args[0]) if isinstance(layer, Nonlinearity) else None
+
+
+def _replay(expr, values: dict[GVar, Tensor]):
+    """``expr`` evaluated on sample values of its G-vars (the torch calls the network made, replayed)."""
+    if isinstance(expr, GVar):
+        return values[expr]
+    if isinstance(expr, Apply):
+        args = [_replay(a, values) for a in expr.args]
+        kwargs = {k: _replay(v, values) for k, v in expr.kwargs}
+        return expr.fn(*args, **kwargs)
+    return expr
+
+
+def _factors(expr: Expr) -> list[Expr]:
+    """The factors of a product (``a * b * c``), or the expression itself."""
+    if isinstance(expr, Apply) and getattr(expr.fn, "__name__", "") in _MUL_NAMES and not expr.kwargs:
+        if len(expr.args) == 2:
+            return [f for a in expr.args for f in (_factors(a) if isinstance(a, (GVar, Apply)) else [a])]
+    return [expr]
+
+
+def _same_nonlinearity(a: Nonlinearity, b: Nonlinearity) -> bool:
+    return type(a) is type(b) and a.extra_repr() == b.extra_repr()
+
+
+def _atom_key(atom) -> tuple:
+    return (atom.weight.name, atom.rows)
+
+
+def _zero(x) -> bool:
+    return isinstance(x, float) and x == 0.0
+
+
+class _Recursion:
+    """The master theorem for one kernel state (a tile of pairs): memoised covariances and NTKs."""
+
+    def __init__(self, state: KernelState, variances: dict[str, Tensor]):
+        self.state = state
+        self.variances = variances
+        self.kernel = {"11": state.var1, "22": state.var2, "12": state.cross}
+        self.cov_memo: dict = {}
+        self.ntk_memo: dict = {}
+        self.moment_memo: dict = {}
+
+    # -- covariances ---------------------------------------------------------------------------
+
+    def atom_cov(self, a, b, pairing: str):
+        if a.weight.name != b.weight.name:
+            return 0.0
+        if a.rows != b.rows:
+            if a.rows[1] <= b.rows[0] or b.rows[1] <= a.rows[0]:
+                return 0.0  # other rows of the matrix: independent weights
+            raise NotImplementedError(f"overlapping but different rows {a.rows}, {b.rows} of {a.weight.name}")
+        variance = self.variances[a.weight.name]
+        if isinstance(a, Bias):
+            return variance
+        key = (a.source, b.source, pairing)
+        if key not in self.cov_memo:
+            self.cov_memo[key] = self.source_moment(a.source, b.source, pairing)
+        moment = self.cov_memo[key]
+        return 0.0 if _zero(moment) else variance * moment
+
+    def gcov(self, g1: GVar, g2: GVar, pairing: str):
+        total = 0.0
+        for a, ca in g1.terms:
+            for b, cb in g2.terms:
+                term = self.atom_cov(a, b, pairing)
+                if not _zero(term):
+                    total = total + ca * cb * term
+        return total
+
+    def source_moment(self, v1: Value, v2: Value, pairing: str):
+        total = 0.0
+        for fraction, e1, e2 in aligned_pieces(v1, v2):
+            if isinstance(e1, InputFeatures) and isinstance(e2, InputFeatures):
+                term = self.kernel[pairing]
+            elif isinstance(e1, InputFeatures) or isinstance(e2, InputFeatures):
+                term = 0.0  # the input and hidden features do not share the fan-in of one weight
+            else:
+                term = self.moments(e1, e2, pairing, derivatives=False)[0]
+            if not _zero(term):
+                total = total + fraction * term
+        return total
+
+    # -- expectations --------------------------------------------------------------------------
+
+    def moments(self, e1: Expr, e2: Expr, pairing: str, derivatives: bool):
+        """``E[e1 e2]`` and, with ``derivatives`` (pairing "12" only), ``{(g_i, g_j): E[d_i e1 d_j e2']}``."""
+        key = (e1, e2, pairing, derivatives)
+        if key not in self.moment_memo:
+            self.moment_memo[key] = self._moments(e1, e2, pairing, derivatives)
+        return self.moment_memo[key]
+
+    def _moments(self, e1: Expr, e2: Expr, pairing: str, derivatives: bool):
+        closed = self._closed_moments(e1, e2, pairing, derivatives)
+        return closed if closed is not None else self._by_groups(e1, e2, pairing, derivatives)
+
+    def _closed_moments(self, e1: Expr, e2: Expr, pairing: str, derivatives: bool):
+        """The moments of two G-vars, or of one closed-form nonlinearity of a G-var on both sides; else None."""
+        if isinstance(e1, GVar) and isinstance(e2, GVar):
+            return self.gcov(e1, e2, pairing), ({(e1, e2): 1.0} if derivatives else {})
+        closed1, closed2 = _closed_form(e1), _closed_form(e2)
+        if not (closed1 and closed2) or not _same_nonlinearity(closed1[0], closed2[0]):
+            return None
+        layer, g1, g2 = closed1[0], closed1[1], closed2[1]
+        first, second = {"11": ("11", "11"), "22": ("22", "22"), "12": ("11", "22")}[pairing]
+        like = self.state.cross
+        k11, k22, k12 = torch.broadcast_tensors(
+            *(
+                torch.as_tensor(k, dtype=like.dtype, device=like.device)
+                for k in (self.gcov(g1, g1, first), self.gcov(g2, g2, second), self.gcov(g1, g2, pairing))
+            )
+        )
+        value, derivative = layer.pair_moments(k11, k22, k12, derivatives)
+        return value, ({(g1, g2): derivative} if derivatives else {})
+
+    def _by_groups(self, e1: Expr, e2: Expr, pairing: str, derivatives: bool):
+        """Factors in independent groups of G-vars are integrated group by group, and multiplied."""
+        factors1, factors2 = _factors(e1), _factors(e2)
+        constant = 1.0
+        for f in factors1 + factors2:
+            if not isinstance(f, (GVar, Apply)):
+                constant *= float(f)
+        factors1 = [f for f in factors1 if isinstance(f, (GVar, Apply))]
+        factors2 = [f for f in factors2 if isinstance(f, (GVar, Apply))]
+        parts = []
+        for group1, group2 in self._groups([leaves(f) for f in factors1], [leaves(f) for f in factors2]):
+            first, second = [factors1[i] for i in group1], [factors2[i] for i in group2]
+            parts.append(self._integrate(first, second, pairing, derivatives))
+        value: object = constant
+        for part, _ in parts:
+            value = value * part
+        mixed: dict = {}
+        # A derivative pair lies in one group (pairs across groups have independent weights: no NTK term);
+        # the other groups contribute their values.
+        for c, (_, pairs) in enumerate(parts):
+            others: object = constant
+            for d, (part, _) in enumerate(parts):
+                if d != c:
+                    others = others * part
+            for key, expectation in pairs.items():
+                mixed[key] = mixed.get(key, 0.0) + expectation * others
+        return value, mixed
+
+    def _groups(self, leaves1: list, leaves2: list) -> list[tuple[list[int], list[int]]]:
+        """Groups of factors whose G-vars are linked (share an atom), across both sides."""
+        nodes = [("1", i, g) for i, ls in enumerate(leaves1) for g in ls] + [
+            ("2", i, g) for i, ls in enumerate(leaves2) for g in ls
+        ]
+        parent = list(range(len(leaves1) + len(leaves2)))
+
+        def find(i):
+            while parent[i] != i:
+                parent[i] = parent[parent[i]]
+                i = parent[i]
+            return i
+
+        def index(side, i):
+            return i if side == "1" else len(leaves1) + i
+
+        keys = [({_atom_key(a) for a, _ in g.terms}) for _, _, g in nodes]
+        for x in range(len(nodes)):
+            for y in range(x + 1, len(nodes)):
+                if keys[x] & keys[y]:
+                    parent[find(index(nodes[x][0], nodes[x][1]))] = find(index(nodes[y][0], nodes[y][1]))
+        groups: dict[int, tuple[list[int], list[int]]] = {}
+        for i in range(len(leaves1)):
+            groups.setdefault(find(index("1", i)), ([], []))[0].append(i)
+        for i in range(len(leaves2)):
+            groups.setdefault(find(index("2", i)), ([], []))[1].append(i)
+        return list(groups.values())
+
+    def _integrate(self, f1: list[Expr], f2: list[Expr], pairing: str, derivatives: bool):
+        """``E[prod f1 * prod f2]`` (and derivative pairs) for one linked group, closed form where one exists."""
+        if len(f1) == 1 and len(f2) == 1:
+            closed = self._closed_moments(f1[0], f2[0], pairing, derivatives)
+            if closed is not None:
+                return closed
+        side1 = list(dict.fromkeys(g for f in f1 for g in leaves(f)))
+        side2 = list(dict.fromkeys(g for f in f2 for g in leaves(f)))
+        if pairing == "12":
+            variables = [("1", g) for g in side1] + [("2", g) for g in side2]
+        else:  # both sides at the same input: a G-var is one variable
+            variables = [("0", g) for g in dict.fromkeys(side1 + side2)]
+        if not variables:
+            return 1.0, {}
+        cov = self._joint_covariance(variables, pairing)
+        index1 = [variables.index(("1" if pairing == "12" else "0", g)) for g in side1]
+        index2 = [variables.index(("2" if pairing == "12" else "0", g)) for g in side2]
+
+        def product(factors, gvars):
+            def evaluate(*points):
+                values = dict(zip(gvars, points))
+                out = 1.0
+                for f in factors:
+                    out = out * _replay(f, values)
+                return out
+
+            return evaluate
+
+        value, mixed = gaussian_moments(
+            cov, product(f1, side1), product(f2, side2), index1, index2, derivatives=derivatives and pairing == "12"
+        )
+        pairs = {}
+        if derivatives and pairing == "12":
+            for i, gi in enumerate(side1):
+                for j, gj in enumerate(side2):
+                    pairs[(gi, gj)] = mixed[..., i, j]
+        return value, pairs
+
+    def _joint_covariance(self, variables: list[tuple[str, GVar]], pairing: str) -> Tensor:
+        def pairing_of(s, t):
+            if pairing != "12":
+                return pairing
+            return {"11": "11", "22": "22", "12": "12", "21": "12"}[s + t]
+
+        entries = []
+        for s, g in variables:
+            row = []
+            for t, h in variables:
+                if s == "2" and t == "1":
+                    value = self.gcov(h, g, "12")  # Cov(g(x'), h(x)) of the pair (x, x')
+                else:
+                    value = self.gcov(g, h, pairing_of(s, t))
+                row.append(value)
+            entries.append(row)
+        like = self.state.cross
+        reference = like if pairing == "12" else self.kernel[pairing]
+        shape = torch.broadcast_shapes(reference.shape, *(torch.as_tensor(v).shape for row in entries for v in row))
+
+        def dense(v):
+            return torch.as_tensor(v, dtype=like.dtype, device=like.device).expand(shape)
+
+        rows = [torch.stack([dense(v) for v in row], -1) for row in entries]
+        return torch.stack(rows, -2)
+
+    # -- NTK -------------------------------------------------------------------------------------
+
+    def atom_ntk(self, a, b):
+        if a.weight.name != b.weight.name or a.rows != b.rows:
+            return 0.0
+        variance = self.variances[a.weight.name]
+        if isinstance(a, Bias):
+            return variance
+        key = (a.source, b.source)
+        if key not in self.ntk_memo:
+            self.ntk_memo[key] = self._source_tangent(a.source, b.source)
+        inner = self.ntk_memo[key]
+        moment = self.atom_cov(a, b, "12")
+        if _zero(moment) and _zero(inner):
+            return 0.0
+        return moment + (0.0 if _zero(inner) else variance * inner)
+
+    def gntk(self, g1: GVar, g2: GVar):
+        total = 0.0
+        for a, ca in g1.terms:
+            for b, cb in g2.terms:
+                term = self.atom_ntk(a, b)
+                if not _zero(term):
+                    total = total + ca * cb * term
+        return total
+
+    def _source_tangent(self, v1: Value, v2: Value):
+        total = 0.0
+        for fraction, e1, e2 in aligned_pieces(v1, v2):
+            if isinstance(e1, InputFeatures) or isinstance(e2, InputFeatures):
+                continue  # the input has no parameters
+            _, pairs = self.moments(e1, e2, "12", derivatives=True)
+            for (gi, gj), expectation in pairs.items():
+                tangent = self.gntk(gi, gj)
+                if not _zero(tangent) and not _zero(expectation):
+                    total = total + fraction * expectation * tangent
+        return total
+
+
+def _attribute(name: str) -> str:
+    return re.sub(r"\W", "_", name) + "_variance"
+
+
+class CompiledProgram(Layer):
+    r"""The infinite-width kernels of a traced network (a :class:`~gpytorch_tp.programs.program.Program`).
+
+    Maps the input state (:math:`\langle x, x' \rangle / d`) to the NNGP kernel and NTK of the
+    network output by the master theorem (module docstring).  Each weight matrix and bias of the
+    network is one variance hyperparameter, ``<parameter name>_variance`` (dots as underscores):
+    :math:`\sigma_W^2` (the entries' variance times the fan-in) for matrices, :math:`\sigma_b^2`
+    for biases.
+
+    :param program: the traced program.
+    :param variances: the starting variance of every weight, by parameter name.
+    :param learnable: learn the variances (default: those that are not 0).
+    """
+
+    def __init__(self, program: Program, variances: dict[str, float], learnable: bool | None = None):
+        super().__init__()
+        self.program = program
+        self.variance_names = {}
+        for weight in program.weights:
+            attribute = _attribute(weight.name)
+            self.variance_names[weight.name] = attribute
+            self.register_variance(
+                attribute, float(variances[weight.name]), learnable=learnable, allow_zero=weight.bias
+            )
+
+    def variance(self, parameter: str) -> Tensor:
+        """The variance of the module's parameter ``parameter`` (its name in ``named_parameters``)."""
+        if parameter not in self.variance_names:
+            raise KeyError(f"{parameter!r} is not a weight of the program; its weights: {list(self.variance_names)}")
+        return self.get_variance(self.variance_names[parameter])
+
+    def parameter_scales(self, network: nn.Module) -> dict[str, float]:
+        """Per-parameter NTK factors for ``network`` (the traced module's class at any width).
+
+        ``network`` holds weights of variance ``sigma^2 / fan_in``; the NTK parameterisation's tangent
+        kernel weighs their gradients by ``sigma^2 / fan_in`` (biases by ``sigma_b^2``), as
+        :class:`~gpytorch_tp.kernels.MonteCarloKernel`'s ``parameter_scales`` takes them:
+        ``MonteCarloKernel(factory, "ntk", parameter_scales=layer.parameter_scales)``.
+        """
+        parameters = dict(network.named_parameters())
+        scales = {}
+        for weight in self.program.weights:
+            if weight.name not in parameters:
+                raise KeyError(f"the network has no parameter {weight.name!r} of the traced program")
+            value = float(self.variance(weight.name).detach().reshape(-1)[0])
+            scales[weight.name] = value if weight.bias else value / parameters[weight.name].shape[-1]
+        return scales
+
+    def forward(self, state: KernelState) -> KernelState:
+        if state.pair_ndim:
+            raise ValueError("a compiled program takes feature vectors (no input_shape grid or sequence) so far")
+        variances = {
+            name: state.broadcast_parameter(self.get_variance(attribute))
+            for name, attribute in self.variance_names.items()
+        }
+        recursion = _Recursion(state, variances)
+        out = self.program.output
+        like = state.cross
+
+        def dense(value, reference: Tensor) -> Tensor:
+            value = torch.as_tensor(value, dtype=like.dtype, device=like.device)
+            return value.expand(torch.broadcast_shapes(value.shape, reference.shape))
+
+        cross = dense(recursion.gcov(out, out, "12"), state.cross)
+        var1 = dense(recursion.gcov(out, out, "11"), state.var1)
+        var2 = dense(recursion.gcov(out, out, "22"), state.var2)
+        ntk = dense(recursion.gntk(out, out), state.cross) if state.track_ntk else None
+        return state.replace(cross=cross, var1=var1, var2=var2, ntk=ntk, gaussian=True, fresh=True)
+
+    def finite_module(self, in_shape: tuple[int, ...], width: int) -> tuple[nn.Module, tuple[int, ...]]:
+        raise NotImplementedError(
+            "a compiled program's finite network is the module it was traced from (at its own widths)"
+        )
+
+    def extra_repr(self) -> str:
+        return f"{len(self.program.weights)} weights; " + super().extra_repr()

@@ -1,0 +1,212 @@
+r"""A tensor program: what a traced network computes, in the variables of the master theorem.
+
+A wide network's hidden vectors are of two kinds (Yang, *Tensor Programs I*):
+
+* **G-vars**, :class:`GVar`: linear combinations of *atoms*, each a weight matrix applied to a vector
+  (:class:`MatMul`) or a bias vector (:class:`Bias`).  At infinite width their coordinates are
+  jointly Gaussian, across inputs and across G-vars;
+* **H-vars**, :class:`Apply`: coordinatewise functions of one or several G-vars.
+
+A :class:`Value` is a vector of the network (its last axis is the width) as blocks of coordinates,
+each block one expression: a ``torch.cat`` of two vectors is two blocks, a slice keeps a part of
+one.  The block widths are the module's own; at infinite width only their ratios matter.
+
+The master theorem reads off covariances: for atoms of the same weight rows
+:math:`\operatorname{Cov}(W h_a, W h_b) = \sigma_W^2\, E[h_a h_b]` (a width-weighted sum over the
+blocks of :math:`h_a, h_b`), for independent weights 0; :mod:`gpytorch_tp.programs.evaluation`
+computes them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = ["Apply", "Bias", "Block", "Expr", "GVar", "InputFeatures", "MatMul", "Program", "Value", "Weight"]
+
+
+@dataclass(frozen=True)
+class Weight:
+    """A weight matrix (or bias vector) of the network, identified by its parameter: one per tensor.
+
+    :param name: the parameter's qualified name in the module (``named_parameters``).
+    :param fan_in: its input width (0 for a bias).
+    :param bias: a bias vector rather than a matrix.
+    """
+
+    name: str
+    fan_in: int
+    bias: bool = False
+
+
+@dataclass(frozen=True)
+class MatMul:
+    """``W[rows] @ source``: rows ``[start, stop)`` of a weight applied to a vector."""
+
+    weight: Weight
+    rows: tuple[int, int]
+    source: Value
+
+    def restrict(self, start: int, stop: int) -> MatMul:
+        first = self.rows[0]
+        return MatMul(self.weight, (first + start, first + stop), self.source)
+
+
+@dataclass(frozen=True)
+class Bias:
+    """Entries ``[start, stop)`` of a bias vector (a G-var that is the same for every input)."""
+
+    weight: Weight
+    rows: tuple[int, int]
+
+    def restrict(self, start: int, stop: int) -> Bias:
+        first = self.rows[0]
+        return Bias(self.weight, (first + start, first + stop))
+
+
+Atom = MatMul | Bias
+
+
+@dataclass(frozen=True)
+class GVar:
+    """A G-var: ``sum(coefficient * atom)``, jointly Gaussian with every other G-var at infinite width."""
+
+    terms: tuple[tuple[Atom, float], ...]
+
+    def restrict(self, start: int, stop: int) -> GVar:
+        return GVar(tuple((atom.restrict(start, stop), c) for atom, c in self.terms))
+
+    def scaled(self, factor: float) -> GVar:
+        return GVar(tuple((atom, c * factor) for atom, c in self.terms))
+
+    def plus(self, other: GVar) -> GVar:
+        merged: dict[Atom, float] = {}
+        for atom, c in self.terms + other.terms:
+            merged[atom] = merged.get(atom, 0.0) + c
+        return GVar(tuple((atom, c) for atom, c in merged.items() if c != 0.0))
+
+
+@dataclass(frozen=True)
+class Apply:
+    """An H-var: ``fn(*args, **kwargs)`` coordinatewise, args being expressions or constants.
+
+    ``fn`` is the torch function the network called (``torch.sigmoid``, ``Tensor.mul``, ``F.elu``, ...);
+    replaying it on sample points of the G-vars' joint Gaussian integrates it.
+    """
+
+    fn: Callable
+    args: tuple[Any, ...]
+    kwargs: tuple[tuple[str, Any], ...] = ()
+
+    def restrict(self, start: int, stop: int) -> Apply:
+        return Apply(self.fn, tuple(restrict(a, start, stop) for a in self.args), self.kwargs)
+
+
+@dataclass(frozen=True)
+class InputFeatures:
+    """The network input: ``d`` features of finite width (its kernel is :math:`\\langle x, x'\\rangle / d`)."""
+
+    width: int
+
+    def restrict(self, start: int, stop: int) -> InputFeatures:
+        if (start, stop) != (0, self.width):
+            raise ValueError("a slice of the input features")  # refused by the tracer before this
+        return self
+
+
+Expr = GVar | Apply | InputFeatures
+
+
+def restrict(expr: Any, start: int, stop: int) -> Any:
+    """Coordinates ``[start, stop)`` of an expression (constants are the same in every coordinate)."""
+    return expr.restrict(start, stop) if isinstance(expr, (GVar, Apply, InputFeatures)) else expr
+
+
+def leaves(expr: Any) -> tuple[GVar, ...]:
+    """The G-vars an expression depends on, each once, in order of appearance."""
+    found: dict[GVar, None] = {}
+
+    def visit(e: Any) -> None:
+        if isinstance(e, GVar):
+            found.setdefault(e)
+        elif isinstance(e, Apply):
+            for a in e.args:
+                visit(a)
+            for _, a in e.kwargs:
+                visit(a)
+
+    visit(expr)
+    return tuple(found)
+
+
+@dataclass(frozen=True)
+class Block:
+    """``width`` coordinates of a vector, all given by one expression."""
+
+    width: int
+    expr: Expr
+
+
+@dataclass(frozen=True, eq=False)
+class Value:
+    """A vector of the network: consecutive blocks of coordinates.
+
+    Compared by identity: atoms of the same weight rows applied to the same traced vector are the
+    same atom, and hashing stays cheap however deep the program (a loop unrolled over time).
+    """
+
+    blocks: tuple[Block, ...]
+
+    @property
+    def width(self) -> int:
+        return sum(b.width for b in self.blocks)
+
+    def boundaries(self) -> tuple[int, ...]:
+        edges, at = [0], 0
+        for block in self.blocks:
+            at += block.width
+            edges.append(at)
+        return tuple(edges)
+
+    def piece(self, start: int, stop: int) -> Expr:
+        """The expression of coordinates ``[start, stop)``, which must lie inside one block."""
+        at = 0
+        for block in self.blocks:
+            if at <= start and stop <= at + block.width:
+                return restrict(block.expr, start - at, stop - at)
+            at += block.width
+        raise ValueError(f"coordinates [{start}, {stop}) cross a block boundary")
+
+    def slice(self, start: int, stop: int) -> Value:
+        """Coordinates ``[start, stop)`` as a value (split where they cross blocks)."""
+        edges = self.boundaries()
+        cuts = sorted({start, stop, *(e for e in edges if start < e < stop)})
+        return Value(tuple(Block(b - a, self.piece(a, b)) for a, b in zip(cuts, cuts[1:]) if b > a))
+
+
+def aligned_pieces(first: Value, second: Value) -> list[tuple[float, Expr, Expr]]:
+    """``(fraction of the width, expression in first, expression in second)`` over common blocks."""
+    if first.width != second.width:
+        raise ValueError(f"vectors of widths {first.width} and {second.width}")
+    cuts = sorted(set(first.boundaries()) | set(second.boundaries()))
+    return [(
+        (b - a) / first.width, first.piece(a, b), second.piece(a, b)
+    ) for a, b in zip(cuts, cuts[1:]) if b > a]
+
+
+@dataclass(frozen=True)
+class Program:
+    """A traced network: its output G-var and the weights it uses (in order of first use).
+
+    :param output: the network output, a G-var (a readout layer's output).
+    :param weights: every weight and bias, with the variances of their initialisation.
+    :param input_width: features of the network input.
+    """
+
+    output: GVar
+    weights: tuple[Weight, ...]
+    input_width: int
+    #: variance of each weight under the module's initialisation (fan-in times the entries' variance
+    #: for matrices, the entries' variance for biases), by name
+    initial_variances: dict[str, float] = field(default_factory=dict, compare=False)

@@ -1,0 +1,428 @@
+"""From a ``torch.nn.Module`` to a :class:`~gpytorch_tp.programs.program.Program`: tracing by running it.
+
+The module runs once on a small example batch under a ``TorchFunctionMode`` that sees every torch
+call at the level the user wrote it (``F.linear``, ``torch.sigmoid``, ``h * g``, ``torch.cat``,
+``h[:, :n]``), so Python loops are unrolled and shape code (``x.new_zeros(x.shape[0], n)``) simply
+runs.  Each tensor computed from the input gets a :class:`~gpytorch_tp.programs.program.Value`;
+weights are recognised by the identity of their parameters, so a layer called twice is one weight
+used twice (weight sharing).  What the master theorem does not cover raises
+:class:`~gpytorch_tp.errors.UnsupportedModuleError` naming the operation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
+
+from ..errors import UnsupportedModuleError
+from .program import Apply, Bias, Block, GVar, InputFeatures, MatMul, Program, Value, Weight
+
+__all__ = [
+    "ELEMENTWISE_FUNCTIONS",
+    "NotFeatureVectorsError",
+    "OutsideTheTheoremError",
+    "UnknownOperationError",
+    "trace_program",
+]
+
+
+class NotFeatureVectorsError(UnsupportedModuleError):
+    """The network computes on tensors other than feature vectors ``(N, width)`` (grids, sequences)."""
+
+
+class UnknownOperationError(UnsupportedModuleError):
+    """An operation the compiler does not know (the layer vocabulary's refusal usually says more)."""
+
+
+class OutsideTheTheoremError(UnsupportedModuleError):
+    """Every operation was understood, but the program is not one the master theorem covers as written."""
+
+# Coordinatewise torch functions of one or more tensors (by name: torch.tanh, Tensor.tanh and
+# F.tanh are different objects of the same name).  Any function of these is an H-var.
+ELEMENTWISE_FUNCTIONS = frozenset(
+    """relu tanh sigmoid erf erfc exp expm1 sin cos abs square sqrt rsqrt log1p softplus elu selu celu
+    mish silu gelu leaky_relu hardtanh hardsigmoid hardswish relu6 logsigmoid tanhshrink softsign
+    sign clamp clip pow float_power reciprocal neg negative positive add sub subtract rsub mul multiply
+    div divide true_divide maximum minimum where
+    __add__ __radd__ __iadd__ __sub__ __rsub__ __isub__ __mul__ __rmul__ __imul__ __truediv__
+    __rtruediv__ __itruediv__ __neg__ __pos__ __pow__ __rpow__ __abs__""".split()
+)
+# Linear maps of G-vars, which keep them G-vars (a sum of Gaussians is Gaussian).
+_ADD = frozenset({"add", "__add__", "__radd__", "__iadd__"})
+_SUB = frozenset({"sub", "subtract", "__sub__", "__isub__"})
+_RSUB = frozenset({"rsub", "__rsub__"})
+_MUL = frozenset({"mul", "multiply", "__mul__", "__rmul__", "__imul__"})
+_DIV = frozenset({"div", "divide", "true_divide", "__truediv__", "__itruediv__"})
+_NEG = frozenset({"neg", "negative", "__neg__"})
+# Calls that change nothing a kernel sees (layout, dtype, copies).
+_SAME_VALUE = frozenset({"contiguous", "clone", "float", "double", "half", "to", "type", "detach", "__get__"})
+# Calls that read shapes and the like: they run untraced.
+_UNTRACED = frozenset({"size", "dim", "numel", "__len__", "is_floating_point", "is_complex", "__format__"})
+
+
+def _name(func: Callable) -> str:
+    return getattr(func, "__name__", str(func))
+
+
+class _Tracer(TorchFunctionMode):
+    def __init__(self, parameters: dict[int, tuple[str, nn.Parameter]], input_tensor: Tensor):
+        super().__init__()
+        self.parameters = parameters
+        self.values: dict[int, Value] = {}
+        self.alive: list[Tensor] = []  # keeps traced tensors alive so that their ids stay unique
+        #: transposes of weight parameters (``W.T``, ``W.t()``), by the transpose's id
+        self.transposed: dict[int, Tensor] = {}
+        self.weights: dict[str, Weight] = {}
+        #: biases added to a layer of finite fan-in (the network input): name -> fan-in
+        self.finite_fan_in: dict[str, int] = {}
+        d = input_tensor.shape[-1]
+        self.track(input_tensor, Value((Block(d, InputFeatures(d)),)))
+
+    def track(self, tensor: Tensor, value: Value) -> None:
+        self.values[id(tensor)] = value
+        self.alive.append(tensor)
+
+    def value(self, obj: Any) -> Value | None:
+        return self.values.get(id(obj)) if isinstance(obj, Tensor) else None
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        result = func(*args, **kwargs)
+        name = _name(func)
+        if args and id(args[0]) in self.parameters and _is_transpose(name, args[0], result):
+            self.transposed[id(result)] = args[0]  # x @ W.T is a dense layer with the weight W
+            self.alive.append(result)
+        traced = [a for a in _flat(args) + _flat(list(kwargs.values())) if self.value(a) is not None]
+        if not traced or name in _UNTRACED:
+            return result
+        if name in _SAME_VALUE and isinstance(result, Tensor):
+            if name == "__get__" and result.shape != args[0].shape:
+                raise OutsideTheTheoremError(
+                    "a transpose (x.T) of traced features",
+                    "products across the items of a batch (attention on (N, width) features) are not compiled",
+                )
+            self.track(result, self.value(args[0]))
+            return result
+        handler = _HANDLERS.get(name)
+        if handler is None and name in ELEMENTWISE_FUNCTIONS:
+            handler = _elementwise
+        if handler is None:
+            raise UnknownOperationError(
+                f"the operation {name!r}",
+                "the tensor-program compiler knows dense layers, coordinatewise functions, sums, products, "
+                "concatenations and slices of the feature axis",
+            )
+        handler(self, func, name, args, kwargs, result)
+        return result
+
+    # -- weights --------------------------------------------------------------------------------
+
+    def weight(self, tensor: Any, what: str, bias: bool = False) -> Weight:
+        found = self.parameters.get(id(tensor))
+        if found is None:
+            raise UnsupportedModuleError(
+                what, "its weight is not a parameter of the module (weights are recognised as parameters)"
+            )
+        name, parameter = found
+        fan_in = 0 if bias else parameter.shape[-1]
+        weight = self.weights.setdefault(name, Weight(name, fan_in, bias))
+        return weight
+
+
+def _is_transpose(name: str, parameter: Tensor, result: Any) -> bool:
+    return (
+        name in ("t", "transpose", "__get__", "permute")
+        and isinstance(result, Tensor)
+        and result.dim() == 2
+        and parameter.dim() == 2
+        and tuple(result.shape) == tuple(parameter.shape)[::-1]
+    )
+
+
+def _flat(items) -> list:
+    out = []
+    for item in items:
+        if isinstance(item, (list, tuple)):
+            out.extend(_flat(item))
+        else:
+            out.append(item)
+    return out
+
+
+def _check_features(tracer: _Tracer, tensor: Tensor, what: str) -> Value:
+    value = tracer.value(tensor)
+    if value is None:
+        raise UnsupportedModuleError(what, "its input does not come from the network input")
+    if tensor.dim() != 2:
+        raise NotFeatureVectorsError(
+            what,
+            f"it acts on a tensor of shape {tuple(tensor.shape)}; the compiler traces feature vectors (N, width) "
+            "so far (sequences and images: the converter's layers)",
+        )
+    return value
+
+
+def _linear(tracer: _Tracer, func, name, args, kwargs, result) -> None:
+    bound = _bind(args, kwargs, ("input", "weight", "bias"))
+    value = _check_features(tracer, bound["input"], "F.linear")
+    weight = tracer.weight(bound["weight"], "F.linear")
+    _add_linear(tracer, value, weight, bound.get("bias"), result)
+
+
+def _add_linear(tracer: _Tracer, value: Value, weight: Weight, bias_tensor, result: Tensor) -> None:
+    out = result.shape[-1]
+    terms: list = [(MatMul(weight, (0, out), value), 1.0)]
+    if bias_tensor is not None:
+        bias = tracer.weight(bias_tensor, "the bias of F.linear", bias=True)
+        terms.append((Bias(bias, (0, out)), 1.0))
+        if any(isinstance(b.expr, InputFeatures) for b in value.blocks):
+            tracer.finite_fan_in[bias.name] = value.width
+    tracer.track(result, Value((Block(out, GVar(tuple(terms))),)))
+
+
+def _matmul(tracer: _Tracer, func, name, args, kwargs, result) -> None:
+    left, right = args[0], args[1]
+    if name == "__rmatmul__":
+        left, right = right, left
+    value = _check_features(tracer, left, "a matrix product")
+    if tracer.value(right) is not None:
+        raise OutsideTheTheoremError(
+            "a matrix product of two traced tensors",
+            "token mixing (attention) is not compiled yet; products of features with a weight are",
+        )
+    found = tracer.parameters.get(id(right))
+    transposed = tracer.transposed.get(id(right))
+    if transposed is not None:
+        # x @ W.T: the weight W (out, in) applied as a linear layer.
+        weight = tracer.weight(transposed, "a matrix product")
+    elif found is not None:
+        raise UnsupportedModuleError(
+            "x @ W with a parameter W of shape (in, out)",
+            "write F.linear(x, W) or x @ W.T with W of shape (out, in), so that the fan-in is W's last axis",
+        )
+    else:
+        raise UnsupportedModuleError("a matrix product", "its right factor is not a parameter of the module")
+    _add_linear(tracer, value, weight, None, result)
+
+
+def _cat(tracer: _Tracer, func, name, args, kwargs, result) -> None:
+    bound = _bind(args, kwargs, ("tensors", "dim"))
+    tensors, dim = bound["tensors"], bound.get("dim", 0)
+    if result.dim() != 2 or dim not in (-1, 1):
+        raise UnsupportedModuleError(
+            f"torch.cat along dim {dim} of {result.dim()}-d tensors", "concatenation along the feature axis only"
+        )
+    blocks = []
+    for tensor in tensors:
+        value = tracer.value(tensor)
+        if value is None:
+            raise UnsupportedModuleError("torch.cat of a constant tensor", "every part must come from the input")
+        blocks.extend(value.blocks)
+    tracer.track(result, Value(tuple(blocks)))
+
+
+def _getitem(tracer: _Tracer, func, name, args, kwargs, result) -> None:
+    value = _check_features(tracer, args[0], "indexing")
+    index = args[1] if isinstance(args[1], tuple) else (args[1],)
+    if index and index[0] is Ellipsis:
+        index = (slice(None),) + index[1:]
+    if len(index) == 1 and index[0] == slice(None):
+        tracer.track(result, value)
+        return
+    if len(index) != 2 or index[0] != slice(None) or not isinstance(index[1], slice) or result.dim() != 2:
+        raise UnsupportedModuleError(
+            f"the index {args[1]!r}", "only slices of the feature axis (x[:, a:b]) are compiled"
+        )
+    start, stop, step = index[1].indices(value.width)
+    if step != 1:
+        raise UnsupportedModuleError(f"the slice {index[1]!r}", "steps other than 1")
+    _slice(tracer, value, start, stop, result)
+
+
+def _slice(tracer: _Tracer, value: Value, start: int, stop: int, result: Tensor) -> None:
+    if any(isinstance(b.expr, InputFeatures) for b in value.blocks):
+        raise UnsupportedModuleError("a slice of the network input", "the input's features are finite")
+    tracer.track(result, value.slice(start, stop))
+
+
+def _split(tracer: _Tracer, func, name, args, kwargs, result) -> None:
+    value = _check_features(tracer, args[0], f"{name}")
+    dim = kwargs.get("dim", args[2] if len(args) > 2 else 0)
+    if dim not in (-1, 1):
+        raise UnsupportedModuleError(f"{name} along dim {dim}", "only the feature axis")
+    at = 0
+    for part in result:
+        _slice(tracer, value, at, at + part.shape[-1], part)
+        at += part.shape[-1]
+
+
+def _reshape(tracer: _Tracer, func, name, args, kwargs, result) -> None:
+    if result.shape != args[0].shape:
+        raise NotFeatureVectorsError(
+            f"{name} to shape {tuple(result.shape)}", "the compiler traces feature vectors (N, width) so far"
+        )
+    tracer.track(result, tracer.value(args[0]))
+
+
+def _elementwise(tracer: _Tracer, func, name, args, kwargs, result) -> None:
+    operands: list[Any] = []
+    values: list[Value] = []
+    for arg in list(args) + [v for _, v in sorted(kwargs.items())]:
+        value = tracer.value(arg)
+        if value is not None:
+            values.append(value)
+        elif isinstance(arg, Tensor) and arg.numel() == 1:
+            arg = float(arg)
+        elif isinstance(arg, Tensor):
+            if not bool((arg == 0).all()):
+                raise OutsideTheTheoremError(
+                    f"{name} with a constant tensor of shape {tuple(arg.shape)}",
+                    "constants must be scalars (a constant vector makes features that are not centred)",
+                )
+            arg = 0.0
+        operands.append(arg)
+    if result.dim() != 2:
+        raise NotFeatureVectorsError(
+            f"{name} giving a tensor of shape {tuple(result.shape)}",
+            "the compiler traces feature vectors (N, width) so far (sequences and images: the converter's layers)",
+        )
+    if any(v.width != result.shape[-1] for v in values):
+        raise UnsupportedModuleError(
+            f"{name} of tensors of shapes {[tuple(a.shape) for a in _flat(args) if isinstance(a, Tensor)]}",
+            "coordinatewise functions of feature vectors of one width only",
+        )
+    for value in values:
+        if any(isinstance(b.expr, InputFeatures) for b in value.blocks):
+            raise UnsupportedModuleError(
+                f"{name} of the network input", "the raw input is finite: apply a dense layer to it first"
+            )
+    keywords = tuple((k, v) for k, v in sorted(kwargs.items()) if k != "inplace" and tracer.value(v) is None)
+    positional = len(args)
+    cuts = sorted(set().union(*(v.boundaries() for v in values)))
+    blocks = []
+    for a, b in zip(cuts, cuts[1:]):
+        exprs = iter([v.piece(a, b) for v in values])
+        pieces = [next(exprs) if tracer.value(arg) is not None else op for arg, op in zip(
+            list(args) + [v for _, v in sorted(kwargs.items())], operands
+        )]
+        blocks.append(Block(b - a, _combine(func, name, pieces[:positional], keywords)))
+    tracer.track(result, Value(tuple(blocks)))
+
+
+def _combine(func: Callable, name: str, args: list, keywords: tuple) -> Any:
+    """The expression of ``func(*args)``: a G-var when it is a linear map of G-vars, else an H-var."""
+    scalars = [a for a in args if not isinstance(a, (GVar, Apply))]
+    exprs = [a for a in args if isinstance(a, (GVar, Apply))]
+    if all(isinstance(e, GVar) for e in exprs) and not keywords:
+        if name in _ADD and len(args) == 2:
+            if len(exprs) == 2:
+                return exprs[0].plus(exprs[1])
+            if scalars[0] == 0:
+                return exprs[0]
+        if name in _SUB and len(args) == 2:
+            if len(exprs) == 2:
+                return args[0].plus(args[1].scaled(-1.0))
+            if isinstance(args[0], GVar) and args[1] == 0:
+                return args[0]
+        if name in _MUL and len(args) == 2 and len(exprs) == 1 and isinstance(scalars[0], (int, float)):
+            return exprs[0].scaled(float(scalars[0]))
+        if name in _DIV and len(args) == 2 and isinstance(args[0], GVar) and isinstance(args[1], (int, float)):
+            return args[0].scaled(1.0 / float(args[1]))
+        if name in _NEG and len(args) == 1:
+            return args[0].scaled(-1.0)
+    return Apply(func, tuple(args), keywords)
+
+
+def _bind(args, kwargs, names: tuple[str, ...]) -> dict:
+    bound = dict(zip(names, args))
+    bound.update(kwargs)
+    return bound
+
+
+_HANDLERS: dict[str, Callable] = {
+    "linear": _linear,
+    "matmul": _matmul,
+    "__matmul__": _matmul,
+    "__rmatmul__": _matmul,
+    "mm": _matmul,
+    "cat": _cat,
+    "concat": _cat,
+    "concatenate": _cat,
+    "hstack": _cat,
+    "__getitem__": _getitem,
+    "chunk": _split,
+    "split": _split,
+    "tensor_split": _split,
+    "view": _reshape,
+    "reshape": _reshape,
+    "view_as": _reshape,
+    "reshape_as": _reshape,
+    "flatten": _reshape,
+    "squeeze": _reshape,
+}
+
+
+def trace_program(module: nn.Module, input_width: int, *, example_size: int = 3) -> tuple[Program, dict[str, Any]]:
+    """The tensor program of ``module`` on inputs ``(N, input_width)``, and what the initialisation needs.
+
+    :return: the program and, by parameter name, ``{"tensor": the parameter, "module": the module
+        owning it, "finite_fan_in": the fan-in of a bias added to the network input (else None)}``.
+    """
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"module must be a torch.nn.Module, got {type(module).__name__}")
+    width = int(input_width)
+    if width < 1:
+        raise ValueError(f"input_width must be positive, got {input_width}")
+    parameters = {id(p): (name, p) for name, p in module.named_parameters()}
+    owners = {}
+    for module_name, sub in module.named_modules():
+        for attr, p in sub.named_parameters(recurse=False):
+            owners.setdefault(id(p), sub)
+    try:
+        reference = next(module.parameters())
+        dtype, device = reference.dtype, reference.device
+    except StopIteration:
+        dtype, device = torch.get_default_dtype(), torch.device("cpu")
+    generator = torch.Generator(device="cpu").manual_seed(0)
+    x = torch.randn(example_size, width, generator=generator, dtype=dtype).to(device)
+    was_training = module.training
+    module.eval()
+    try:
+        tracer = _Tracer(parameters, x)
+        with torch.no_grad(), tracer:
+            out = module(x)
+    finally:
+        module.train(was_training)
+    value = tracer.value(out) if isinstance(out, Tensor) else None
+    if value is None:
+        raise UnsupportedModuleError(
+            f"the network output ({type(out).__name__})", "the output must be one tensor computed from the input"
+        )
+    if out.dim() != 2:
+        raise UnsupportedModuleError(f"an output of shape {tuple(out.shape)}", "outputs (N, out_features) only")
+    kinds = {type(b.expr) for b in value.blocks}
+    if kinds != {GVar} or len(value.blocks) != 1:
+        raise OutsideTheTheoremError(
+            "the network output",
+            "it must end with a dense layer (a readout), whose outputs are Gaussian at infinite width; "
+            "this one ends with a coordinatewise function or joins outputs of different kernels",
+        )
+    output = value.blocks[0].expr.restrict(0, 1)  # every coordinate of a readout has the same kernel
+    weights = tuple(tracer.weights.values())
+    info = {
+        w.name: {
+            "tensor": parameters_by_name(parameters)[w.name],
+            "module": owners.get(id(parameters_by_name(parameters)[w.name])),
+            "finite_fan_in": tracer.finite_fan_in.get(w.name),
+        }
+        for w in weights
+    }
+    return Program(output, weights, width), info
+
+
+def parameters_by_name(parameters: dict[int, tuple[str, nn.Parameter]]) -> dict[str, nn.Parameter]:
+    return {name: p for name, p in parameters.values()}

@@ -1,0 +1,419 @@
+"""The tensor-program compiler: any feature network's kernels by the master theorem.
+
+1. Exact agreement with the hand-written layers where they overlap (MLPs, concatenations, a
+   hidden layer applied twice), to round-off.
+2. The quadrature against independent integration.
+3. Convergence of wide finite networks of the same module (Gaussian initialisation at the
+   compiled variances) to the compiled NNGP kernel and NTK: GLU, products, concatenations,
+   chunked gates, one weight on two inputs.
+4. The GPyTorch interface: kernel_from_module, gradients, float32, batches, pickling; refusals.
+"""
+
+from __future__ import annotations
+
+import math
+import pickle
+
+import pytest
+import torch
+import torch.nn.functional as F
+from kernel_checks import relative_error
+from scipy import integrate
+from torch import nn
+
+from gpytorch_tp import TensorProgramKernel, from_module, kernel_from_module
+from gpytorch_tp.conversion import UnsupportedModuleError, ntk_parameter_scales
+from gpytorch_tp.kernels import MonteCarloKernel
+from gpytorch_tp.layers import ELU, Erf, Linear, ReLU, Sequential, Tanh
+from gpytorch_tp.programs import CompiledProgram, compile_module
+from gpytorch_tp.programs.gaussian import gaussian_moments
+
+DTYPE = torch.float64
+WV, BV = 1.5, 0.1  # the variances the finite networks are drawn with
+
+
+def _x(n=5, d=3, seed=0):
+    return torch.randn(n, d, generator=torch.Generator().manual_seed(seed), dtype=DTYPE)
+
+
+def _kernel(module: nn.Module, kind: str, d: int = 3) -> TensorProgramKernel:
+    return TensorProgramKernel(compile_module(module, d, weight_variance=WV, bias_variance=BV), kind=kind).double()
+
+
+def _dense(kernel, x):
+    with torch.no_grad():
+        return kernel(x).to_dense()
+
+
+# =============================================================================================
+# Networks nobody wrote a kernel for.
+# =============================================================================================
+
+
+class GLU(nn.Module):
+    """A gated linear unit: a(x) * sigmoid(b(x)), then a readout."""
+
+    def __init__(self, width=16, d=3, out=1):
+        super().__init__()
+        self.a, self.b, self.o = nn.Linear(d, width), nn.Linear(d, width), nn.Linear(width, out)
+
+    def forward(self, x):
+        return self.o(self.a(x) * torch.sigmoid(self.b(x)))
+
+
+class Square(nn.Module):
+    """h * h: a product of a G-var with itself (a polynomial, integrated exactly)."""
+
+    def __init__(self, width=16, d=3, out=1):
+        super().__init__()
+        self.a, self.o = nn.Linear(d, width), nn.Linear(width, out)
+
+    def forward(self, x):
+        h = self.a(x)
+        return self.o(h * h)
+
+
+class Branches(nn.Module):
+    """relu(a) * tanh(b) of a hidden layer: independent factors, integrated group by group."""
+
+    def __init__(self, width=16, d=3, out=1):
+        super().__init__()
+        self.e, self.a, self.b, self.o = (
+            nn.Linear(d, width),
+            nn.Linear(width, width),
+            nn.Linear(width, width),
+            nn.Linear(width, out),
+        )
+
+    def forward(self, x):
+        h = torch.erf(self.e(x))
+        return self.o(torch.relu(self.a(h)) * torch.tanh(self.b(h)))
+
+
+class ChunkedGates(nn.Module):
+    """One matrix makes two gates (u, v = W h chunked): rows of one matrix are independent weights."""
+
+    def __init__(self, width=16, d=3, out=1):
+        super().__init__()
+        self.e, self.g, self.o = nn.Linear(d, width), nn.Linear(width, 2 * width), nn.Linear(width, out)
+
+    def forward(self, x):
+        h = torch.tanh(self.e(x))
+        u, v = self.g(h).chunk(2, dim=-1)
+        return self.o(F.silu(u) * torch.sigmoid(v) + h)
+
+
+class SharedOnTwoInputs(nn.Module):
+    """One hidden matrix applied to two different vectors: the weight-sharing terms of the NTK."""
+
+    def __init__(self, width=16, d=3, out=1):
+        super().__init__()
+        self.a, self.b, self.w, self.o = (
+            nn.Linear(d, width),
+            nn.Linear(d, width),
+            nn.Linear(width, width),
+            nn.Linear(width, out),
+        )
+
+    def forward(self, x):
+        return self.o(torch.relu(self.w(torch.tanh(self.a(x)))) + F.elu(self.w(torch.erf(self.b(x)))))
+
+
+class Concatenated(nn.Module):
+    """torch.cat of two branches of different widths (2 : 1)."""
+
+    def __init__(self, width=16, d=3, out=1):
+        super().__init__()
+        self.a, self.b = nn.Linear(d, width), nn.Linear(d, width // 2)
+        self.o = nn.Linear(width + width // 2, out)
+
+    def forward(self, x):
+        return self.o(torch.cat([torch.relu(self.a(x)), torch.tanh(self.b(x))], dim=-1))
+
+
+class Reused(nn.Module):
+    """A hidden layer applied twice in a row (weight reuse along depth)."""
+
+    def __init__(self, width=16, d=3, out=1):
+        super().__init__()
+        self.a, self.h, self.o = nn.Linear(d, width), nn.Linear(width, width), nn.Linear(width, out)
+
+    def forward(self, x):
+        h = torch.relu(self.a(x))
+        h = torch.tanh(self.h(h))
+        return self.o(torch.erf(self.h(h)))
+
+
+# =============================================================================================
+# 1. Exact agreement where the hand-written layers overlap.
+# =============================================================================================
+
+
+@pytest.mark.parametrize("kind", ["nngp", "ntk"])
+@pytest.mark.parametrize(
+    ("activation", "layer"),
+    [(nn.ReLU(), ReLU()), (nn.Tanh(), Tanh()), (nn.ELU(0.5), ELU(0.5))],
+    ids=["relu", "tanh", "elu"],
+)
+def test_a_compiled_mlp_equals_the_hand_written_kernel(kind, activation, layer):
+    net = nn.Sequential(nn.Linear(3, 8), activation, nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 1))
+    reference = TensorProgramKernel(
+        Sequential(Linear(WV, BV), layer, Linear(WV, BV), Tanh(), Linear(WV, BV)), kind=kind
+    ).double()
+    x = _x(6)
+    torch.testing.assert_close(_dense(_kernel(net, kind), x), _dense(reference, x), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("kind", ["nngp", "ntk"])
+def test_a_concatenation_is_the_width_weighted_sum_of_its_branches(kind):
+    x = _x(6)
+    relu = _dense(TensorProgramKernel(Sequential(Linear(WV, BV), ReLU(), Linear(WV, BV)), kind=kind).double(), x)
+    tanh = _dense(TensorProgramKernel(Sequential(Linear(WV, BV), Tanh(), Linear(WV, BV)), kind=kind).double(), x)
+    # The readout's fan-in is 2/3 ReLU units and 1/3 tanh units: both kernels are the 2 : 1 mixture.
+    expected = (2 * relu + tanh) / 3
+    torch.testing.assert_close(_dense(_kernel(Concatenated(), kind), x), expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("kind", ["nngp", "ntk"])
+def test_a_layer_reused_along_depth_has_the_kernel_of_independent_layers(kind):
+    # Without transposes, a matrix reused in a chain gives the independent-weights kernels in the limit
+    # (Tensor Programs II: the cross terms of different uses vanish like 1/sqrt(width)).
+    reference = TensorProgramKernel(
+        Sequential(Linear(WV, BV), ReLU(), Linear(WV, BV), Tanh(), Linear(WV, BV), Erf(), Linear(WV, BV)), kind=kind
+    ).double()
+    x = _x(6)
+    torch.testing.assert_close(_dense(_kernel(Reused(), kind), x), _dense(reference, x), rtol=1e-12, atol=1e-12)
+
+
+def test_a_square_has_the_isserlis_moment():
+    # E[g^2 g'^2] = k11 k22 + 2 k12^2 for the first layer's G-var g, then the readout.
+    x = _x(6)
+    k = WV * (x @ x.T) / 3 + BV
+    d = k.diagonal()
+    expected = WV * (d[:, None] * d[None, :] + 2 * k**2) + BV
+    torch.testing.assert_close(_dense(_kernel(Square(), "nngp"), x), expected, rtol=1e-10, atol=1e-10)
+
+
+# =============================================================================================
+# 2. Quadrature against independent integration.
+# =============================================================================================
+
+
+def test_two_dimensional_quadrature_matches_adaptive_integration():
+    cov = torch.tensor([[1.3, 0.7], [0.7, 2.1]], dtype=DTYPE)
+    value, mixed = gaussian_moments(cov, torch.tanh, torch.sigmoid, [0], [1], derivatives=True)
+    inverse, det = torch.linalg.inv(cov).numpy(), float(torch.linalg.det(cov))
+
+    def density(u, v):
+        q = inverse[0, 0] * u * u + 2 * inverse[0, 1] * u * v + inverse[1, 1] * v * v
+        return math.exp(-q / 2) / (2 * math.pi * math.sqrt(det))
+
+    def sig(v):
+        return 1 / (1 + math.exp(-v))
+
+    def reference(f):
+        return integrate.dblquad(lambda v, u: f(u, v) * density(u, v), -12, 12, -12, 12, epsabs=1e-14, epsrel=1e-12)[0]
+
+    ref = reference(lambda u, v: math.tanh(u) * sig(v))
+    ref_d = reference(lambda u, v: (1 - math.tanh(u) ** 2) * sig(v) * (1 - sig(v)))
+    assert abs(float(value) - ref) < 1e-10 * abs(ref)
+    assert abs(float(mixed[0, 0]) - ref_d) < 1e-10 * abs(ref_d)
+
+
+def test_higher_dimensional_rules_against_their_factorised_values():
+    # Block-diagonal covariances: the 4- (Gauss-Hermite) and 6-dimensional (quasi-Monte Carlo) rules
+    # against products of the 2-dimensional one, for a polynomial (Isserlis: exact) and a smooth function.
+    block = torch.tensor([[1.0, 0.4], [0.4, 0.8]], dtype=DTYPE)
+    two_dimensional, _ = gaussian_moments(block, torch.tanh, torch.tanh, [0], [1])
+    for m, fn, tol, exact_block in (
+        (4, lambda t: t * t, 1e-10, 1.0 * 0.8 + 2 * 0.4**2),  # relative; 1e-12 jitter: see gaussian.py
+        (4, torch.tanh, 5e-3, float(two_dimensional)),  # relative: Gauss-Hermite, 10 nodes: 3e-3 for tanh
+        (6, torch.tanh, 1e-3, float(two_dimensional)),  # absolute: quasi-Monte Carlo
+    ):
+        value, _ = gaussian_moments(
+            torch.block_diag(*[block] * (m // 2)),
+            lambda *u: math.prod(fn(ui) for ui in u),
+            lambda *v: math.prod(fn(vi) for vi in v),
+            list(range(0, m, 2)),
+            list(range(1, m, 2)),
+        )
+        exact = exact_block ** (m // 2)
+        scale = 1.0 if m > 4 else exact
+        assert abs(float(value) - exact) < tol * scale, (m, float(value), exact)
+
+
+# =============================================================================================
+# 3. Wide finite networks converge to the compiled kernels.
+# =============================================================================================
+
+
+def _gaussian(network: nn.Module) -> nn.Module:
+    """The network drawn at the compiled variances: weights N(0, WV / fan_in), biases N(0, BV)."""
+    with torch.no_grad():
+        for p in network.parameters():
+            if p.dim() > 1:
+                p.normal_(0.0, math.sqrt(WV / p.shape[-1]))
+            else:
+                p.normal_(0.0, math.sqrt(BV))
+    return network.double()
+
+
+CASES = {
+    "glu": GLU,
+    "square": Square,
+    "independent-factors": Branches,
+    "chunked-gates": ChunkedGates,
+    "shared-on-two-inputs": SharedOnTwoInputs,
+}
+
+
+def _finite_nngp(cls, width: int, seed: int, x: torch.Tensor, networks: int = 16) -> torch.Tensor:
+    """The NNGP kernel given each network's last hidden layer (no sampling noise of the readout itself)."""
+    total = 0.0
+    for k in range(networks):
+        torch.manual_seed(1000 * seed + k)
+        network = _gaussian(cls(width))
+        features = {}
+        network.o.register_forward_pre_hook(lambda module, args: features.setdefault("h", args[0]))
+        with torch.no_grad():
+            network(x)
+        h = features["h"]
+        total = total + WV * (h @ h.T) / h.shape[-1] + BV
+    return total / networks
+
+
+def _finite_ntk(cls, width: int, seed: int, x: torch.Tensor, program: CompiledProgram) -> torch.Tensor:
+    mc = MonteCarloKernel(
+        lambda: _gaussian(cls(width, out=8)), "ntk", n_samples=4, seed=seed, parameter_scales=program.parameter_scales
+    )
+    return _dense(mc, x)
+
+
+@pytest.mark.parametrize("kind", ["nngp", "ntk"])
+@pytest.mark.parametrize("name", list(CASES))
+def test_wide_finite_networks_converge_to_the_compiled_kernel(name, kind):
+    cls = CASES[name]
+    program = compile_module(cls(), 3, weight_variance=WV, bias_variance=BV).double()
+    x = _x(4)
+    exact = _dense(TensorProgramKernel(program, kind=kind), x)
+
+    def error(width: int, seed: int) -> float:
+        finite = _finite_nngp(cls, width, seed, x) if kind == "nngp" else _finite_ntk(cls, width, seed, x, program)
+        return relative_error(finite, exact)
+
+    # The finite networks' error falls like width^-1/2: by 4 from 64 to 1024 units (NNGP), by 2.8 from
+    # 32 to 256 (NTK, whose Jacobians cost more); asserted at least 2 and 1.6 times, over three seeds.
+    narrow_width, wide_width, factor, bound = (64, 1024, 2.0, 0.05) if kind == "nngp" else (32, 256, 1.6, 0.15)
+    if name == "square" and kind == "nngp":
+        wide_width, factor = 16384, 3.0  # products of four Gaussians: heavy tails, slow to average
+    narrow = sum(error(narrow_width, seed) for seed in (0, 1, 2)) / 3
+    wide = error(wide_width, 3)
+    message = f"{name} {kind}: width {narrow_width} {narrow:.4f} (mean of 3), {wide_width} {wide:.4f}"
+    assert wide < bound and wide < narrow / factor, message
+
+
+# =============================================================================================
+# 4. The GPyTorch interface and the refusals.
+# =============================================================================================
+
+
+def test_kernel_from_module_compiles_what_the_layer_vocabulary_refuses():
+    kernel = kernel_from_module(GLU(), "ntk")
+    assert isinstance(kernel, TensorProgramKernel) and isinstance(kernel.architecture, CompiledProgram)
+    arch = from_module(GLU())
+    assert isinstance(arch[0], CompiledProgram)
+    scales = ntk_parameter_scales(GLU(width=32))
+    assert scales["a.weight"] == pytest.approx((1 / 3) / 3) and scales["o.weight"] == pytest.approx((1 / 3) / 32)
+    # init="pytorch": nn.Linear's defaults (weights 1/3; biases 1/(3 d) on the input, vanishing after).
+    assert float(kernel.architecture.variance("a.bias")) == pytest.approx(1 / 9)
+    assert float(kernel.architecture.variance("o.bias")) == 0.0
+    # what the converter already knows keeps its layers
+    assert not isinstance(kernel_from_module(nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 1))).architecture,
+                          CompiledProgram)
+
+
+def test_measured_initialisation_reads_the_module_parameters():
+    net = GLU(width=256)
+    with torch.no_grad():
+        net.a.weight.normal_(0, math.sqrt(2.0 / 3))
+    program = compile_module(net, 3, init="measured")
+    assert float(program.variance("a.weight")) == pytest.approx(2.0, rel=0.1)
+
+
+def test_gradients_are_finite_at_the_diagonal_and_float32_agrees():
+    kernel = _kernel(ChunkedGates(), "ntk")
+    x = _x(5)
+    k = kernel(x).to_dense()
+    k.sum().backward()
+    grads = [p.grad for p in kernel.parameters() if p.requires_grad]
+    assert grads and all(g is not None and torch.isfinite(g).all() for g in grads)
+    k32 = _dense(TensorProgramKernel(compile_module(ChunkedGates(), 3, weight_variance=WV, bias_variance=BV),
+                                     kind="ntk"), x.float())
+    assert k32.dtype == torch.float32
+    torch.testing.assert_close(k32.double(), k.detach(), rtol=1e-4, atol=1e-5)
+    assert torch.linalg.eigvalsh(k.detach()).min() > -1e-10
+
+
+def test_batched_hyperparameters_and_pickling():
+    kernel = TensorProgramKernel(compile_module(GLU(), 3, weight_variance=WV, bias_variance=BV),
+                                 batch_shape=torch.Size([2])).double()
+    x = _x(4)
+    assert _dense(kernel, x).shape == (2, 4, 4)
+    clone = pickle.loads(pickle.dumps(kernel))
+    torch.testing.assert_close(_dense(clone, x), _dense(kernel, x))
+
+
+class _Attention(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.q, self.o = nn.Linear(3, 8), nn.Linear(8, 1)
+
+    def forward(self, x):
+        h = self.q(x)
+        return self.o(torch.softmax(h @ h.T, -1) @ h)
+
+
+class _Shifted(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.o = nn.Linear(3, 8), nn.Linear(8, 1)
+
+    def forward(self, x):
+        return self.o(torch.relu(self.a(x) + torch.arange(8.0)))
+
+
+class _EndsInSigmoid(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.o = nn.Linear(3, 8), nn.Linear(8, 1)
+
+    def forward(self, x):
+        return torch.sigmoid(self.o(torch.relu(self.a(x))))
+
+
+class _MaxOverFeatures(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.o = nn.Linear(3, 8), nn.Linear(1, 1)
+
+    def forward(self, x):
+        return self.o(self.a(x).amax(-1, keepdim=True))
+
+
+@pytest.mark.parametrize(
+    ("module", "message"),
+    [
+        (_Attention(), "transpose"),
+        (_Shifted(), "constant tensor"),
+        (_EndsInSigmoid(), "network output"),
+        (_MaxOverFeatures(), "amax"),
+    ],
+    ids=["attention-without-width-scaling", "constant-vector", "output-nonlinearity", "max"],
+)
+def test_what_the_theorem_does_not_cover_is_refused_with_the_operation_named(module, message):
+    with pytest.raises(UnsupportedModuleError, match=message) as info:
+        compile_module(module, 3)
+    assert "MonteCarloKernel" in str(info.value)
+    if not isinstance(module, _EndsInSigmoid):  # the layer vocabulary has an output nonlinearity
+        with pytest.raises(UnsupportedModuleError, match=message):
+            kernel_from_module(module, input_shape=(3,))
