@@ -89,8 +89,8 @@ def scale_and_shift(x: Tensor, scale: Tensor | float, shift: Tensor | float) -> 
     """``shift + scale * x``, for a ``scale`` and ``shift`` of a few elements (hyperparameters) and a large ``x``.
 
     Not ``torch.addcmul(shift, scale, x)``: with two broadcast operands it runs
-    2.6x slower than a multiply and an in-place add (float32, 2-core Xeon,
-    65k elements: 43 us against 17 us).  The in-place add is safe under
+    several times slower than a multiply and an in-place add (docs/benchmarks.md,
+    "Tile sizes").  The in-place add is safe under
     autograd (a product's backward keeps its inputs, not its output).
     """
     out = torch.mul(x, scale)

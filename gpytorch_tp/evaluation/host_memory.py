@@ -5,24 +5,20 @@ dozen tile-sized temporaries per tile and layer, while the per-item work it
 keeps between tiles (:func:`gpytorch_tp.state.per_item`) and the Python and
 tensor objects around it stay alive.  glibc's heaps then fragment: the freed
 temporaries lie in holes between long-lived allocations that later, larger
-requests cannot reuse, and the process keeps them resident.  Measured on a
-2-core AMD EPYC (pooled 16x16 CNN NTK, ``K(X[:4], X)``, N = 200, two worker
-threads, float32, 256 MiB budget): 306 MiB peak resident growth.
-:class:`ResidentGuard` watches the process's resident memory between tiles
-and, when it comes near the evaluation's budget, hands the free pages back to
-the operating system (``malloc_trim``, about 25 ms each): the same evaluation
-then peaked at 232 MiB, after 3 trims.
+requests cannot reuse, and the process keeps them resident (measured:
+docs/benchmarks.md, "Tile sizes").  :class:`ResidentGuard` watches the
+process's resident memory between tiles and, when it comes near the
+evaluation's budget, hands the free pages back to the operating system
+(``malloc_trim``, tens of milliseconds each).
 
 **Allocator tuning (opt-in).**  With glibc's defaults, freed temporaries are
 also handed back between tiles (heap trimming) and fetched again, page by page,
 for the next tile, and every 4 KiB page of a new output matrix costs a page
-fault when first written: measured on the same CPU (depth-5 MLP NNGP+NTK,
-N = 4000, float64), 140,000 page faults and 0.3 s of system time per call
-against about 1.3 s of arithmetic.  :func:`tune_allocator` keeps allocations
+fault when first written (a tenth of a large evaluation's time went to page
+faults; docs/benchmarks.md, "Tile sizes").  :func:`tune_allocator` keeps allocations
 below 32 MiB in glibc's heaps (``M_MMAP_THRESHOLD``, the largest value glibc's
 own adaptive threshold reaches) and keeps 64 MiB of freed memory per heap
-instead of trimming it (``M_TOP_PAD``), which took that to 1,200 faults and
-0.05 s.  It changes the allocator of the whole process (every library in it,
+instead of trimming it (``M_TOP_PAD``), which removed nearly all of them.  It changes the allocator of the whole process (every library in it,
 for the rest of its life), and costs up to 64 MiB of resident memory per
 allocator arena (one per thread that allocated), so it is never applied
 unasked: call :func:`tune_allocator` yourself, or set the environment variable

@@ -128,11 +128,8 @@ class TilePlan:
                 target = FUSED_CPU_TILE_PAIRS if fused else DEFAULT_TILE_PAIRS
             # Items with all pixel pairs hold many numbers per pair: a tile of
             # about DEFAULT_TILE_PAIRS numbers stays in cache and is fastest even
-            # when it holds only 2 x 2 items (16 x 16 images, 3 convolutions and
-            # global pooling, NNGP+NTK: 4.7 ms per pair in tiles of 4 pairs,
-            # 13 ms in tiles of 64; 8 x 8 images: 0.40 ms in tiles of 16, 0.51 ms
-            # in tiles of 64, 1.0 ms in tiles of 4).  The per-item work is
-            # reused across tiles (see in_column_panels).
+            # when it holds only 2 x 2 items (docs/benchmarks.md, "Tile sizes").
+            # The per-item work is reused across tiles (see in_column_panels).
             # A recurrent recursion works on one step (of T) at a time, so
             # sequences count the numbers of one step per pair, unless a layer
             # works on whole blocks of step pairs (attention).
@@ -160,9 +157,9 @@ class TilePlan:
             fused,
             workers=workers,
             cache_bytes=working / 4,
-            # Free pages are handed back only near the budget (trims cost ~25 ms each; measured on a
-            # pooled CNN: 3-8 trims per evaluation at 0.85, hundreds at 0.5); while live data sits
-            # above that, again after each sixteenth of the working memory of growth.
+            # Free pages are handed back only near the budget (each trim costs tens of milliseconds,
+            # docs/benchmarks.md, "Tile sizes"); while live data sits above that, again after each
+            # sixteenth of the working memory of growth.
             guard_bytes=fixed + 0.85 * working,
             guard_step=working / 16,
             resident_at_start=resident_bytes() if x.device.type == "cpu" else None,

@@ -29,10 +29,8 @@ __all__ = ["CPU_MATRIX_FREE_GRAD_PAIRS", "KINDS", "TensorProgramKernel"]
 # With autograd recording on a CPU, the matrix-free path is the faster one too
 # from about this many pairs of plain-feature items: the dense path's graph of
 # every tile outgrows the caches and goes to memory and back, while each
-# matrix-free block's forward and backward stay in cache.  Measured (three
-# exact GP training steps with conjugate gradients, depth-3 ReLU NNGP, float32,
-# 2-core Xeon; docs/benchmarks.md): N = 4,000 dense 1.9 s / matrix-free 3.0 s;
-# 6,000 5.5 / 5.4; 8,000 15.8 / 10.3; 10,000 27.9 / 13.1 (in 5.5 / 1.3 GiB).
+# matrix-free block's forward and backward stay in cache (docs/benchmarks.md,
+# "Dense or matrix free": the two cross near N = 6,000 on a 2-core CPU).
 CPU_MATRIX_FREE_GRAD_PAIRS = 6000 * 6000
 
 
