@@ -203,3 +203,16 @@ def test_variational_large_n_smoke_trains_both_kernels_on_minibatches(capsys):
         assert run["test_rmse"] < run["predict_mean_rmse"] and math.isfinite(run["test_nlpd"])
     out = capsys.readouterr().out
     assert "| mlp_nngp | 2 |" in out and "M = 32 inducing points" in out
+
+
+def test_compiled_programs_benchmark_runs_and_agrees_with_the_hand_written_kernel(capsys):
+    path = SCRIPT.parent / "compiled_programs.py"
+    spec = importlib.util.spec_from_file_location("compiled_programs_benchmark", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    results = module.main(["--n", "30", "--repeats", "1"])
+    (mlp,) = results["mlp"]
+    (glu,) = results["glu"]
+    assert mlp["difference"] < 1e-10 and 0 < mlp["compiled"]["best"] <= mlp["compiled"]["median"]
+    assert 0 < glu["monte_carlo_error"] < 1 and math.isfinite(glu["monte_carlo"]["best"])
+    assert "| 30 |" in capsys.readouterr().out

@@ -417,3 +417,27 @@ def test_what_the_theorem_does_not_cover_is_refused_with_the_operation_named(mod
     if not isinstance(module, _EndsInSigmoid):  # the layer vocabulary has an output nonlinearity
         with pytest.raises(UnsupportedModuleError, match=message):
             kernel_from_module(module, input_shape=(3,))
+
+
+class _ShapeCode(nn.Module):
+    """Shape code runs as written: a zero state built from the input's shape, a loop over a Python range."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.h, self.o = nn.Linear(3, 8), nn.Linear(8, 8), nn.Linear(8, 1)
+
+    def forward(self, x):
+        state = x.new_zeros(x.shape[0], 8)
+        h = torch.tanh(self.a(x) + state)
+        for _ in range(2):  # unrolled: one weight used twice
+            h = torch.tanh(self.h(h))
+        return self.o(h)
+
+
+@pytest.mark.parametrize("kind", ["nngp", "ntk"])
+def test_shape_code_and_python_loops_are_traced(kind):
+    reference = TensorProgramKernel(
+        Sequential(Linear(WV, BV), Tanh(), Linear(WV, BV), Tanh(), Linear(WV, BV), Tanh(), Linear(WV, BV)), kind=kind
+    ).double()
+    x = _x(5)
+    torch.testing.assert_close(_dense(_kernel(_ShapeCode(), kind), x), _dense(reference, x), rtol=1e-12, atol=1e-12)

@@ -30,6 +30,7 @@ products of independent factors split into their groups, and otherwise
 
 from __future__ import annotations
 
+import functools
 import re
 
 import torch
@@ -47,8 +48,12 @@ __all__ = ["CompiledProgram"]
 _MUL_NAMES = frozenset({"mul", "multiply", "__mul__", "__rmul__", "__imul__"})
 
 
+@functools.lru_cache(maxsize=4096)
 def _closed_form(expr: Expr) -> tuple[Nonlinearity, GVar] | None:
-    """The nonlinearity layer and its G-var when ``expr`` is ``phi(g)`` for a registered nonlinearity ``phi``."""
+    """The nonlinearity layer and its G-var when ``expr`` is ``phi(g)`` for a registered nonlinearity ``phi``.
+
+    Cached by expression (a program's expressions are few and immutable): it is asked once per tile.
+    """
     if not isinstance(expr, Apply) or not expr.args or not isinstance(expr.args[0], GVar):
         return None
     extra, keywords = expr.args[1:], dict(expr.kwargs)
@@ -172,11 +177,10 @@ class _Recursion:
         layer, g1, g2 = closed1[0], closed1[1], closed2[1]
         first, second = {"11": ("11", "11"), "22": ("22", "22"), "12": ("11", "22")}[pairing]
         like = self.state.cross
-        k11, k22, k12 = torch.broadcast_tensors(
-            *(
-                torch.as_tensor(k, dtype=like.dtype, device=like.device)
-                for k in (self.gcov(g1, g1, first), self.gcov(g2, g2, second), self.gcov(g1, g2, pairing))
-            )
+        # Per-item variances stay per item ((N1, 1) and (1, N2)): the layers broadcast them, as in a network.
+        k11, k22, k12 = (
+            torch.as_tensor(k, dtype=like.dtype, device=like.device)
+            for k in (self.gcov(g1, g1, first), self.gcov(g2, g2, second), self.gcov(g1, g2, pairing))
         )
         value, derivative = layer.pair_moments(k11, k22, k12, derivatives)
         return value, ({(g1, g2): derivative} if derivatives else {})

@@ -20,7 +20,7 @@ computes them.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 __all__ = ["Apply", "Bias", "Block", "Expr", "GVar", "InputFeatures", "MatMul", "Program", "Value", "Weight"]
@@ -207,6 +207,3 @@ class Program:
     output: GVar
     weights: tuple[Weight, ...]
     input_width: int
-    #: variance of each weight under the module's initialisation (fan-in times the entries' variance
-    #: for matrices, the entries' variance for biases), by name
-    initial_variances: dict[str, float] = field(default_factory=dict, compare=False)

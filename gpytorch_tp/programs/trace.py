@@ -60,6 +60,13 @@ _DIV = frozenset({"div", "divide", "true_divide", "__truediv__", "__itruediv__"}
 _NEG = frozenset({"neg", "negative", "__neg__"})
 # Calls that change nothing a kernel sees (layout, dtype, copies).
 _SAME_VALUE = frozenset({"contiguous", "clone", "float", "double", "half", "to", "type", "detach", "__get__"})
+# Calls that turn a traced tensor into Python values: data-dependent control flow.
+_DATA_DEPENDENT = frozenset({"__bool__", "item", "tolist", "__int__", "__float__", "__index__", "numpy"})
+# New tensors shaped like a traced one: constants, whatever the input (x.new_zeros(N, n)).
+_CONSTANTS_LIKE = frozenset(
+    {"new_zeros", "new_ones", "new_full", "new_empty", "new_tensor", "zeros_like", "ones_like", "full_like",
+     "empty_like"}
+)
 # Calls that read shapes and the like: they run untraced.
 _UNTRACED = frozenset({"size", "dim", "numel", "__len__", "is_floating_point", "is_complex", "__format__"})
 
@@ -97,8 +104,16 @@ class _Tracer(TorchFunctionMode):
             self.transposed[id(result)] = args[0]  # x @ W.T is a dense layer with the weight W
             self.alive.append(result)
         traced = [a for a in _flat(args) + _flat(list(kwargs.values())) if self.value(a) is not None]
-        if not traced or name in _UNTRACED:
+        if not traced or name in _UNTRACED or name in _CONSTANTS_LIKE:
             return result
+        if name in _DATA_DEPENDENT:
+            raise OutsideTheTheoremError(
+                f"{name} of a traced tensor",
+                "control flow or values that depend on the data change with the input; the kernel of such a "
+                "network is not the master theorem's",
+            )
+        if not any(isinstance(r, Tensor) for r in _flat([result])):
+            return result  # shapes and the like (x.shape, x.size(0)): the same for every input
         if name in _SAME_VALUE and isinstance(result, Tensor):
             if name == "__get__" and result.shape != args[0].shape:
                 raise OutsideTheTheoremError(
