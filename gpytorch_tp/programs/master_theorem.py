@@ -39,7 +39,7 @@ from torch import Tensor, nn
 from ..layers.base import Layer
 from ..layers.elementwise import Nonlinearity
 from ..layers.nonlinearity_registry import torch_operations
-from ..state import KernelState
+from ..state import KernelState, per_item
 from .gaussian import gaussian_moments
 from .program import Apply, Bias, Expr, GVar, InputFeatures, Program, Value, aligned_pieces, leaves
 
@@ -104,12 +104,19 @@ def _zero(x) -> bool:
 
 
 class _Recursion:
-    """The master theorem for one kernel state (a tile of pairs): memoised covariances and NTKs."""
+    """The master theorem for one tile of pairs (or one side's items): memoised covariances and NTKs.
 
-    def __init__(self, state: KernelState, variances: dict[str, Tensor]):
-        self.state = state
+    :param kernel: the input kernel by pairing: ``"12"`` (the pairs) and, in a side's recursion, ``"11"``.
+    :param like: a tensor of the dtype and device of the results.
+    :param sides: the recursions of the two sides' own items (pairings ``"11"`` and ``"22"``), shared by all
+        tiles of a row or column (``state.per_item``); ``None`` in a side's recursion itself.
+    """
+
+    def __init__(self, kernel: dict, like: Tensor, variances: dict[str, Tensor], sides: dict | None = None):
+        self.kernel = kernel
+        self.like = like
         self.variances = variances
-        self.kernel = {"11": state.var1, "22": state.var2, "12": state.cross}
+        self.sides = sides
         self.cov_memo: dict = {}
         self.ntk_memo: dict = {}
         self.moment_memo: dict = {}
@@ -133,6 +140,8 @@ class _Recursion:
         return 0.0 if _zero(moment) else variance * moment
 
     def gcov(self, g1: GVar, g2: GVar, pairing: str):
+        if self.sides is not None and pairing != "12":
+            return self.sides[pairing].gcov(g1, g2, "11")
         total = 0.0
         for a, ca in g1.terms:
             for b, cb in g2.terms:
@@ -158,6 +167,8 @@ class _Recursion:
 
     def moments(self, e1: Expr, e2: Expr, pairing: str, derivatives: bool):
         """``E[e1 e2]`` and, with ``derivatives`` (pairing "12" only), ``{(g_i, g_j): E[d_i e1 d_j e2']}``."""
+        if self.sides is not None and pairing != "12":
+            return self.sides[pairing].moments(e1, e2, "11", derivatives)
         key = (e1, e2, pairing, derivatives)
         if key not in self.moment_memo:
             self.moment_memo[key] = self._moments(e1, e2, pairing, derivatives)
@@ -176,7 +187,7 @@ class _Recursion:
             return None
         layer, g1, g2 = closed1[0], closed1[1], closed2[1]
         first, second = {"11": ("11", "11"), "22": ("22", "22"), "12": ("11", "22")}[pairing]
-        like = self.state.cross
+        like = self.like
         # Per-item variances stay per item ((N1, 1) and (1, N2)): the layers broadcast them, as in a network.
         k11, k22, k12 = (
             torch.as_tensor(k, dtype=like.dtype, device=like.device)
@@ -295,7 +306,7 @@ class _Recursion:
                     value = self.gcov(g, h, pairing_of(s, t))
                 row.append(value)
             entries.append(row)
-        like = self.state.cross
+        like = self.like
         reference = like if pairing == "12" else self.kernel[pairing]
         shape = torch.broadcast_shapes(reference.shape, *(torch.as_tensor(v).shape for row in entries for v in row))
 
@@ -342,6 +353,11 @@ class _Recursion:
                 if not _zero(tangent) and not _zero(expectation):
                     total = total + fraction * expectation * tangent
         return total
+
+
+def _side_recursion(variance: Tensor, names: tuple[str, ...], *values: Tensor) -> _Recursion:
+    """The recursion of one side's own items (the self pairings), computed once per row of tiles."""
+    return _Recursion({"11": variance}, variance, dict(zip(names, values)))
 
 
 def _attribute(name: str) -> str:
@@ -403,7 +419,13 @@ class CompiledProgram(Layer):
             name: state.broadcast_parameter(self.get_variance(attribute))
             for name, attribute in self.variance_names.items()
         }
-        recursion = _Recursion(state, variances)
+        names = tuple(variances)
+        values = tuple(variances.values())
+        sides = {
+            "11": per_item(_side_recursion, state.var1, names, *values),
+            "22": per_item(_side_recursion, state.var2, names, *values),
+        }
+        recursion = _Recursion({"12": state.cross}, state.cross, variances, sides)
         out = self.program.output
         like = state.cross
 
