@@ -157,7 +157,11 @@ def kernel_from_module(
         compiled = _compiled(
             module, input_shape, init, weight_variance, bias_variance, input_variance, sequence, refusal
         )
-        return TensorProgramKernel(compiled, kind, input_dim=compiled.program.input_width, **kernel_kwargs)
+        program = compiled.program
+        if program.steps is None:
+            return TensorProgramKernel(compiled, kind, input_dim=program.input_width, **kernel_kwargs)
+        shape = (program.steps, program.input_width)
+        return TensorProgramKernel(compiled, kind, input_shape=shape, sequence=True, **kernel_kwargs)
     shape = result.input_shape
     return TensorProgramKernel(
         result.architecture,
@@ -306,18 +310,22 @@ def _compiled(
     raised when it understood every operation (the program is outside the master theorem), else
     the converter's (it names the module), with the compiler's as a note.
     """
-    if sequence or input_variance is not None:
+    if input_variance is not None:
         raise refusal
     if input_shape is None:
         first = next((m for m in module.modules() if isinstance(m, nn.Linear)), None)
-        if first is None:
+        if first is None or sequence:
             raise refusal
         input_shape = (first.in_features,)
     shape = (input_shape,) if isinstance(input_shape, int) else tuple(input_shape)
-    if len(shape) != 1:
+    # Feature vectors (d,), or sequences (T, d) when sequence=True (a (C, L) grid is not compiled).
+    if len(shape) != (2 if sequence else 1):
         raise refusal
+    steps, d = (shape[0], shape[1]) if sequence else (None, shape[0])
     try:
-        return compile_module(module, shape[0], init=init, weight_variance=weight_variance, bias_variance=bias_variance)
+        return compile_module(
+            module, d, steps=steps, init=init, weight_variance=weight_variance, bias_variance=bias_variance
+        )
     except OutsideTheTheoremError:
         raise  # the compiler understood the network: its reason is the one that matters
     except UnsupportedModuleError as compiler_refusal:

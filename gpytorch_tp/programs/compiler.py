@@ -19,11 +19,16 @@ def compile_module(
     module: nn.Module,
     input_dim: int,
     *,
+    steps: int | None = None,
     init: str = "pytorch",
     weight_variance: float | None = None,
     bias_variance: float | None = None,
 ) -> CompiledProgram:
     """The layer of ``module``'s NNGP kernel and NTK on inputs ``(N, input_dim)``, from its tensor program.
+
+    With ``steps``, the inputs are sequences of ``steps`` steps of ``input_dim`` features, flattened
+    time-major ``(N, steps * input_dim)`` (``forward`` reshapes them and may loop over the steps); the
+    layer then goes in a ``TensorProgramKernel(..., input_shape=(steps, input_dim), sequence=True)``.
 
     The variances of the weights come from, in this order: ``weight_variance`` / ``bias_variance``
     (all matrices / all biases); ``init="measured"``: the second moments of the module's current
@@ -48,7 +53,7 @@ def compile_module(
     """
     if init not in INITS:
         raise ValueError(f"init must be one of {INITS}, got {init!r}")
-    program, info = trace_program(module, input_dim)
+    program, info = trace_program(module, input_dim, steps=steps)
     variances = {}
     for weight in program.weights:
         entry = info[weight.name]

@@ -73,7 +73,13 @@ def _factor(cov: Tensor) -> Tensor:
     jitter = torch.diag_embed(eps * scale.expand(cov.shape[:-1]))
     if cov.shape[-1] == 1:
         return (cov + jitter).clamp_min(0).sqrt()
-    return torch.linalg.cholesky(cov + jitter)
+    factor, info = torch.linalg.cholesky_ex(cov + jitter)
+    if bool((info != 0).any()):
+        # Singular beyond the jitter (variables that are functions of the others): any square root
+        # S S^T = cov serves u = S z; the symmetric one from the eigendecomposition always exists.
+        values, vectors = torch.linalg.eigh(cov)
+        factor = vectors * values.clamp_min(0).sqrt().unsqueeze(-2)
+    return factor
 
 
 def gaussian_moments(

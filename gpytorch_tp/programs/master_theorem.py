@@ -39,9 +39,9 @@ from torch import Tensor, nn
 from ..layers.base import Layer
 from ..layers.elementwise import Nonlinearity
 from ..layers.nonlinearity_registry import torch_operations
-from ..state import KernelState, per_item
+from ..state import KernelState, per_item, unit_dims
 from .gaussian import gaussian_moments
-from .program import Apply, Bias, Expr, GVar, InputFeatures, Program, Value, aligned_pieces, leaves
+from .program import Apply, Bias, Expr, GVar, InputFeatures, Program, Sum, Value, aligned_pieces, leaves
 
 __all__ = ["CompiledProgram"]
 
@@ -80,6 +80,11 @@ def _replay(expr, values: dict[GVar, Tensor]):
         args = [_replay(a, values) for a in expr.args]
         kwargs = {k: _replay(v, values) for k, v in expr.kwargs}
         return expr.fn(*args, **kwargs)
+    if isinstance(expr, Sum):
+        total = 0.0
+        for c, e in expr.terms:
+            total = total + c * _replay(e, values)
+        return total
     return expr
 
 
@@ -87,7 +92,7 @@ def _factors(expr: Expr) -> list[Expr]:
     """The factors of a product (``a * b * c``), or the expression itself."""
     if isinstance(expr, Apply) and getattr(expr.fn, "__name__", "") in _MUL_NAMES and not expr.kwargs:
         if len(expr.args) == 2:
-            return [f for a in expr.args for f in (_factors(a) if isinstance(a, (GVar, Apply)) else [a])]
+            return [f for a in expr.args for f in (_factors(a) if isinstance(a, (GVar, Apply, Sum)) else [a])]
     return [expr]
 
 
@@ -155,6 +160,8 @@ class _Recursion:
         for fraction, e1, e2 in aligned_pieces(v1, v2):
             if isinstance(e1, InputFeatures) and isinstance(e2, InputFeatures):
                 term = self.kernel[pairing]
+                if e1.step is not None:  # sequences: the input kernel of the step pair
+                    term = term[..., e1.step, e2.step]
             elif isinstance(e1, InputFeatures) or isinstance(e2, InputFeatures):
                 term = 0.0  # the input and hidden features do not share the fan-in of one weight
             else:
@@ -175,8 +182,25 @@ class _Recursion:
         return self.moment_memo[key]
 
     def _moments(self, e1: Expr, e2: Expr, pairing: str, derivatives: bool):
+        if isinstance(e1, Sum) or isinstance(e2, Sum):
+            return self._bilinear(e1, e2, pairing, derivatives)
         closed = self._closed_moments(e1, e2, pairing, derivatives)
         return closed if closed is not None else self._by_groups(e1, e2, pairing, derivatives)
+
+    def _bilinear(self, e1: Expr, e2: Expr, pairing: str, derivatives: bool):
+        """The moments of sums, term by term."""
+        terms1 = e1.terms if isinstance(e1, Sum) else ((1.0, e1),)
+        terms2 = e2.terms if isinstance(e2, Sum) else ((1.0, e2),)
+        value: object = 0.0
+        mixed: dict = {}
+        for c1, f1 in terms1:
+            for c2, f2 in terms2:
+                part, pairs = self.moments(f1, f2, pairing, derivatives)
+                if not _zero(part):
+                    value = value + c1 * c2 * part
+                for key, expectation in pairs.items():
+                    mixed[key] = mixed.get(key, 0.0) + c1 * c2 * expectation
+        return value, mixed
 
     def _closed_moments(self, e1: Expr, e2: Expr, pairing: str, derivatives: bool):
         """The moments of two G-vars, or of one closed-form nonlinearity of a G-var on both sides; else None."""
@@ -201,10 +225,10 @@ class _Recursion:
         factors1, factors2 = _factors(e1), _factors(e2)
         constant = 1.0
         for f in factors1 + factors2:
-            if not isinstance(f, (GVar, Apply)):
+            if not isinstance(f, (GVar, Apply, Sum)):
                 constant *= float(f)
-        factors1 = [f for f in factors1 if isinstance(f, (GVar, Apply))]
-        factors2 = [f for f in factors2 if isinstance(f, (GVar, Apply))]
+        factors1 = [f for f in factors1 if isinstance(f, (GVar, Apply, Sum))]
+        factors2 = [f for f in factors2 if isinstance(f, (GVar, Apply, Sum))]
         parts = []
         for group1, group2 in self._groups([leaves(f) for f in factors1], [leaves(f) for f in factors2]):
             first, second = [factors1[i] for i in group1], [factors2[i] for i in group2]
@@ -307,7 +331,7 @@ class _Recursion:
                 row.append(value)
             entries.append(row)
         like = self.like
-        reference = like if pairing == "12" else self.kernel[pairing]
+        reference = like  # of this recursion's own pairing: the tile's pairs, or one side's items
         shape = torch.broadcast_shapes(reference.shape, *(torch.as_tensor(v).shape for row in entries for v in row))
 
         def dense(v):
@@ -355,9 +379,10 @@ class _Recursion:
         return total
 
 
-def _side_recursion(variance: Tensor, names: tuple[str, ...], *values: Tensor) -> _Recursion:
+def _side_recursion(variance: Tensor, sequence: bool, names: tuple[str, ...], *values: Tensor) -> _Recursion:
     """The recursion of one side's own items (the self pairings), computed once per row of tiles."""
-    return _Recursion({"11": variance}, variance, dict(zip(names, values)))
+    like = variance[..., 0, 0] if sequence else variance
+    return _Recursion({"11": variance}, like, dict(zip(names, values)))
 
 
 def _attribute(name: str) -> str:
@@ -412,32 +437,50 @@ class CompiledProgram(Layer):
             scales[weight.name] = value if weight.bias else value / parameters[weight.name].shape[-1]
         return scales
 
+    @property
+    def needs_all_position_pairs(self) -> bool:
+        # A program over time steps may pair any step of one sequence with any step of the other.
+        return self.program.steps is not None
+
     def forward(self, state: KernelState) -> KernelState:
-        if state.pair_ndim:
-            raise ValueError("a compiled program takes feature vectors (no input_shape grid or sequence) so far")
+        sequence = self.program.steps is not None
+        if sequence != bool(state.positions) or (sequence and state.positions != (self.program.steps,)):
+            takes = f"sequences of {self.program.steps} steps" if sequence else "feature vectors"
+            raise ValueError(
+                f"this compiled program takes {takes}, got items with positions {state.positions} "
+                "(sequences need the kernel's input_shape=(T, d) and sequence=True)"
+            )
+        if sequence and any(v is not None and bool((v == 0).any()) for v in (state.valid1, state.valid2)):
+            raise ValueError("compiled programs take full-length sequences: these have padding steps")
+        # Broadcast against the pairs' and items' axes only: the step axes are indexed away (sequences).
         variances = {
-            name: state.broadcast_parameter(self.get_variance(attribute))
+            name: unit_dims(self.get_variance(attribute), state.item_ndim)
             for name, attribute in self.variance_names.items()
         }
         names = tuple(variances)
         values = tuple(variances.values())
         sides = {
-            "11": per_item(_side_recursion, state.var1, names, *values),
-            "22": per_item(_side_recursion, state.var2, names, *values),
+            "11": per_item(_side_recursion, state.var1, sequence, names, *values),
+            "22": per_item(_side_recursion, state.var2, sequence, names, *values),
         }
-        recursion = _Recursion({"12": state.cross}, state.cross, variances, sides)
+        like = state.cross[..., 0, 0] if sequence else state.cross
+        recursion = _Recursion({"12": state.cross}, like, variances, sides)
         out = self.program.output
-        like = state.cross
+
+        # The results' shapes: the pairs' and items', without the step axes of sequences (a readout ends the program).
+        shapes = [t[..., 0, 0] if sequence else t for t in (state.cross, state.var1, state.var2)]
 
         def dense(value, reference: Tensor) -> Tensor:
             value = torch.as_tensor(value, dtype=like.dtype, device=like.device)
             return value.expand(torch.broadcast_shapes(value.shape, reference.shape))
 
-        cross = dense(recursion.gcov(out, out, "12"), state.cross)
-        var1 = dense(recursion.gcov(out, out, "11"), state.var1)
-        var2 = dense(recursion.gcov(out, out, "22"), state.var2)
-        ntk = dense(recursion.gntk(out, out), state.cross) if state.track_ntk else None
-        return state.replace(cross=cross, var1=var1, var2=var2, ntk=ntk, gaussian=True, fresh=True)
+        cross = dense(recursion.gcov(out, out, "12"), shapes[0])
+        var1 = dense(recursion.gcov(out, out, "11"), shapes[1])
+        var2 = dense(recursion.gcov(out, out, "22"), shapes[2])
+        ntk = dense(recursion.gntk(out, out), shapes[0]) if state.track_ntk else None
+        if sequence:
+            state = state.replace(positions=(), all_position_pairs=False, valid1=None, valid2=None)
+        return state.after_weights(cross=cross, var1=var1, var2=var2, ntk=ntk)
 
     def finite_module(self, in_shape: tuple[int, ...], width: int) -> tuple[nn.Module, tuple[int, ...]]:
         raise NotImplementedError(

@@ -23,7 +23,20 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["Apply", "Bias", "Block", "Expr", "GVar", "InputFeatures", "MatMul", "Program", "Value", "Weight"]
+__all__ = [
+    "Apply",
+    "Bias",
+    "Block",
+    "Expr",
+    "GVar",
+    "InputFeatures",
+    "MatMul",
+    "Program",
+    "Steps",
+    "Sum",
+    "Value",
+    "Weight",
+]
 
 
 @dataclass(frozen=True)
@@ -105,9 +118,13 @@ class Apply:
 
 @dataclass(frozen=True)
 class InputFeatures:
-    """The network input: ``d`` features of finite width (its kernel is :math:`\\langle x, x'\\rangle / d`)."""
+    """The network input: ``d`` features of finite width (its kernel is :math:`\\langle x, x'\\rangle / d`).
+
+    For sequences, the features of step ``step`` (``None``: the whole flattened input).
+    """
 
     width: int
+    step: int | None = None
 
     def restrict(self, start: int, stop: int) -> InputFeatures:
         if (start, stop) != (0, self.width):
@@ -115,12 +132,25 @@ class InputFeatures:
         return self
 
 
-Expr = GVar | Apply | InputFeatures
+@dataclass(frozen=True)
+class Sum:
+    """A coordinatewise linear combination of H-vars (``relu(a) + elu(b)``, a mean over time steps).
+
+    Kept apart rather than integrated as one function: the moments of a sum are sums of moments.
+    """
+
+    terms: tuple[tuple[float, Any], ...]
+
+    def restrict(self, start: int, stop: int) -> Sum:
+        return Sum(tuple((c, restrict(e, start, stop)) for c, e in self.terms))
+
+
+Expr = GVar | Apply | InputFeatures | Sum
 
 
 def restrict(expr: Any, start: int, stop: int) -> Any:
     """Coordinates ``[start, stop)`` of an expression (constants are the same in every coordinate)."""
-    return expr.restrict(start, stop) if isinstance(expr, (GVar, Apply, InputFeatures)) else expr
+    return expr.restrict(start, stop) if isinstance(expr, (GVar, Apply, InputFeatures, Sum)) else expr
 
 
 def leaves(expr: Any) -> tuple[GVar, ...]:
@@ -134,6 +164,9 @@ def leaves(expr: Any) -> tuple[GVar, ...]:
             for a in e.args:
                 visit(a)
             for _, a in e.kwargs:
+                visit(a)
+        elif isinstance(e, Sum):
+            for _, a in e.terms:
                 visit(a)
 
     visit(expr)
@@ -185,6 +218,13 @@ class Value:
         return Value(tuple(Block(b - a, self.piece(a, b)) for a, b in zip(cuts, cuts[1:]) if b > a))
 
 
+@dataclass(frozen=True, eq=False)
+class Steps:
+    """A sequence of vectors, one :class:`Value` per time step (a traced ``(N, T, width)`` tensor)."""
+
+    steps: tuple[Value, ...]
+
+
 def aligned_pieces(first: Value, second: Value) -> list[tuple[float, Expr, Expr]]:
     """``(fraction of the width, expression in first, expression in second)`` over common blocks."""
     if first.width != second.width:
@@ -201,9 +241,11 @@ class Program:
 
     :param output: the network output, a G-var (a readout layer's output).
     :param weights: every weight and bias, with the variances of their initialisation.
-    :param input_width: features of the network input.
+    :param input_width: features of the network input (of one step, for sequences).
+    :param steps: time steps of a sequence input (``None``: feature vectors).
     """
 
     output: GVar
     weights: tuple[Weight, ...]
     input_width: int
+    steps: int | None = None

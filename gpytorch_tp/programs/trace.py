@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
 from ..errors import UnsupportedModuleError
-from .program import Apply, Bias, Block, GVar, InputFeatures, MatMul, Program, Value, Weight
+from .program import Apply, Bias, Block, GVar, InputFeatures, MatMul, Program, Steps, Sum, Value, Weight
 
 __all__ = [
     "ELEMENTWISE_FUNCTIONS",
@@ -87,13 +87,16 @@ class _Tracer(TorchFunctionMode):
         #: biases added to a layer of finite fan-in (the network input): name -> fan-in
         self.finite_fan_in: dict[str, int] = {}
         d = input_tensor.shape[-1]
-        self.track(input_tensor, Value((Block(d, InputFeatures(d)),)))
+        self.flat_input = Value((Block(d, InputFeatures(d)),))
+        self.track(input_tensor, self.flat_input)
+        #: ``(T, d)`` of a sequence input, flattened time-major in the input's last axis
+        self.sequence: tuple[int, int] | None = None
 
     def track(self, tensor: Tensor, value: Value) -> None:
         self.values[id(tensor)] = value
         self.alive.append(tensor)
 
-    def value(self, obj: Any) -> Value | None:
+    def value(self, obj: Any) -> Value | Steps | None:
         return self.values.get(id(obj)) if isinstance(obj, Tensor) else None
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
@@ -104,7 +107,9 @@ class _Tracer(TorchFunctionMode):
             self.transposed[id(result)] = args[0]  # x @ W.T is a dense layer with the weight W
             self.alive.append(result)
         traced = [a for a in _flat(args) + _flat(list(kwargs.values())) if self.value(a) is not None]
-        if not traced or name in _UNTRACED or name in _CONSTANTS_LIKE:
+        # A dense layer of a zero state (h = x.new_zeros(N, n) before the first step) is its bias.
+        zero_state = name == "linear" and any(id(a) in self.parameters for a in _flat(args))
+        if (not traced and not zero_state) or name in _UNTRACED or name in _CONSTANTS_LIKE:
             return result
         if name in _DATA_DEPENDENT:
             raise OutsideTheTheoremError(
@@ -183,20 +188,42 @@ def _check_features(tracer: _Tracer, tensor: Tensor, what: str) -> Value:
 
 def _linear(tracer: _Tracer, func, name, args, kwargs, result) -> None:
     bound = _bind(args, kwargs, ("input", "weight", "bias"))
-    value = _check_features(tracer, bound["input"], "F.linear")
     weight = tracer.weight(bound["weight"], "F.linear")
+    source = tracer.value(bound["input"])
+    if source is None:
+        if not bool((bound["input"] == 0).all()):
+            raise OutsideTheTheoremError("a dense layer of a constant input", "only a zero state is a constant")
+        terms = ()
+        if bound.get("bias") is not None:
+            bias = tracer.weight(bound["bias"], "the bias of F.linear", bias=True)
+            terms = ((Bias(bias, (0, result.shape[-1])), 1.0),)
+        tracer.track(result, Value((Block(result.shape[-1], GVar(terms)),)))
+        return
+    if isinstance(source, Steps):
+        # A dense layer on every step of a sequence: one weight shared by all steps.
+        if result.dim() != 3 or len(source.steps) != result.shape[1]:
+            raise NotFeatureVectorsError(f"F.linear giving shape {tuple(result.shape)}", "sequences (N, T, width)")
+        steps = []
+        for t, step in enumerate(source.steps):
+            steps.append(_linear_value(tracer, step, weight, bound.get("bias"), result.shape[-1]))
+        tracer.track(result, Steps(tuple(steps)))
+        return
+    value = _check_features(tracer, bound["input"], "F.linear")
     _add_linear(tracer, value, weight, bound.get("bias"), result)
 
 
 def _add_linear(tracer: _Tracer, value: Value, weight: Weight, bias_tensor, result: Tensor) -> None:
-    out = result.shape[-1]
+    tracer.track(result, _linear_value(tracer, value, weight, bias_tensor, result.shape[-1]))
+
+
+def _linear_value(tracer: _Tracer, value: Value, weight: Weight, bias_tensor, out: int) -> Value:
     terms: list = [(MatMul(weight, (0, out), value), 1.0)]
     if bias_tensor is not None:
         bias = tracer.weight(bias_tensor, "the bias of F.linear", bias=True)
         terms.append((Bias(bias, (0, out)), 1.0))
         if any(isinstance(b.expr, InputFeatures) for b in value.blocks):
             tracer.finite_fan_in[bias.name] = value.width
-    tracer.track(result, Value((Block(out, GVar(tuple(terms))),)))
+    return Value((Block(out, GVar(tuple(terms))),))
 
 
 def _matmul(tracer: _Tracer, func, name, args, kwargs, result) -> None:
@@ -241,8 +268,12 @@ def _cat(tracer: _Tracer, func, name, args, kwargs, result) -> None:
 
 
 def _getitem(tracer: _Tracer, func, name, args, kwargs, result) -> None:
-    value = _check_features(tracer, args[0], "indexing")
     index = args[1] if isinstance(args[1], tuple) else (args[1],)
+    source = tracer.value(args[0])
+    if isinstance(source, Steps):
+        _index_steps(tracer, source, index, result)
+        return
+    value = _check_features(tracer, args[0], "indexing")
     if index and index[0] is Ellipsis:
         index = (slice(None),) + index[1:]
     if len(index) == 1 and index[0] == slice(None):
@@ -256,6 +287,73 @@ def _getitem(tracer: _Tracer, func, name, args, kwargs, result) -> None:
     if step != 1:
         raise UnsupportedModuleError(f"the slice {index[1]!r}", "steps other than 1")
     _slice(tracer, value, start, stop, result)
+
+
+def _index_steps(tracer: _Tracer, source: Steps, index: tuple, result: Tensor) -> None:
+    """``x[:, t]``, ``x[:, t, :]``, ``x[:, a:b]`` of a sequence ``(N, T, width)``."""
+    rest = index[2:]
+    if index[:1] != (slice(None),) or len(index) < 2 or any(i != slice(None) for i in rest):
+        raise UnsupportedModuleError(f"the index {index!r} of a sequence", "x[:, t] and x[:, a:b] (steps) only")
+    if isinstance(index[1], int):
+        tracer.track(result, source.steps[index[1]])  # out of range: the network's own IndexError came first
+        return
+    if isinstance(index[1], slice):
+        tracer.track(result, Steps(tuple(source.steps[index[1]])))
+        return
+    raise UnsupportedModuleError(f"the index {index[1]!r} of the time axis", "integers and slices only")
+
+
+def _stack(tracer: _Tracer, func, name, args, kwargs, result) -> None:
+    bound = _bind(args, kwargs, ("tensors", "dim"))
+    if bound.get("dim", 0) not in (1, -2) or result.dim() != 3:
+        raise NotFeatureVectorsError(f"torch.stack along dim {bound.get('dim', 0)}", "steps along dim 1 only")
+    values = [tracer.value(t) for t in bound["tensors"]]
+    if any(not isinstance(v, Value) for v in values):
+        raise UnsupportedModuleError("torch.stack of constants or sequences", "every step must be a traced vector")
+    tracer.track(result, Steps(tuple(values)))
+
+
+def _unbind(tracer: _Tracer, func, name, args, kwargs, result) -> None:
+    source = tracer.value(args[0])
+    dim = kwargs.get("dim", args[1] if len(args) > 1 else 0)
+    if not isinstance(source, Steps) or dim not in (1, -2):
+        raise NotFeatureVectorsError(f"{name} along dim {dim}", "the steps of a sequence (dim 1) only")
+    for tensor, step in zip(result, source.steps):
+        tracer.track(tensor, step)
+
+
+def _reduce_steps(tracer: _Tracer, func, name, args, kwargs, result) -> None:
+    """``h.mean(1)`` / ``h.sum(1)`` of a sequence: a sum of the steps' vectors (moments by bilinearity)."""
+    source = tracer.value(args[0])
+    dim = kwargs.get("dim", args[1] if len(args) > 1 else None)
+    if not isinstance(source, Steps) or dim not in (1, -2, (1,)) or kwargs.get("keepdim", False):
+        raise UnknownOperationError(
+            f"the operation {name!r}", "averages over the width or the batch are not compiled; over time steps are"
+        )
+    weight = 1.0 / len(source.steps) if name == "mean" else 1.0
+    width = source.steps[0].width
+    cuts = sorted(set().union(*(v.boundaries() for v in source.steps)))
+    blocks = []
+    for a, b in zip(cuts, cuts[1:]):
+        terms = tuple((weight, step.piece(a, b)) for step in source.steps)
+        blocks.append(Block(b - a, _linear_sum(terms)))
+    del width
+    tracer.track(result, Value(tuple(blocks)))
+
+
+def _linear_sum(terms: tuple) -> Any:
+    """``sum(c * e)``: a G-var when every ``e`` is one, else a :class:`Sum` (terms of coefficient 0 dropped:
+    ``0 * e`` and ``e * h`` of a zero state ``h`` are the zero G-var)."""
+    terms = tuple((c, e) for c, e in terms if c != 0)
+    if all(isinstance(e, GVar) for _, e in terms):
+        total = GVar(())
+        for c, e in terms:
+            total = total.plus(e.scaled(c))
+        return total
+    flat = []
+    for c, e in terms:
+        flat.extend(((c * d, f) for d, f in e.terms) if isinstance(e, Sum) else ((c, e),))
+    return Sum(tuple(flat))
 
 
 def _slice(tracer: _Tracer, value: Value, start: int, stop: int, result: Tensor) -> None:
@@ -276,6 +374,16 @@ def _split(tracer: _Tracer, func, name, args, kwargs, result) -> None:
 
 
 def _reshape(tracer: _Tracer, func, name, args, kwargs, result) -> None:
+    source = tracer.value(args[0])
+    if (
+        tracer.sequence is not None
+        and isinstance(source, Value)
+        and source.blocks == tracer.flat_input.blocks
+        and tuple(result.shape[1:]) == tracer.sequence
+    ):
+        steps, d = tracer.sequence
+        tracer.track(result, Steps(tuple(Value((Block(d, InputFeatures(d, t)),)) for t in range(steps))))
+        return
     if result.shape != args[0].shape:
         raise NotFeatureVectorsError(
             f"{name} to shape {tuple(result.shape)}", "the compiler traces feature vectors (N, width) so far"
@@ -329,27 +437,34 @@ def _elementwise(tracer: _Tracer, func, name, args, kwargs, result) -> None:
 
 
 def _combine(func: Callable, name: str, args: list, keywords: tuple) -> Any:
-    """The expression of ``func(*args)``: a G-var when it is a linear map of G-vars, else an H-var."""
-    scalars = [a for a in args if not isinstance(a, (GVar, Apply))]
-    exprs = [a for a in args if isinstance(a, (GVar, Apply))]
-    if all(isinstance(e, GVar) for e in exprs) and not keywords:
-        if name in _ADD and len(args) == 2:
-            if len(exprs) == 2:
-                return exprs[0].plus(exprs[1])
-            if scalars[0] == 0:
-                return exprs[0]
-        if name in _SUB and len(args) == 2:
-            if len(exprs) == 2:
-                return args[0].plus(args[1].scaled(-1.0))
-            if isinstance(args[0], GVar) and args[1] == 0:
-                return args[0]
-        if name in _MUL and len(args) == 2 and len(exprs) == 1 and isinstance(scalars[0], (int, float)):
-            return exprs[0].scaled(float(scalars[0]))
-        if name in _DIV and len(args) == 2 and isinstance(args[0], GVar) and isinstance(args[1], (int, float)):
-            return args[0].scaled(1.0 / float(args[1]))
-        if name in _NEG and len(args) == 1:
-            return args[0].scaled(-1.0)
+    """The expression of ``func(*args)``: a G-var when it is a linear map of G-vars, a :class:`Sum` when it
+    is one of other expressions, else an H-var."""
+    scalars = [a for a in args if not isinstance(a, (GVar, Apply, Sum))]
+    exprs = [a for a in args if isinstance(a, (GVar, Apply, Sum))]
+    if not keywords and len(args) <= 2:
+        linear = _as_linear(name, args, scalars, exprs)
+        if linear is not None:
+            return _linear_sum(linear)
     return Apply(func, tuple(args), keywords)
+
+
+def _as_linear(name: str, args: list, scalars: list, exprs: list) -> tuple | None:
+    """``func(*args)`` as ``((c, e), ...)`` when it is a linear combination of its expressions, else None."""
+    if name in _ADD and len(exprs) == 2:
+        return ((1.0, exprs[0]), (1.0, exprs[1]))
+    if name in _ADD and len(exprs) == 1 and len(scalars) == 1 and scalars[0] == 0:
+        return ((1.0, exprs[0]),)
+    if name in _SUB and len(exprs) == 2:
+        return ((1.0, args[0]), (-1.0, args[1]))
+    if name in _SUB and len(exprs) == 1 and isinstance(args[1], (int, float)) and args[1] == 0:
+        return ((1.0, args[0]),)
+    if name in _MUL and len(exprs) == 1 and len(scalars) == 1 and isinstance(scalars[0], (int, float)):
+        return ((float(scalars[0]), exprs[0]),)
+    if name in _DIV and len(args) == 2 and exprs and args[0] is exprs[0] and isinstance(args[1], (int, float)):
+        return ((1.0 / float(args[1]), exprs[0]),)
+    if name in _NEG and len(exprs) == 1 and len(args) == 1:
+        return ((-1.0, exprs[0]),)
+    return None
 
 
 def _bind(args, kwargs, names: tuple[str, ...]) -> dict:
@@ -372,6 +487,11 @@ _HANDLERS: dict[str, Callable] = {
     "chunk": _split,
     "split": _split,
     "tensor_split": _split,
+    "stack": _stack,
+    "unbind": _unbind,
+    "mean": _reduce_steps,
+    "sum": _reduce_steps,
+    "unflatten": _reshape,
     "view": _reshape,
     "reshape": _reshape,
     "view_as": _reshape,
@@ -381,9 +501,14 @@ _HANDLERS: dict[str, Callable] = {
 }
 
 
-def trace_program(module: nn.Module, input_width: int, *, example_size: int = 3) -> tuple[Program, dict[str, Any]]:
+def trace_program(
+    module: nn.Module, input_width: int, *, steps: int | None = None, example_size: int = 3
+) -> tuple[Program, dict[str, Any]]:
     """The tensor program of ``module`` on inputs ``(N, input_width)``, and what the initialisation needs.
 
+    :param steps: the inputs are sequences of ``steps`` steps of ``input_width`` features, flattened
+        time-major, ``(N, steps * input_width)``, as the package's sequence kernels take them; ``forward``
+        reshapes them (``x.view(N, T, d)``) and may loop over the steps (``x[:, t]``).
     :return: the program and, by parameter name, ``{"tensor": the parameter, "module": the module
         owning it, "finite_fan_in": the fan-in of a bias added to the network input (else None)}``.
     """
@@ -392,6 +517,8 @@ def trace_program(module: nn.Module, input_width: int, *, example_size: int = 3)
     width = int(input_width)
     if width < 1:
         raise ValueError(f"input_width must be positive, got {input_width}")
+    if steps is not None and int(steps) < 1:
+        raise ValueError(f"steps must be positive, got {steps}")
     parameters = {id(p): (name, p) for name, p in module.named_parameters()}
     owners = {}
     for module_name, sub in module.named_modules():
@@ -403,17 +530,18 @@ def trace_program(module: nn.Module, input_width: int, *, example_size: int = 3)
     except StopIteration:
         dtype, device = torch.get_default_dtype(), torch.device("cpu")
     generator = torch.Generator(device="cpu").manual_seed(0)
-    x = torch.randn(example_size, width, generator=generator, dtype=dtype).to(device)
+    x = torch.randn(example_size, width * (steps or 1), generator=generator, dtype=dtype).to(device)
     was_training = module.training
     module.eval()
     try:
         tracer = _Tracer(parameters, x)
+        tracer.sequence = None if steps is None else (int(steps), width)
         with torch.no_grad(), tracer:
             out = module(x)
     finally:
         module.train(was_training)
     value = tracer.value(out) if isinstance(out, Tensor) else None
-    if value is None:
+    if value is None or isinstance(value, Steps):
         raise UnsupportedModuleError(
             f"the network output ({type(out).__name__})", "the output must be one tensor computed from the input"
         )
@@ -436,7 +564,35 @@ def trace_program(module: nn.Module, input_width: int, *, example_size: int = 3)
         }
         for w in weights
     }
-    return Program(output, weights, width), info
+    if steps is not None and any(b.expr == InputFeatures(width * steps) for b in _sources(output)):
+        raise NotFeatureVectorsError(
+            "a dense layer on the flattened sequence", "reshape the input to (N, T, d) in forward and use its steps"
+        )
+    return Program(output, weights, width, None if steps is None else int(steps)), info
+
+
+def _sources(output: GVar) -> list[Block]:
+    """The blocks of every vector a matrix of the program is applied to (a walk down the program)."""
+    seen, stack, blocks = set(), [output], []
+    while stack:
+        g = stack.pop()
+        for atom, _ in g.terms:
+            if isinstance(atom, MatMul) and id(atom.source) not in seen:
+                seen.add(id(atom.source))
+                for block in atom.source.blocks:
+                    blocks.append(block)
+                    stack.extend(_gvars(block.expr))
+    return blocks
+
+
+def _gvars(expr: Any) -> list[GVar]:
+    if isinstance(expr, GVar):
+        return [expr]
+    if isinstance(expr, Apply):
+        return [g for a in expr.args for g in _gvars(a)]
+    if isinstance(expr, Sum):
+        return [g for _, e in expr.terms for g in _gvars(e)]
+    return []
 
 
 def parameters_by_name(parameters: dict[int, tuple[str, nn.Parameter]]) -> dict[str, nn.Parameter]:
