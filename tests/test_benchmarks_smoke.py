@@ -216,3 +216,47 @@ def test_compiled_programs_benchmark_runs_and_agrees_with_the_hand_written_kerne
     assert mlp["difference"] < 1e-10 and 0 < mlp["compiled"]["best"] <= mlp["compiled"]["median"]
     assert 0 < glu["monte_carlo_error"] < 1 and math.isfinite(glu["monte_carlo"]["best"])
     assert "| 30 |" in capsys.readouterr().out
+def test_distributed_benchmark_smoke_one_and_two_processes_agree(capsys):
+    """benchmarks/distributed.py --smoke: 1 and 2 local processes, the same matrix, sane times and accounting."""
+    path = SCRIPT.parent / "distributed.py"
+    spec = importlib.util.spec_from_file_location("distributed_benchmark", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    from gpytorch_tp.distributed import TileGrid, assign_balanced
+
+    results = module.main(["--smoke"])
+    strong = results["strong"]
+    assert strong["agreement"]["bitwise_1p_2p"] and strong["agreement"]["finite"]
+    assert strong["agreement"]["vs_direct"] < 1e-12
+    grid = TileGrid(strong["n"], strong["n"], strong["tile_size"], symmetric=True)
+    runs = {(r["processes"], r["threads"]): r for r in strong["runs"]}
+    assert set(runs) == {(1, 1), (2, 1)}
+    for run in runs.values():
+        ranks = run["ranks"]
+        assert [r["rank"] for r in ranks] == list(range(run["processes"]))
+        assert sum(r["tiles"] for r in ranks) == len(grid) == ranks[0]["grid_tiles"]
+        assert all(math.isfinite(r["seconds"]) and 0 < r["tile_seconds"] <= r["seconds"] for r in ranks)
+        assert all(100 * 2**20 < r["peak_rss"] < 8 * 2**30 for r in ranks)  # torch imported, nothing absurd
+        assert 0 < run["seconds"] <= run["launch"]
+        assert math.isfinite(run["speedup"]) and run["speedup"] > 0 and 0 < run["efficiency"]
+    # The 2-process shares are assign_balanced's on the grid's costs.
+    shares = assign_balanced([grid.cost(t) for t in grid], 2)
+    assert [r["tiles"] for r in runs[(2, 1)]["ranks"]] == [len(s) for s in shares]
+    assert all(d["seconds"] > 0 and d["threads"] == 1 for d in strong["direct"])
+
+    sim = results["simulation"]
+    sim_grid = TileGrid(sim["n"], sim["n"], sim["tile_size"], symmetric=True)
+    assert sim["tiles"] == len(sim_grid)
+    assert [r["world_size"] for r in sim["rows"]] == [8, 16, 32, 64]
+    for row in sim["rows"]:
+        assert row["tiles_total"] == len(sim_grid)
+        assert 1 <= row["tiles_min"] <= row["tiles_max"]
+        assert 0 <= row["imbalance"] < 1 and 0 < row["ideal_speedup"] <= row["world_size"]
+        assert 0 < row["written_min"] <= row["written_max"]
+        assert 0 < row["inputs_touched_max"] <= row["inputs_held"] == sim["n"] * 3 * 8 * 8 * 8
+        assert row["checksum_total"] == row["world_size"] * row["checksum_per_rank"] > 0
+    # Every rank's writes together are the whole matrix (NNGP and NTK, float64, stored whole).
+    p8 = sim["rows"][0]
+    assert p8["written_min"] * 8 <= sim["matrix_bytes"] <= p8["written_max"] * 8
+    out = capsys.readouterr().out
+    assert "| 2 processes x 1 thread |" in out and "| 64 |" in out
