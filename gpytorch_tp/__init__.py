@@ -1,11 +1,15 @@
 """Exact infinite-width NNGP and NTK kernels of neural networks, as GPyTorch kernels.
 
 Layout: :mod:`gpytorch_tp.state` (the kernel state) -> :mod:`gpytorch_tp.layers`
-(maps of states) -> :mod:`gpytorch_tp.kernels` (GPyTorch kernels), with
-:mod:`gpytorch_tp.finite` and :mod:`gpytorch_tp.empirical` for the finite-width
-networks the kernels are the limits of, and :mod:`gpytorch_tp.dynamics` for the
-Gaussian process of a wide network during gradient-descent training, and
-:mod:`gpytorch_tp.conversion` for the kernels of ``torch.nn`` modules.
+(maps of states; :mod:`gpytorch_tp.programs`, a traced network's master theorem as one
+layer) -> :mod:`gpytorch_tp.evaluation` (inputs, tiles, memory, matrix-free operators)
+-> :mod:`gpytorch_tp.kernels` (GPyTorch kernels), with :mod:`gpytorch_tp.finite` and
+:mod:`gpytorch_tp.empirical` for the finite-width networks the kernels are the limits
+of, :mod:`gpytorch_tp.dynamics` for the Gaussian process of a wide network during
+gradient-descent training, :mod:`gpytorch_tp.conversion` for the kernels of
+``torch.nn`` modules and :mod:`gpytorch_tp.distributed` for kernel matrices computed by
+the ranks of a ``torch.distributed`` process group.  ``tests/test_architecture.py``
+keeps the imports going down these floors.
 """
 
 from . import layers
