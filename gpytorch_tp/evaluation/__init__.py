@@ -14,7 +14,7 @@ from .matrix_free import BlockCovariance, TiledKernelOperator, dense_memory, mat
 from .options import EvaluationOptions
 from .plan import DEFAULT_CUDA_TILE_PAIRS, DEFAULT_TILE_PAIRS, MemoryBudgetWarning
 from .resources import default_memory_budget
-from .run import evaluate, records_grad
+from .run import evaluate, records_grad, same_inputs
 
 __all__ = [
     "BlockCovariance",
@@ -32,4 +32,5 @@ __all__ = [
     "input_state",
     "matrix_free_block_sizes",
     "records_grad",
+    "same_inputs",
 ]

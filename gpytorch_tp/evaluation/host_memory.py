@@ -18,11 +18,11 @@ fault when first written (a tenth of a large evaluation's time went to page
 faults; docs/benchmarks.md, "Tile sizes").  :func:`tune_allocator` keeps allocations
 below 32 MiB in glibc's heaps (``M_MMAP_THRESHOLD``, the largest value glibc's
 own adaptive threshold reaches) and keeps 64 MiB of freed memory per heap
-instead of trimming it (``M_TOP_PAD``), which removed nearly all of them.  It changes the allocator of the whole process (every library in it,
-for the rest of its life), and costs up to 64 MiB of resident memory per
-allocator arena (one per thread that allocated), so it is never applied
-unasked: call :func:`tune_allocator` yourself, or set the environment variable
-``GPYTORCH_TP_TUNE_MALLOC=1`` to have the first tiled CPU evaluation apply it.
+instead of trimming it (``M_TOP_PAD``), which removed nearly all of them.  It
+changes the allocator of the whole process (every library in it, for the rest
+of its life), and costs up to 64 MiB of resident memory per allocator arena (one
+per thread that allocated), so it is never applied unasked: call
+:func:`tune_allocator` yourself, or set the environment variable ``GPYTORCH_TP_TUNE_MALLOC=1`` to have the first tiled CPU evaluation apply it.
 
 **Huge pages.**  :func:`empty_on_huge_pages`: output matrices of at least
 32 MiB are advised to use transparent huge pages (2 MiB), one fault per 512

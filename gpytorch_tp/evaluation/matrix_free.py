@@ -61,7 +61,10 @@ class BlockCovariance:
 
 
 def dense_memory(covariance: BlockCovariance, x1: Tensor, x2: Tensor, records_grad: bool) -> int:
-    """Bytes a dense evaluation of the covariance of ``x1`` and ``x2`` takes (every tile's intermediates when ``records_grad``)."""
+    """Bytes a dense evaluation of the covariance of ``x1`` and ``x2`` takes.
+
+    With ``records_grad``, every tile's intermediates count (they are kept for the backward pass).
+    """
     batch = math.prod(torch.broadcast_shapes(x1.shape[:-2], x2.shape[:-2], covariance.batch_shape))
     pairs = batch * x1.shape[-2] * x2.shape[-2]
     per_pair = covariance.pair_elements * x1.element_size() * (LIVE_TILE_TENSORS if records_grad else 1)

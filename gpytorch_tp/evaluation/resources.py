@@ -1,4 +1,5 @@
-"""What the machine offers an evaluation: free memory (system and control groups), cache sizes, a guard on resident memory."""
+"""What the machine offers an evaluation: free memory (system and control groups), cache sizes, a guard on
+resident memory."""
 
 from __future__ import annotations
 

@@ -18,7 +18,7 @@ from .plan import TilePlan, balanced, batch_size, in_column_panels
 from .resources import default_memory_budget, resident_guard
 from .workers import intra_op_threads, map_tiles, tile_workers
 
-__all__ = ["evaluate", "records_grad"]
+__all__ = ["evaluate", "records_grad", "same_inputs"]
 
 # Rows and columns of tiles: at least this many items per side.
 _MIN_TILE_SIDE = 64
@@ -41,7 +41,8 @@ def _run(architecture: Layer, state: KernelState) -> tuple[Tensor, Tensor | None
     return cross, ntk
 
 
-def _same_inputs(x1: Tensor, x2: Tensor | None) -> bool:
+def same_inputs(x1: Tensor, x2: Tensor | None) -> bool:
+    """``x2`` holds the same points as ``x1`` (and mirroring tiles may not route a gradient wrongly)."""
     if x2 is None or x2 is x1:
         return True
     if x1.shape != x2.shape or x1.requires_grad or x2.requires_grad:
@@ -168,7 +169,7 @@ def _evaluate(architecture: Layer, x1: Tensor, x2: Tensor | None, diag: bool, nt
         x2, valid2, same = x1, valid1, True
     else:
         (x1, valid1), (x2, valid2) = layout.prepare(x1, "x1"), layout.prepare(x2, "x2")
-        same = _same_inputs(x1, x2) and (valid1 is None or torch.equal(valid1, valid2))
+        same = same_inputs(x1, x2) and (valid1 is None or torch.equal(valid1, valid2))
     if diag:
         if x1.shape[-2] != x2.shape[-2]:
             raise ValueError(f"diag=True needs as many x1 as x2 points, got {x1.shape[-2]} and {x2.shape[-2]}")

@@ -15,11 +15,11 @@ from ..evaluation import (
     EvaluationOptions,
     TiledKernelOperator,
     check_inputs,
-    default_memory_budget,
     dense_memory,
-    input_layout,
     evaluate,
+    input_layout,
     records_grad,
+    same_inputs,
 )
 from ..layers.base import Layer
 from ..state import KINDS
@@ -282,13 +282,12 @@ class TensorProgramKernel(Kernel):
         if not diag and not last_dim_is_batch:
             # Shapes and dtypes first, so that a bad input gets the same message on either path.
             check_inputs(x1, x2, self.input_dim, allow_nan=True)
-        if not diag and not last_dim_is_batch and self._use_matrix_free(x1, x2):
-            same = x1 is x2 or (
-                not (x1.requires_grad or x2.requires_grad) and x1.shape == x2.shape and bool(torch.equal(x1, x2))
-            )
-            return TiledKernelOperator(
-                x1, x1 if same else x2, *(p for _, p in self.named_parameters()), covariance=self.block_covariance(x1), same=same
-            )
+        if not diag and not last_dim_is_batch:
+            covariance = self.block_covariance(x1)
+            if self._use_matrix_free(x1, x2, covariance):
+                same = same_inputs(x1, x2)
+                parameters = (p for _, p in self.named_parameters())
+                return TiledKernelOperator(x1, x1 if same else x2, *parameters, covariance=covariance, same=same)
         return self._dense_forward(x1, x2, diag=diag, last_dim_is_batch=last_dim_is_batch)
 
     def block_covariance(self, x: Tensor) -> BlockCovariance:
@@ -297,14 +296,13 @@ class TensorProgramKernel(Kernel):
         layout = input_layout(self.architecture, self.input_shape, x.shape[-1], self.sequence, self.padding_value)
         return BlockCovariance(self._dense_forward, self, self.options, layout.pair_elements, self.batch_shape)
 
-    def _use_matrix_free(self, x1: Tensor, x2: Tensor) -> bool:
+    def _use_matrix_free(self, x1: Tensor, x2: Tensor, covariance: BlockCovariance) -> bool:
         if self.matrix_free is not None:
             return self.matrix_free
         recording = records_grad(self.architecture, x1, x2)
         if recording and x1.device.type == "cpu" and self._plain_pairs(x1, x2) >= CPU_MATRIX_FREE_GRAD_PAIRS:
             return True
-        budget = self.memory_budget or default_memory_budget(x1.device)
-        return dense_memory(self.block_covariance(x1), x1, x2, recording) > budget
+        return dense_memory(covariance, x1, x2, recording) > covariance.memory_budget(x1.device)
 
     def _plain_pairs(self, x1: Tensor, x2: Tensor) -> int:
         """Pairs of items of a plain-feature kernel (0 for items on a grid or sequences)."""
@@ -405,7 +403,9 @@ class TensorProgramKernel(Kernel):
 
 
 # The evaluation options as kernels held them before ``options`` (for their pickles).
-_LOOSE_OPTIONS = ("input_shape", "sequence", "padding_value", "tile_pairs", "memory_budget", "progress", "fused", "matrix_free")
+_LOOSE_OPTIONS = (
+    "input_shape", "sequence", "padding_value", "tile_pairs", "memory_budget", "progress", "fused", "matrix_free"
+)
 
 
 class _SwapLastAxes(torch.nn.Module):

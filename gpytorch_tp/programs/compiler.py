@@ -10,9 +10,9 @@ from .trace import trace_program
 __all__ = ["INITS", "compile_module"]
 
 INITS = ("pytorch", "measured")
-# Weight variances (entries' variance times fan-in) of PyTorch's default initialisation,
-# kaiming_uniform(a=sqrt(5)): U(+-1/sqrt(fan_in)), variance 1/(3 fan_in).
-_PYTORCH_DEFAULTS = (nn.Linear, nn.Bilinear)
+# Modules whose default initialisation is kaiming_uniform(a=sqrt(5)): weights U(+-1/sqrt(fan_in)),
+# variance 1/(3 fan_in), i.e. sigma_W^2 = 1/3 (nn.Bilinear is not an F.linear the tracer sees).
+_PYTORCH_DEFAULTS = (nn.Linear,)
 
 
 def compile_module(

@@ -41,12 +41,9 @@ from ..layers.elementwise import Nonlinearity
 from ..layers.nonlinearity_registry import torch_operations
 from ..state import KernelState, per_item, unit_dims
 from .gaussian import gaussian_moments
-from .program import Apply, Bias, Expr, GVar, InputFeatures, Program, Sum, Value, aligned_pieces, leaves
+from .program import PRODUCT_NAMES, Apply, Bias, Expr, GVar, InputFeatures, Program, Sum, Value, aligned_pieces, leaves
 
 __all__ = ["CompiledProgram"]
-
-_MUL_NAMES = frozenset({"mul", "multiply", "__mul__", "__rmul__", "__imul__"})
-
 
 @functools.lru_cache(maxsize=4096)
 def _closed_form(expr: Expr) -> tuple[Nonlinearity, GVar] | None:
@@ -90,7 +87,7 @@ def _replay(expr, values: dict[GVar, Tensor]):
 
 def _factors(expr: Expr) -> list[Expr]:
     """The factors of a product (``a * b * c``), or the expression itself."""
-    if isinstance(expr, Apply) and getattr(expr.fn, "__name__", "") in _MUL_NAMES and not expr.kwargs:
+    if isinstance(expr, Apply) and getattr(expr.fn, "__name__", "") in PRODUCT_NAMES and not expr.kwargs:
         if len(expr.args) == 2:
             return [f for a in expr.args for f in (_factors(a) if isinstance(a, (GVar, Apply, Sum)) else [a])]
     return [expr]

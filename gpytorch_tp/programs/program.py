@@ -31,6 +31,7 @@ __all__ = [
     "GVar",
     "InputFeatures",
     "MatMul",
+    "PRODUCT_NAMES",
     "Program",
     "Steps",
     "Sum",
@@ -79,6 +80,10 @@ class Bias:
 
 
 Atom = MatMul | Bias
+
+#: Names of the torch calls that multiply tensors coordinatewise (``a * b``, ``torch.mul``, ``a.mul(b)``):
+#: the tracer's scalings of G-vars and the master theorem's products of factors.
+PRODUCT_NAMES = frozenset({"mul", "multiply", "__mul__", "__rmul__", "__imul__"})
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
 from ..errors import UnsupportedModuleError
-from .program import Apply, Bias, Block, GVar, InputFeatures, MatMul, Program, Steps, Sum, Value, Weight
+from .program import PRODUCT_NAMES, Apply, Bias, Block, GVar, InputFeatures, MatMul, Program, Steps, Sum, Value, Weight
 
 __all__ = [
     "ELEMENTWISE_FUNCTIONS",
@@ -55,7 +55,7 @@ ELEMENTWISE_FUNCTIONS = frozenset(
 _ADD = frozenset({"add", "__add__", "__radd__", "__iadd__"})
 _SUB = frozenset({"sub", "subtract", "__sub__", "__isub__"})
 _RSUB = frozenset({"rsub", "__rsub__"})
-_MUL = frozenset({"mul", "multiply", "__mul__", "__rmul__", "__imul__"})
+_MUL = PRODUCT_NAMES
 _DIV = frozenset({"div", "divide", "true_divide", "__truediv__", "__itruediv__"})
 _NEG = frozenset({"neg", "negative", "__neg__"})
 # Calls that change nothing a kernel sees (layout, dtype, copies).
@@ -331,13 +331,11 @@ def _reduce_steps(tracer: _Tracer, func, name, args, kwargs, result) -> None:
             f"the operation {name!r}", "averages over the width or the batch are not compiled; over time steps are"
         )
     weight = 1.0 / len(source.steps) if name == "mean" else 1.0
-    width = source.steps[0].width
     cuts = sorted(set().union(*(v.boundaries() for v in source.steps)))
     blocks = []
     for a, b in zip(cuts, cuts[1:]):
         terms = tuple((weight, step.piece(a, b)) for step in source.steps)
         blocks.append(Block(b - a, _linear_sum(terms)))
-    del width
     tracer.track(result, Value(tuple(blocks)))
 
 
@@ -556,10 +554,11 @@ def trace_program(
         )
     output = value.blocks[0].expr.restrict(0, 1)  # every coordinate of a readout has the same kernel
     weights = tuple(tracer.weights.values())
+    by_name = {name: p for name, p in parameters.values()}
     info = {
         w.name: {
-            "tensor": parameters_by_name(parameters)[w.name],
-            "module": owners.get(id(parameters_by_name(parameters)[w.name])),
+            "tensor": by_name[w.name],
+            "module": owners.get(id(by_name[w.name])),
             "finite_fan_in": tracer.finite_fan_in.get(w.name),
         }
         for w in weights
@@ -593,7 +592,3 @@ def _gvars(expr: Any) -> list[GVar]:
     if isinstance(expr, Sum):
         return [g for _, e in expr.terms for g in _gvars(e)]
     return []
-
-
-def parameters_by_name(parameters: dict[int, tuple[str, nn.Parameter]]) -> dict[str, nn.Parameter]:
-    return {name: p for name, p in parameters.values()}
