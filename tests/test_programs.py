@@ -530,3 +530,18 @@ def test_a_gated_cell_of_the_users_design_is_the_limit_of_its_wide_networks(kind
     wide = error(wide_width, 2)
     message = f"{kind}: width {narrow_width} {narrow:.4f}, {wide_width} {wide:.4f}"
     assert wide < bound and wide < narrow / factor, message
+
+
+def test_a_program_refuses_inputs_of_another_layout_and_padded_sequences():
+    features = compile_module(GLU(), 3, weight_variance=WV, bias_variance=BV)
+    with pytest.raises(ValueError, match="takes feature vectors"):
+        TensorProgramKernel(features, input_shape=(STEPS, FEATURES), sequence=True).double()(_sequences()).to_dense()
+    loop = compile_module(ElmanLoop(), FEATURES, steps=STEPS, weight_variance=WV, bias_variance=BV)
+    with pytest.raises(ValueError, match=f"takes sequences of {STEPS} steps"):
+        TensorProgramKernel(loop).double()(_x(4, STEPS * FEATURES)).to_dense()
+    padded = _sequences()
+    padded[0, -FEATURES:] = float("nan")  # the first sequence is one step shorter
+    with pytest.raises(ValueError, match="full-length sequences"):
+        TensorProgramKernel(loop, input_shape=(STEPS, FEATURES), sequence=True).double()(padded).to_dense()
+    with pytest.raises(ValueError, match="steps must be positive"):
+        compile_module(ElmanLoop(), FEATURES, steps=0)
