@@ -24,7 +24,7 @@ from torch import nn
 from gpytorch_tp import TensorProgramKernel, from_module, kernel_from_module
 from gpytorch_tp.conversion import UnsupportedModuleError, ntk_parameter_scales
 from gpytorch_tp.kernels import MonteCarloKernel
-from gpytorch_tp.layers import ELU, RNN, Erf, LastStep, Linear, ReLU, Sequential, Tanh, TimeMean
+from gpytorch_tp.layers import ELU, RNN, Erf, LastStep, LayerNorm, Linear, ReLU, Sequential, Tanh, TimeMean
 from gpytorch_tp.programs import CompiledProgram, compile_module
 from gpytorch_tp.programs.gaussian import gaussian_moments
 
@@ -164,6 +164,89 @@ def test_a_compiled_mlp_equals_the_hand_written_kernel(kind, activation, layer):
     torch.testing.assert_close(_dense(_kernel(net, kind), x), _dense(reference, x), rtol=1e-12, atol=1e-12)
 
 
+class NormByHand(nn.Module):
+    """A LayerNorm written out: centre, divide by the root mean square, per-unit gain and shift."""
+
+    def __init__(self, width=8, d=3, center=True):
+        super().__init__()
+        self.a, self.m, self.o = nn.Linear(d, width), nn.Linear(width, width), nn.Linear(width, 1)
+        self.gain, self.shift = nn.Parameter(torch.ones(width)), nn.Parameter(torch.zeros(width))
+        self.center = center
+
+    def forward(self, x):
+        h = torch.tanh(self.a(x))
+        if self.center:
+            h = h - h.mean(-1, keepdim=True)
+        h = h / torch.sqrt(h.pow(2).sum(-1, keepdim=True) / h.shape[-1])
+        return self.o(torch.relu(self.m(h * self.gain + self.shift)))
+
+
+@pytest.mark.parametrize("kind", ["nngp", "ntk"])
+@pytest.mark.parametrize("affine", [False, True], ids=["plain", "affine"])
+def test_a_compiled_layer_norm_equals_the_layer_norm_layer(kind, affine):
+    # Centred features (after a dense layer): nn.LayerNorm is the LayerNorm layer (eps=0: the layer has none).
+    net = nn.Sequential(
+        nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 8), nn.LayerNorm(8, eps=0.0, elementwise_affine=affine),
+        nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 1),
+    )
+    reference = Sequential(
+        Linear(WV, BV), Tanh(), Linear(WV, BV), LayerNorm(elementwise_affine=affine), Linear(WV, BV), ReLU(),
+        Linear(WV, BV),
+    )
+    x = _x(6)
+    expected = _dense(TensorProgramKernel(reference, kind=kind).double(), x)
+    assert relative_error(_dense(_kernel(net, kind), x), expected) < 1e-12
+    # RMS normalisation of tanh features by hand (their mean is 0 at infinite width, so centring changes nothing).
+    reference = Sequential(
+        Linear(WV, BV), Tanh(), LayerNorm(elementwise_affine=True, center=False), Linear(WV, BV), ReLU(),
+        Linear(WV, BV),
+    )
+    expected = _dense(TensorProgramKernel(reference, kind=kind).double(), x)
+    assert relative_error(_dense(_kernel(NormByHand(center=False), kind), x), expected) < 1e-12
+    # Centred: the mean and the centred second moment by the 1-d trapezoidal rule (the layer: its tanh rule).
+    assert relative_error(_dense(_kernel(NormByHand(center=True), kind), x), expected) < 1e-8
+
+
+def test_a_layer_norm_of_features_with_a_mean_centres_them():
+    # relu features: E[h] = sqrt(q / 2 pi), so centring matters; the covariance of the normalised features is
+    # (E[h h'] - m m') / sqrt(v v'), with v = E[h^2] - m^2 (closed forms of the ReLU layer).
+    class Centred(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.o = nn.Linear(3, 8), nn.Linear(8, 1)
+
+        def forward(self, x):
+            return self.o(F.layer_norm(torch.relu(self.a(x)), (8,), eps=0.0))
+
+    x = _x(5)
+    q = WV * (x @ x.T) / 3 + BV
+    d = q.diagonal().sqrt()
+    rho = (q / (d[:, None] * d[None, :])).clamp(-1, 1)
+    second = d[:, None] * d[None, :] * (torch.sqrt(1 - rho**2) + (math.pi - torch.acos(rho)) * rho) / (2 * math.pi)
+    mean = d / math.sqrt(2 * math.pi)
+    centred = second - mean[:, None] * mean[None, :]
+    expected = WV * centred / (centred.diagonal().sqrt()[:, None] * centred.diagonal().sqrt()[None, :]) + BV
+    assert relative_error(_dense(_kernel(Centred(), "nngp"), x), expected) < 1e-10
+
+
+class _GainInsideANonlinearity(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.norm, self.o = nn.Linear(3, 8), nn.LayerNorm(8), nn.Linear(8, 1)
+
+    def forward(self, x):
+        return self.o(torch.tanh(self.norm(self.a(x))))
+
+
+def test_a_gain_inside_a_nonlinearity_has_an_nngp_but_its_ntk_is_refused():
+    x = _x(4)
+    reference = Sequential(Linear(WV, BV), LayerNorm(), Tanh(), Linear(WV, BV))
+    nngp = _dense(_kernel(_GainInsideANonlinearity(), "nngp"), x)
+    assert relative_error(nngp, _dense(TensorProgramKernel(reference).double(), x)) < 1e-5  # eps = 1e-5
+    with pytest.raises(NotImplementedError, match="norm.weight"):
+        _dense(_kernel(_GainInsideANonlinearity(), "ntk"), x)
+
+
 @pytest.mark.parametrize("kind", ["nngp", "ntk"])
 def test_a_concatenation_is_the_width_weighted_sum_of_its_branches(kind):
     x = _x(6)
@@ -248,14 +331,47 @@ def test_higher_dimensional_rules_against_their_factorised_values():
 
 
 def _gaussian(network: nn.Module) -> nn.Module:
-    """The network drawn at the compiled variances: weights N(0, WV / fan_in), biases N(0, BV)."""
+    """The network drawn at the compiled variances: weights N(0, WV / fan_in), biases N(0, BV).
+
+    Per-unit gains and shifts (LayerNorm's, ``gain`` vectors) keep their initial 1 and 0.
+    """
+    per_unit = {id(p) for m in network.modules() if isinstance(m, nn.LayerNorm) for p in m.parameters()}
+    per_unit |= {id(p) for name, p in network.named_parameters() if name.endswith("gain")}
     with torch.no_grad():
         for p in network.parameters():
+            if id(p) in per_unit:
+                continue
             if p.dim() > 1:
                 p.normal_(0.0, math.sqrt(WV / p.shape[-1]))
             else:
                 p.normal_(0.0, math.sqrt(BV))
     return network.double()
+
+
+class NormalisedAfterANonlinearity(nn.Module):
+    """nn.LayerNorm (centred, affine) of relu features, whose mean is not 0: beyond the LayerNorm layer."""
+
+    def __init__(self, width=16, d=3, out=1):
+        super().__init__()
+        self.a, self.norm = nn.Linear(d, width), nn.LayerNorm(width)
+        self.m, self.o = nn.Linear(width, width), nn.Linear(width, out)
+
+    def forward(self, x):
+        return self.o(F.gelu(self.m(self.norm(torch.relu(self.a(x))))))
+
+
+class HandWrittenRMSNorm(nn.Module):
+    """An RMS norm written by hand, with a gain vector, inside a gated unit."""
+
+    def __init__(self, width=16, d=3, out=1):
+        super().__init__()
+        self.a, self.b, self.o = nn.Linear(d, width), nn.Linear(d, width), nn.Linear(width, out)
+        self.gain = nn.Parameter(torch.ones(width))
+
+    def forward(self, x):
+        h = self.a(x) * torch.sigmoid(self.b(x))
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6)
+        return self.o(h * self.gain)
 
 
 CASES = {
@@ -264,6 +380,8 @@ CASES = {
     "independent-factors": Branches,
     "chunked-gates": ChunkedGates,
     "shared-on-two-inputs": SharedOnTwoInputs,
+    "layernorm-after-relu": NormalisedAfterANonlinearity,
+    "hand-written-rms-norm": HandWrittenRMSNorm,
 }
 
 
@@ -400,21 +518,46 @@ class _MaxOverFeatures(nn.Module):
         return self.o(self.a(x).amax(-1, keepdim=True))
 
 
+class _SumOverTheWidth(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.o = nn.Linear(3, 8), nn.Linear(8, 1)
+
+    def forward(self, x):
+        h = torch.relu(self.a(x))
+        return self.o(h * torch.sigmoid(h.sum(-1, keepdim=True) / math.sqrt(8)))
+
+
+class _GainThatDiffersByUnit(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.norm, self.o = nn.Linear(3, 8), nn.LayerNorm(8), nn.Linear(8, 1)
+        with torch.no_grad():
+            self.norm.weight.uniform_(0.5, 1.5)
+
+    def forward(self, x):
+        return self.o(self.norm(self.a(x)))
+
+
 @pytest.mark.parametrize(
     ("module", "message"),
     [
+        (_SumOverTheWidth(), "sum over the width"),
+        (_GainThatDiffersByUnit(), "differs from unit to unit"),
         (_Attention(), "transpose"),
         (_Shifted(), "constant tensor"),
         (_EndsInSigmoid(), "network output"),
         (_MaxOverFeatures(), "amax"),
     ],
-    ids=["attention-without-width-scaling", "constant-vector", "output-nonlinearity", "max"],
+    ids=["sum-over-the-width", "trained-gain", "attention-without-width-scaling", "constant-vector",
+         "output-nonlinearity", "max"],
 )
 def test_what_the_theorem_does_not_cover_is_refused_with_the_operation_named(module, message):
     with pytest.raises(UnsupportedModuleError, match=message) as info:
         compile_module(module, 3)
     assert "MonteCarloKernel" in str(info.value)
-    if not isinstance(module, _EndsInSigmoid):  # the layer vocabulary has an output nonlinearity
+    # The layer vocabulary has an output nonlinearity, and its LayerNorm takes the gain as 1 whatever its value.
+    if not isinstance(module, (_EndsInSigmoid, _GainThatDiffersByUnit)):
         with pytest.raises(UnsupportedModuleError, match=message):
             kernel_from_module(module, input_shape=(3,))
 

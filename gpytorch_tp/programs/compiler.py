@@ -56,6 +56,8 @@ def compile_module(
     program, info = trace_program(module, input_dim, steps=steps)
     variances = {}
     for weight in program.weights:
+        if weight.unit:
+            continue  # per-unit parameters have no variance (their NTK learning rate is 1)
         entry = info[weight.name]
         tensor = entry["tensor"].detach().double()
         explicit = bias_variance if weight.bias else weight_variance

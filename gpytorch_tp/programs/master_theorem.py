@@ -41,7 +41,22 @@ from ..layers.elementwise import Nonlinearity
 from ..layers.nonlinearity_registry import torch_operations
 from ..state import KernelState, per_item, unit_dims
 from .gaussian import gaussian_moments
-from .program import PRODUCT_NAMES, Apply, Bias, Expr, GVar, InputFeatures, Program, Sum, Value, aligned_pieces, leaves
+from .program import (
+    PRODUCT_NAMES,
+    Apply,
+    Bias,
+    Expr,
+    GVar,
+    InputFeatures,
+    Program,
+    Sum,
+    UnitParameter,
+    Value,
+    WidthMean,
+    aligned_pieces,
+    is_item_scalar,
+    leaves,
+)
 
 __all__ = ["CompiledProgram"]
 
@@ -54,7 +69,7 @@ def _closed_form(expr: Expr) -> tuple[Nonlinearity, GVar] | None:
     if not isinstance(expr, Apply) or not expr.args or not isinstance(expr.args[0], GVar):
         return None
     extra, keywords = expr.args[1:], dict(expr.kwargs)
-    if any(isinstance(a, (GVar, Apply)) for a in (*extra, *keywords.values())):
+    if any(isinstance(a, (GVar, Apply, Sum, WidthMean)) for a in (*extra, *keywords.values())):
         return None
     functions, methods, _ = torch_operations()
     cls = functions.get(expr.fn)
@@ -69,27 +84,52 @@ def _closed_form(expr: Expr) -> tuple[Nonlinearity, GVar] | None:
     return (layer, expr.args[0]) if isinstance(layer, Nonlinearity) else None
 
 
-def _replay(expr, values: dict[GVar, Tensor]):
-    """``expr`` evaluated on sample values of its G-vars (the torch calls the network made, replayed)."""
+def _replay(expr, values: dict[GVar, Tensor], scalar):
+    """``expr`` evaluated on sample values of its G-vars (the torch calls the network made, replayed).
+
+    ``scalar(s)`` gives the value of a per-item number ``s`` (a :class:`WidthMean`), shaped to broadcast
+    against the sample values.
+    """
     if isinstance(expr, GVar):
         return values[expr]
+    if isinstance(expr, WidthMean):
+        return scalar(expr)
     if isinstance(expr, Apply):
-        args = [_replay(a, values) for a in expr.args]
-        kwargs = {k: _replay(v, values) for k, v in expr.kwargs}
+        args = [_replay(a, values, scalar) for a in expr.args]
+        kwargs = {k: _replay(v, values, scalar) for k, v in expr.kwargs}
         return expr.fn(*args, **kwargs)
     if isinstance(expr, Sum):
         total = 0.0
         for c, e in expr.terms:
-            total = total + c * _replay(e, values)
+            total = total + _replay(c, values, scalar) * _replay(e, values, scalar)
         return total
     return expr
+
+
+def _is_random(expr) -> bool:
+    """An expression of G-vars (random coordinates), not a constant or a number per item."""
+    return isinstance(expr, (GVar, Apply, Sum)) and not is_item_scalar(expr)
+
+
+def _square_base(expr):
+    """``e`` when ``expr`` is ``e * e``, ``e ** 2`` or ``square(e)``; else None."""
+    if not isinstance(expr, Apply) or expr.kwargs:
+        return None
+    name = getattr(expr.fn, "__name__", "")
+    if name in PRODUCT_NAMES and len(expr.args) == 2 and expr.args[0] == expr.args[1]:
+        return expr.args[0]
+    if name in ("pow", "__pow__") and len(expr.args) == 2 and expr.args[1] == 2:
+        return expr.args[0]
+    if name == "square" and len(expr.args) == 1:
+        return expr.args[0]
+    return None
 
 
 def _factors(expr: Expr) -> list[Expr]:
     """The factors of a product (``a * b * c``), or the expression itself."""
     if isinstance(expr, Apply) and getattr(expr.fn, "__name__", "") in PRODUCT_NAMES and not expr.kwargs:
-        if len(expr.args) == 2:
-            return [f for a in expr.args for f in (_factors(a) if isinstance(a, (GVar, Apply, Sum)) else [a])]
+        if len(expr.args) == 2 and not is_item_scalar(expr):
+            return [f for a in expr.args for f in (_factors(a) if _is_random(a) else [a])]
     return [expr]
 
 
@@ -122,11 +162,73 @@ class _Recursion:
         self.cov_memo: dict = {}
         self.ntk_memo: dict = {}
         self.moment_memo: dict = {}
+        self.scalar_memo: dict = {}
+
+    # -- numbers per item ----------------------------------------------------------------------
+
+    def scalar(self, expr, side: str):
+        """The value of a per-item number (or constant) at the items of ``side`` ("1" or "2")."""
+        if isinstance(expr, (int, float)):
+            return expr
+        if self.sides is not None:
+            return self.sides["11" if side == "1" else "22"].scalar(expr, "1")
+        if expr not in self.scalar_memo:
+            self.scalar_memo[expr] = self._own_scalar(expr)
+        return self.scalar_memo[expr]
+
+    def _own_scalar(self, expr):
+        like = self.like
+        if isinstance(expr, WidthMean):
+            total = 0.0
+            for block in expr.value.blocks:
+                part = self.mean(block.expr)
+                if not _zero(part):
+                    total = total + (block.width / expr.value.width) * part
+            return torch.as_tensor(total, dtype=like.dtype, device=like.device)
+        if isinstance(expr, Apply):
+            args = [self.scalar(a, "1") for a in expr.args]
+            kwargs = {k: self.scalar(v, "1") for k, v in expr.kwargs}
+            if not any(torch.is_tensor(a) for a in (*args, *kwargs.values())):
+                args[0] = torch.as_tensor(args[0], dtype=like.dtype, device=like.device)
+            return expr.fn(*args, **kwargs)
+        raise TypeError(f"not a number per item: {expr!r}")
+
+    def scalar_mean(self, expr, side: str):
+        """``E[expr]`` at the items of ``side``: the expression of one factor of a product of independent ones."""
+        if self.sides is not None:
+            return self.sides["11" if side == "1" else "22"].mean(expr)
+        return self.mean(expr)
+
+    def mean(self, expr):
+        """``E[expr]`` at one item (a side's own recursion): the width average of a block."""
+        if is_item_scalar(expr):
+            return self.scalar(expr, "1")
+        if isinstance(expr, GVar):
+            return 0.0  # G-vars are centred (UnitParameter atoms are 0 at initialisation)
+        if isinstance(expr, Sum):
+            total = 0.0
+            for c, e in expr.terms:
+                part = self.mean(e)
+                if not _zero(part):
+                    total = total + self.scalar(c, "1") * part
+            return total
+        base = _square_base(expr)
+        if base is not None:
+            return self.moments(base, base, "11", derivatives=False)[0]
+        factors = _factors(expr)
+        random = [f for f in factors if _is_random(f)]
+        constant = 1.0
+        for f in factors:
+            if not _is_random(f):
+                constant = constant * self.scalar(f, "1")
+        if len(random) == 2:  # a second moment: the closed forms apply
+            return constant * self.moments(random[0], random[1], "11", derivatives=False)[0]
+        return self._integrate(factors, [], "11", derivatives=False)[0]
 
     # -- covariances ---------------------------------------------------------------------------
 
     def atom_cov(self, a, b, pairing: str):
-        if a.weight.name != b.weight.name:
+        if a.weight.name != b.weight.name or isinstance(a, UnitParameter):
             return 0.0
         if a.rows != b.rows:
             if a.rows[1] <= b.rows[0] or b.rows[1] <= a.rows[0]:
@@ -149,7 +251,7 @@ class _Recursion:
             for b, cb in g2.terms:
                 term = self.atom_cov(a, b, pairing)
                 if not _zero(term):
-                    total = total + ca * cb * term
+                    total = total + self.scalar(ca, "1") * self.scalar(cb, "2") * term
         return total
 
     def source_moment(self, v1: Value, v2: Value, pairing: str):
@@ -179,6 +281,9 @@ class _Recursion:
         return self.moment_memo[key]
 
     def _moments(self, e1: Expr, e2: Expr, pairing: str, derivatives: bool):
+        if not _is_random(e1) or not _is_random(e2):
+            # A constant term of a sum (``h - mean(h)``): E[c e'] = c E[e'], no derivative pairs.
+            return self.scalar_mean(e1, "1") * self.scalar_mean(e2, "2"), {}
         if isinstance(e1, Sum) or isinstance(e2, Sum):
             return self._bilinear(e1, e2, pairing, derivatives)
         closed = self._closed_moments(e1, e2, pairing, derivatives)
@@ -193,10 +298,11 @@ class _Recursion:
         for c1, f1 in terms1:
             for c2, f2 in terms2:
                 part, pairs = self.moments(f1, f2, pairing, derivatives)
+                c = self.scalar(c1, "1") * self.scalar(c2, "2")
                 if not _zero(part):
-                    value = value + c1 * c2 * part
+                    value = value + c * part
                 for key, expectation in pairs.items():
-                    mixed[key] = mixed.get(key, 0.0) + c1 * c2 * expectation
+                    mixed[key] = mixed.get(key, 0.0) + c * expectation
         return value, mixed
 
     def _closed_moments(self, e1: Expr, e2: Expr, pairing: str, derivatives: bool):
@@ -221,11 +327,12 @@ class _Recursion:
         """Factors in independent groups of G-vars are integrated group by group, and multiplied."""
         factors1, factors2 = _factors(e1), _factors(e2)
         constant = 1.0
-        for f in factors1 + factors2:
-            if not isinstance(f, (GVar, Apply, Sum)):
-                constant *= float(f)
-        factors1 = [f for f in factors1 if isinstance(f, (GVar, Apply, Sum))]
-        factors2 = [f for f in factors2 if isinstance(f, (GVar, Apply, Sum))]
+        for side, factors in (("1", factors1), ("2", factors2)):
+            for f in factors:
+                if not _is_random(f):
+                    constant = constant * self.scalar(f, side)
+        factors1 = [f for f in factors1 if _is_random(f)]
+        factors2 = [f for f in factors2 if _is_random(f)]
         parts = []
         for group1, group2 in self._groups([leaves(f) for f in factors1], [leaves(f) for f in factors2]):
             first, second = [factors1[i] for i in group1], [factors2[i] for i in group2]
@@ -291,18 +398,27 @@ class _Recursion:
         index1 = [variables.index(("1" if pairing == "12" else "0", g)) for g in side1]
         index2 = [variables.index(("2" if pairing == "12" else "0", g)) for g in side2]
 
-        def product(factors, gvars):
+        def product(factors, gvars, side):
+            def scalar(s):
+                value = self.scalar(s, side)
+                return value.unsqueeze(-1) if torch.is_tensor(value) else value  # the points' axis
+
             def evaluate(*points):
                 values = dict(zip(gvars, points))
                 out = 1.0
                 for f in factors:
-                    out = out * _replay(f, values)
+                    out = out * _replay(f, values, scalar)
                 return out
 
             return evaluate
 
         value, mixed = gaussian_moments(
-            cov, product(f1, side1), product(f2, side2), index1, index2, derivatives=derivatives and pairing == "12"
+            cov,
+            product(f1, side1, "1"),
+            product(f2, side2, "2"),
+            index1,
+            index2,
+            derivatives=derivatives and pairing == "12",
         )
         pairs = {}
         if derivatives and pairing == "12":
@@ -342,6 +458,11 @@ class _Recursion:
     def atom_ntk(self, a, b):
         if a.weight.name != b.weight.name or a.rows != b.rows:
             return 0.0
+        if isinstance(a, UnitParameter):
+            # The perturbation of p in p * factor: tangent E[factor factor'] (learning rate 1).
+            if isinstance(a.factor, (int, float)) and isinstance(b.factor, (int, float)):
+                return float(a.factor) * float(b.factor)
+            return self.moments(a.factor, b.factor, "12", derivatives=False)[0]
         variance = self.variances[a.weight.name]
         if isinstance(a, Bias):
             return variance
@@ -360,7 +481,7 @@ class _Recursion:
             for b, cb in g2.terms:
                 term = self.atom_ntk(a, b)
                 if not _zero(term):
-                    total = total + ca * cb * term
+                    total = total + self.scalar(ca, "1") * self.scalar(cb, "2") * term
         return total
 
     def _source_tangent(self, v1: Value, v2: Value):
@@ -368,12 +489,38 @@ class _Recursion:
         for fraction, e1, e2 in aligned_pieces(v1, v2):
             if isinstance(e1, InputFeatures) or isinstance(e2, InputFeatures):
                 continue  # the input has no parameters
+            _refuse_gains_inside_functions(e1)
+            _refuse_gains_inside_functions(e2)
             _, pairs = self.moments(e1, e2, "12", derivatives=True)
             for (gi, gj), expectation in pairs.items():
                 tangent = self.gntk(gi, gj)
                 if not _zero(tangent) and not _zero(expectation):
                     total = total + fraction * expectation * tangent
         return total
+
+
+def _inside_functions(expr) -> tuple[GVar, ...]:
+    """The G-vars of ``expr`` that are arguments of a function (not terms of its linear part)."""
+    if isinstance(expr, Sum):
+        return tuple(g for _, e in expr.terms for g in _inside_functions(e))
+    return leaves(expr) if isinstance(expr, Apply) else ()
+
+
+def _refuse_gains_inside_functions(expr: Expr) -> None:
+    """A per-unit gain's NTK term is E[factor factor'] only where a matrix takes the gained vector directly.
+
+    Inside a nonlinearity it is E[phi'(y) factor phi'(y') factor'], correlated with the pre-activation,
+    which the recursion does not compute (the shift's term, factor 1, is exact everywhere).
+    """
+    for g in _inside_functions(expr):
+        for atom, _ in g.terms:
+            if isinstance(atom, UnitParameter) and not isinstance(atom.factor, (int, float)):
+                raise NotImplementedError(
+                    f"the NTK of the per-unit gain {atom.weight.name!r} directly inside a nonlinearity or product: "
+                    "its gradient is correlated with the pre-activation, which the compiled recursion does not "
+                    "track. Put a dense layer between the gain and the nonlinearity, or drop the gain "
+                    "(elementwise_affine=False); the NNGP kernel is not affected."
+                )
 
 
 def _side_recursion(variance: Tensor, sequence: bool, names: tuple[str, ...], *values: Tensor) -> _Recursion:
@@ -405,6 +552,8 @@ class CompiledProgram(Layer):
         self.program = program
         self.variance_names = {}
         for weight in program.weights:
+            if weight.unit:
+                continue  # learning rate 1, no variance (Weight.unit)
             attribute = _attribute(weight.name)
             self.variance_names[weight.name] = attribute
             self.register_variance(
@@ -430,6 +579,9 @@ class CompiledProgram(Layer):
         for weight in self.program.weights:
             if weight.name not in parameters:
                 raise KeyError(f"the network has no parameter {weight.name!r} of the traced program")
+            if weight.unit:
+                scales[weight.name] = 1.0
+                continue
             value = float(self.variance(weight.name).detach().reshape(-1)[0])
             scales[weight.name] = value if weight.bias else value / parameters[weight.name].shape[-1]
         return scales

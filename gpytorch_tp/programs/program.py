@@ -5,7 +5,14 @@ A wide network's hidden vectors are of two kinds (Yang, *Tensor Programs I*):
 * **G-vars**, :class:`GVar`: linear combinations of *atoms*, each a weight matrix applied to a vector
   (:class:`MatMul`) or a bias vector (:class:`Bias`).  At infinite width their coordinates are
   jointly Gaussian, across inputs and across G-vars;
-* **H-vars**, :class:`Apply`: coordinatewise functions of one or several G-vars.
+* **H-vars**, :class:`Apply`: coordinatewise functions of one or several G-vars;
+* **per-item numbers**, :class:`WidthMean` and functions of them: averages over the width of one
+  item's vector (``v.mean(-1)``, the statistics of a LayerNorm), deterministic at infinite width.
+  They enter the other expressions as constants of each item (coefficients of G-vars, arguments of
+  H-vars); their own gradients vanish in the NTK limit.
+
+Per-unit parameters that start equal in every unit (a LayerNorm's gain and bias) are
+:class:`UnitParameter` atoms: they add nothing to the covariances and their own term to the NTK.
 
 A :class:`Value` is a vector of the network (its last axis is the width) as blocks of coordinates,
 each block one expression: a ``torch.cat`` of two vectors is two blocks, a slice keeps a part of
@@ -19,6 +26,7 @@ computes them.
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -35,8 +43,13 @@ __all__ = [
     "Program",
     "Steps",
     "Sum",
+    "UnitParameter",
     "Value",
     "Weight",
+    "WidthMean",
+    "is_item_scalar",
+    "scalar_product",
+    "scalar_sum",
 ]
 
 
@@ -47,11 +60,14 @@ class Weight:
     :param name: the parameter's qualified name in the module (``named_parameters``).
     :param fan_in: its input width (0 for a bias).
     :param bias: a bias vector rather than a matrix.
+    :param unit: a per-unit parameter that starts the same in every unit (no variance: its NTK term
+        has learning rate 1, as ``torch.nn.LayerNorm``'s gain and bias in the converter).
     """
 
     name: str
     fan_in: int
     bias: bool = False
+    unit: bool = False
 
 
 @dataclass(frozen=True)
@@ -79,30 +95,78 @@ class Bias:
         return Bias(self.weight, (first + start, first + stop))
 
 
-Atom = MatMul | Bias
+@dataclass(frozen=True)
+class UnitParameter:
+    r"""Entries ``[start, stop)`` of a per-unit parameter ``p`` in ``p * factor`` (``factor``: an expression,
+    or 1.0 for a shift).  At initialisation ``p`` is a constant (part of the expression that uses it);
+    this atom is its perturbation: covariance 0, tangent kernel :math:`E[\text{factor}\,\text{factor}']`.
+    """
+
+    weight: Weight
+    rows: tuple[int, int]
+    factor: Any = 1.0
+
+    def restrict(self, start: int, stop: int) -> UnitParameter:
+        first = self.rows[0]
+        return UnitParameter(self.weight, (first + start, first + stop), restrict(self.factor, start, stop))
+
+
+Atom = MatMul | Bias | UnitParameter
 
 #: Names of the torch calls that multiply tensors coordinatewise (``a * b``, ``torch.mul``, ``a.mul(b)``):
 #: the tracer's scalings of G-vars and the master theorem's products of factors.
 PRODUCT_NAMES = frozenset({"mul", "multiply", "__mul__", "__rmul__", "__imul__"})
 
 
+def _is_zero(c: Any) -> bool:
+    return isinstance(c, (int, float)) and c == 0
+
+
+def scalar_product(a: Any, b: Any) -> Any:
+    """``a * b`` of numbers or per-item scalar expressions (numbers folded)."""
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)):
+        return float(a) * float(b)
+    if _is_zero(a) or _is_zero(b):
+        return 0.0
+    if isinstance(a, (int, float)) and a == 1:
+        return b
+    if isinstance(b, (int, float)) and b == 1:
+        return a
+    return Apply(operator.mul, (a, b))
+
+
+def scalar_sum(a: Any, b: Any) -> Any:
+    """``a + b`` of numbers or per-item scalar expressions (numbers folded)."""
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)):
+        return float(a) + float(b)
+    if _is_zero(a):
+        return b
+    if _is_zero(b):
+        return a
+    return Apply(operator.add, (a, b))
+
+
 @dataclass(frozen=True)
 class GVar:
-    """A G-var: ``sum(coefficient * atom)``, jointly Gaussian with every other G-var at infinite width."""
+    """A G-var: ``sum(coefficient * atom)``, jointly Gaussian with every other G-var at infinite width.
 
-    terms: tuple[tuple[Atom, float], ...]
+    A coefficient is a number or a per-item scalar (:func:`is_item_scalar`): ``v / sqrt(mean(v^2))``
+    is still Gaussian, with each item's variance divided.
+    """
+
+    terms: tuple[tuple[Atom, Any], ...]
 
     def restrict(self, start: int, stop: int) -> GVar:
         return GVar(tuple((atom.restrict(start, stop), c) for atom, c in self.terms))
 
-    def scaled(self, factor: float) -> GVar:
-        return GVar(tuple((atom, c * factor) for atom, c in self.terms))
+    def scaled(self, factor: Any) -> GVar:
+        return GVar(tuple((atom, scalar_product(c, factor)) for atom, c in self.terms if not _is_zero(factor)))
 
     def plus(self, other: GVar) -> GVar:
-        merged: dict[Atom, float] = {}
+        merged: dict[Atom, Any] = {}
         for atom, c in self.terms + other.terms:
-            merged[atom] = merged.get(atom, 0.0) + c
-        return GVar(tuple((atom, c) for atom, c in merged.items() if c != 0.0))
+            merged[atom] = scalar_sum(merged.get(atom, 0.0), c)
+        return GVar(tuple((atom, c) for atom, c in merged.items() if not _is_zero(c)))
 
 
 @dataclass(frozen=True)
@@ -155,7 +219,18 @@ Expr = GVar | Apply | InputFeatures | Sum
 
 def restrict(expr: Any, start: int, stop: int) -> Any:
     """Coordinates ``[start, stop)`` of an expression (constants are the same in every coordinate)."""
+    if isinstance(expr, WidthMean):
+        return expr  # a number per item: the same in every coordinate
     return expr.restrict(start, stop) if isinstance(expr, (GVar, Apply, InputFeatures, Sum)) else expr
+
+
+def is_item_scalar(expr: Any) -> bool:
+    """Whether ``expr`` is a number per item: a constant, a :class:`WidthMean` or a function of such."""
+    if isinstance(expr, (int, float, WidthMean)):
+        return True
+    if isinstance(expr, Apply):
+        return all(is_item_scalar(a) for a in expr.args) and all(is_item_scalar(a) for _, a in expr.kwargs)
+    return False
 
 
 def leaves(expr: Any) -> tuple[GVar, ...]:
@@ -176,6 +251,17 @@ def leaves(expr: Any) -> tuple[GVar, ...]:
 
     visit(expr)
     return tuple(found)
+
+
+@dataclass(frozen=True)
+class WidthMean:
+    r"""The average over the width of one item's vector (``v.mean(-1)``): a number per item.
+
+    At infinite width it is :math:`\sum_k r_k E[e_k]` over the blocks of ``value`` at that item, not a
+    random coordinate; a vector of G-vars averages to 0.
+    """
+
+    value: Value
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,9 @@ used twice (weight sharing).  What the master theorem does not cover raises
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -19,7 +21,24 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
 from ..errors import UnsupportedModuleError
-from .program import PRODUCT_NAMES, Apply, Bias, Block, GVar, InputFeatures, MatMul, Program, Steps, Sum, Value, Weight
+from .program import (
+    PRODUCT_NAMES,
+    Apply,
+    Bias,
+    Block,
+    GVar,
+    InputFeatures,
+    MatMul,
+    Program,
+    Steps,
+    Sum,
+    UnitParameter,
+    Value,
+    Weight,
+    WidthMean,
+    is_item_scalar,
+    scalar_product,
+)
 
 __all__ = [
     "ELEMENTWISE_FUNCTIONS",
@@ -71,6 +90,18 @@ _CONSTANTS_LIKE = frozenset(
 _UNTRACED = frozenset({"size", "dim", "numel", "__len__", "is_floating_point", "is_complex", "__format__"})
 
 
+@dataclass(frozen=True, eq=False)
+class PerItem:
+    """A traced ``(N, 1)`` or ``(N,)`` tensor: a number per item (a function of width averages).
+
+    ``summed_width``: the tensor is ``summed_width`` times ``expr`` (a sum over the width, ``v.sum(-1)``
+    or ``q @ k.T``), which grows with the width until it is divided by it; 0 when it is an average.
+    """
+
+    expr: Any
+    summed_width: int = 0
+
+
 def _name(func: Callable) -> str:
     return getattr(func, "__name__", str(func))
 
@@ -96,7 +127,7 @@ class _Tracer(TorchFunctionMode):
         self.values[id(tensor)] = value
         self.alive.append(tensor)
 
-    def value(self, obj: Any) -> Value | Steps | None:
+    def value(self, obj: Any) -> Value | Steps | PerItem | None:
         return self.values.get(id(obj)) if isinstance(obj, Tensor) else None
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
@@ -141,16 +172,36 @@ class _Tracer(TorchFunctionMode):
 
     # -- weights --------------------------------------------------------------------------------
 
-    def weight(self, tensor: Any, what: str, bias: bool = False) -> Weight:
+    def weight(self, tensor: Any, what: str, bias: bool = False, unit: bool = False) -> Weight:
         found = self.parameters.get(id(tensor))
         if found is None:
             raise UnsupportedModuleError(
                 what, "its weight is not a parameter of the module (weights are recognised as parameters)"
             )
         name, parameter = found
-        fan_in = 0 if bias else parameter.shape[-1]
-        weight = self.weights.setdefault(name, Weight(name, fan_in, bias))
+        fan_in = 0 if bias or unit else parameter.shape[-1]
+        weight = self.weights.setdefault(name, Weight(name, fan_in, bias or unit, unit))
+        if weight.unit != unit:
+            raise OutsideTheTheoremError(
+                f"the parameter {name!r} used both as a weight and as a per-unit gain or shift",
+                "a parameter is either random (a weight) or a per-unit constant at initialisation",
+            )
         return weight
+
+    def unit_constant(self, tensor: Tensor, what: str, width: int) -> float:
+        """The value of a per-unit parameter (a LayerNorm gain or bias) that starts the same in every unit."""
+        if tensor.dim() != 1 or tensor.shape[0] != width:
+            raise UnsupportedModuleError(
+                what, f"per-unit parameters of shape ({width},) only, got {tuple(tensor.shape)}"
+            )
+        first = float(tensor.reshape(-1)[0])
+        if not bool((tensor == first).all()):
+            raise OutsideTheTheoremError(
+                what,
+                "it differs from unit to unit at initialisation: the units of a layer are no longer exchangeable "
+                "(a trained LayerNorm's gain is a finite-width network's, not an infinite one's)",
+            )
+        return first
 
 
 def _is_transpose(name: str, parameter: Tensor, result: Any) -> bool:
@@ -322,14 +373,40 @@ def _unbind(tracer: _Tracer, func, name, args, kwargs, result) -> None:
         tracer.track(tensor, step)
 
 
-def _reduce_steps(tracer: _Tracer, func, name, args, kwargs, result) -> None:
-    """``h.mean(1)`` / ``h.sum(1)`` of a sequence: a sum of the steps' vectors (moments by bilinearity)."""
+def _reduce(tracer: _Tracer, func, name, args, kwargs, result) -> None:
+    """``h.mean(-1)`` / ``h.sum(-1)`` of feature vectors (numbers per item), ``h.mean(1)`` of a sequence."""
     source = tracer.value(args[0])
     dim = kwargs.get("dim", args[1] if len(args) > 1 else None)
-    if not isinstance(source, Steps) or dim not in (1, -2, (1,)) or kwargs.get("keepdim", False):
+    dim = dim[0] if isinstance(dim, (tuple, list)) and len(dim) == 1 else dim
+    if isinstance(source, Value) and args[0].dim() == 2 and dim in (-1, 1):
+        tracer.track(result, _width_average(source, name))
+        return
+    if not isinstance(source, Steps) or dim not in (1, -2) or kwargs.get("keepdim", False):
         raise UnknownOperationError(
-            f"the operation {name!r}", "averages over the width or the batch are not compiled; over time steps are"
+            f"the operation {name!r} over dim {dim} of a tensor of shape {tuple(args[0].shape)}",
+            "averages over the width of feature vectors and over the time steps of sequences are compiled; over "
+            "the batch, or all axes at once, they are not",
         )
+    _reduce_steps(tracer, source, name, result)
+
+
+def _width_average(value: Value, name: str) -> PerItem:
+    if any(isinstance(b.expr, InputFeatures) for b in value.blocks):
+        raise UnsupportedModuleError(
+            f"the {name} of the network input's features", "the raw input is finite: apply a dense layer to it first"
+        )
+    return PerItem(_width_mean_expr(value), value.width if name == "sum" else 0)
+
+
+def _width_mean_expr(value: Value) -> Any:
+    """The per-item average of ``value``: 0 for G-vars (centred), else a :class:`WidthMean`."""
+    if all(isinstance(b.expr, GVar) for b in value.blocks):
+        return 0.0
+    return WidthMean(value)
+
+
+def _reduce_steps(tracer: _Tracer, source: Steps, name: str, result: Tensor) -> None:
+    """``h.mean(1)`` / ``h.sum(1)`` of a sequence: a sum of the steps' vectors (moments by bilinearity)."""
     weight = 1.0 / len(source.steps) if name == "mean" else 1.0
     cuts = sorted(set().union(*(v.boundaries() for v in source.steps)))
     blocks = []
@@ -342,7 +419,8 @@ def _reduce_steps(tracer: _Tracer, func, name, args, kwargs, result) -> None:
 def _linear_sum(terms: tuple) -> Any:
     """``sum(c * e)``: a G-var when every ``e`` is one, else a :class:`Sum` (terms of coefficient 0 dropped:
     ``0 * e`` and ``e * h`` of a zero state ``h`` are the zero G-var)."""
-    terms = tuple((c, e) for c, e in terms if c != 0)
+    terms = tuple((c, e) for c, e in terms if not (isinstance(c, (int, float)) and c == 0))
+    terms = tuple((c, e) for c, e in terms if not (isinstance(e, GVar) and not e.terms))  # the zero G-var
     if all(isinstance(e, GVar) for _, e in terms):
         total = GVar(())
         for c, e in terms:
@@ -350,7 +428,7 @@ def _linear_sum(terms: tuple) -> Any:
         return total
     flat = []
     for c, e in terms:
-        flat.extend(((c * d, f) for d, f in e.terms) if isinstance(e, Sum) else ((c, e),))
+        flat.extend(((scalar_product(c, d), f) for d, f in e.terms) if isinstance(e, Sum) else ((c, e),))
     return Sum(tuple(flat))
 
 
@@ -389,12 +467,75 @@ def _reshape(tracer: _Tracer, func, name, args, kwargs, result) -> None:
     tracer.track(result, tracer.value(args[0]))
 
 
+def _random(expr: Any) -> bool:
+    return isinstance(expr, (GVar, Apply, Sum)) and not is_item_scalar(expr)
+
+
+def _summed_error(name: str, per_item: PerItem) -> OutsideTheTheoremError:
+    return OutsideTheTheoremError(
+        f"{name} of a sum over the width ({per_item.summed_width} features) that is not divided by the width",
+        "a sum of n features grows with n and has no infinite-width limit; divide it by the width "
+        "(v.sum(-1) / v.shape[-1], q @ k.transpose(-1, -2) / k.shape[-1]): logits scaled by 1/sqrt(width) are "
+        "random at infinite width, not the master theorem's numbers",
+    )
+
+
+def _per_item_operation(tracer: _Tracer, func, name, args, kwargs, result) -> PerItem:
+    """A coordinatewise function of numbers per item (and constants) is a number per item."""
+    arguments = list(args) + [v for _, v in sorted(kwargs.items())]
+    traced = [tracer.value(a) for a in arguments]
+    summed = [t for t in traced if isinstance(t, PerItem) and t.summed_width]
+    numbers = [a for a, t in zip(arguments, traced) if t is None and isinstance(a, (int, float))]
+    if summed:
+        scaling = len(arguments) == 2 and len(summed) == 1 and len(numbers) == 1 and not kwargs
+        if scaling and name in _MUL:
+            factor = float(numbers[0])
+        elif scaling and name in _DIV and tracer.value(args[0]) is summed[0]:
+            factor = 1.0 / float(numbers[0])
+        else:
+            raise _summed_error(name, summed[0])
+        width = summed[0].summed_width
+        if abs(factor * width - 1.0) < 1e-9:
+            return PerItem(summed[0].expr)  # divided by the width: an average
+        return PerItem(scalar_product(summed[0].expr, factor), width)
+    if result.dim() > 2 or (result.dim() == 2 and result.shape[-1] != 1):
+        raise NotFeatureVectorsError(
+            f"{name} giving a tensor of shape {tuple(result.shape)} from numbers per item", "(N, 1) or (N,) only"
+        )
+
+    def operand(arg):
+        value = tracer.value(arg)
+        if isinstance(value, PerItem):
+            return value.expr
+        if isinstance(arg, Tensor):
+            if arg.numel() != 1:
+                raise OutsideTheTheoremError(
+                    f"{name} with a constant tensor of shape {tuple(arg.shape)}", "constants must be scalars"
+                )
+            return float(arg)
+        return arg
+
+    keywords = tuple((k, operand(v)) for k, v in sorted(kwargs.items()) if k != "inplace")
+    return PerItem(Apply(func, tuple(operand(a) for a in args), keywords))
+
+
 def _elementwise(tracer: _Tracer, func, name, args, kwargs, result) -> None:
+    arguments = list(args) + [v for _, v in sorted(kwargs.items())]
+    traced = [tracer.value(a) for a in arguments]
+    if all(t is None or isinstance(t, PerItem) for t in traced):
+        tracer.track(result, _per_item_operation(tracer, func, name, args, kwargs, result))
+        return
+    if _unit_parameter_operation(tracer, name, arguments, traced, result):
+        return
     operands: list[Any] = []
     values: list[Value] = []
-    for arg in list(args) + [v for _, v in sorted(kwargs.items())]:
+    for arg in arguments:
         value = tracer.value(arg)
-        if value is not None:
+        if isinstance(value, PerItem):
+            if value.summed_width:
+                raise _summed_error(name, value)
+            arg = value.expr  # the same in every coordinate of the item
+        elif value is not None:
             values.append(value)
         elif isinstance(arg, Tensor) and arg.numel() == 1:
             arg = float(arg)
@@ -427,18 +568,29 @@ def _elementwise(tracer: _Tracer, func, name, args, kwargs, result) -> None:
     blocks = []
     for a, b in zip(cuts, cuts[1:]):
         exprs = iter([v.piece(a, b) for v in values])
-        pieces = [next(exprs) if tracer.value(arg) is not None else op for arg, op in zip(
-            list(args) + [v for _, v in sorted(kwargs.items())], operands
-        )]
+        pieces = [next(exprs) if isinstance(tracer.value(arg), Value) else op for arg, op in zip(arguments, operands)]
         blocks.append(Block(b - a, _combine(func, name, pieces[:positional], keywords)))
     tracer.track(result, Value(tuple(blocks)))
+
+
+def _unit_parameter_operation(tracer: _Tracer, name: str, arguments: list, traced: list, result: Tensor) -> bool:
+    """``v * gain`` or ``v + shift`` with a per-unit parameter vector of the module (a hand-written LayerNorm's)."""
+    if len(arguments) != 2 or name not in _MUL | _ADD:
+        return False
+    values = [t for t in traced if isinstance(t, Value)]
+    parameters = [a for a, t in zip(arguments, traced) if t is None and id(a) in tracer.parameters]
+    if len(values) != 1 or len(parameters) != 1 or parameters[0].dim() != 1 or result.dim() != 2:
+        return False
+    gain, shift = (parameters[0], None) if name in _MUL else (None, parameters[0])
+    tracer.track(result, _affine(tracer, values[0], gain, shift, f"{name} with the parameter vector"))
+    return True
 
 
 def _combine(func: Callable, name: str, args: list, keywords: tuple) -> Any:
     """The expression of ``func(*args)``: a G-var when it is a linear map of G-vars, a :class:`Sum` when it
     is one of other expressions, else an H-var."""
-    scalars = [a for a in args if not isinstance(a, (GVar, Apply, Sum))]
-    exprs = [a for a in args if isinstance(a, (GVar, Apply, Sum))]
+    scalars = [a for a in args if not _random(a)]  # constants and numbers per item
+    exprs = [a for a in args if _random(a)]
     if not keywords and len(args) <= 2:
         linear = _as_linear(name, args, scalars, exprs)
         if linear is not None:
@@ -450,19 +602,86 @@ def _as_linear(name: str, args: list, scalars: list, exprs: list) -> tuple | Non
     """``func(*args)`` as ``((c, e), ...)`` when it is a linear combination of its expressions, else None."""
     if name in _ADD and len(exprs) == 2:
         return ((1.0, exprs[0]), (1.0, exprs[1]))
-    if name in _ADD and len(exprs) == 1 and len(scalars) == 1 and scalars[0] == 0:
-        return ((1.0, exprs[0]),)
+    # A constant (or a number per item) added is the term ``c * 1``: moments by bilinearity, E[e * 1] = E[e].
+    if name in _ADD and len(exprs) == 1 and len(scalars) == 1 and is_item_scalar(scalars[0]):
+        return ((1.0, exprs[0]), (scalars[0], 1.0))
     if name in _SUB and len(exprs) == 2:
         return ((1.0, args[0]), (-1.0, args[1]))
-    if name in _SUB and len(exprs) == 1 and isinstance(args[1], (int, float)) and args[1] == 0:
-        return ((1.0, args[0]),)
-    if name in _MUL and len(exprs) == 1 and len(scalars) == 1 and isinstance(scalars[0], (int, float)):
-        return ((float(scalars[0]), exprs[0]),)
-    if name in _DIV and len(args) == 2 and exprs and args[0] is exprs[0] and isinstance(args[1], (int, float)):
-        return ((1.0 / float(args[1]), exprs[0]),)
+    if name in _SUB and len(exprs) == 1 and len(args) == 2 and is_item_scalar(args[1]):
+        return ((1.0, args[0]), (scalar_product(-1.0, args[1]), 1.0))
+    if name in _RSUB and len(exprs) == 1 and len(args) == 2 and is_item_scalar(args[1]):
+        return ((-1.0, args[0]), (args[1], 1.0))  # c - e
+    if name in _MUL and len(exprs) == 1 and len(scalars) == 1 and is_item_scalar(scalars[0]):
+        factor = scalars[0]
+        return ((float(factor) if isinstance(factor, (int, float)) else factor, exprs[0]),)
+    if name in _DIV and len(args) == 2 and exprs and args[0] is exprs[0] and is_item_scalar(args[1]):
+        divisor = args[1]
+        factor = 1.0 / float(divisor) if isinstance(divisor, (int, float)) else Apply(operator.truediv, (1.0, divisor))
+        return ((factor, exprs[0]),)
     if name in _NEG and len(exprs) == 1 and len(args) == 1:
         return ((-1.0, exprs[0]),)
     return None
+
+
+def _blockwise(value: Value, fn: Callable[[Any], Any]) -> Value:
+    return Value(tuple(Block(b.width, fn(b.expr)) for b in value.blocks))
+
+
+def _normalised(value: Value, eps: float, center: bool) -> Value:
+    """``(v - mean(v)) / sqrt(mean((v - mean(v))^2) + eps)`` (without the mean: RMS normalisation)."""
+    if any(isinstance(b.expr, InputFeatures) for b in value.blocks):
+        raise UnsupportedModuleError("a normalisation of the network input", "the raw input's features are finite")
+    if center:
+        mean = _width_mean_expr(value)
+        value = _blockwise(value, lambda e: _combine(torch.sub, "sub", [e, mean], ()))
+    second = _width_mean_expr(_blockwise(value, lambda e: Apply(torch.square, (e,))))
+    scale = Apply(torch.rsqrt, (Apply(operator.add, (second, float(eps))),))
+    return _blockwise(value, lambda e: _combine(torch.mul, "mul", [e, scale], ()))
+
+
+def _affine(tracer: _Tracer, value: Value, gain: Tensor | None, shift: Tensor | None, what: str) -> Value:
+    """``v * gain + shift`` with per-unit parameters that start the same in every unit.
+
+    At initialisation they are constants; their perturbations are :class:`UnitParameter` atoms, which add
+    :math:`E[v v'] + 1` to the NTK of what follows.
+    """
+    scale = 1.0 if gain is None else tracer.unit_constant(gain, f"the gain of {what}", value.width)
+    if shift is not None and tracer.unit_constant(shift, f"the shift of {what}", value.width) != 0.0:
+        raise OutsideTheTheoremError(
+            f"the shift of {what}, which does not start at 0",
+            "a constant vector makes features that are not centred",
+        )
+    gain_weight = None if gain is None else tracer.weight(gain, f"the gain of {what}", unit=True)
+    shift_weight = None if shift is None else tracer.weight(shift, f"the shift of {what}", unit=True)
+    blocks, at = [], 0
+    for block in value.blocks:
+        rows = (at, at + block.width)
+        at += block.width
+        atoms = []
+        if gain_weight is not None:
+            atoms.append((UnitParameter(gain_weight, rows, block.expr), 1.0))
+        if shift_weight is not None:
+            atoms.append((UnitParameter(shift_weight, rows, 1.0), 1.0))
+        blocks.append(Block(block.width, _linear_sum(((scale, block.expr), (1.0, GVar(tuple(atoms)))))))
+    return Value(tuple(blocks))
+
+
+def _layer_norm(tracer: _Tracer, func, name, args, kwargs, result) -> None:
+    """``F.layer_norm`` / ``F.rms_norm`` over the feature axis (``nn.LayerNorm``, ``nn.RMSNorm``)."""
+    fields = ("input", "normalized_shape", "weight", "bias", "eps") if name == "layer_norm" else (
+        "input", "normalized_shape", "weight", "eps"
+    )
+    bound = _bind(args, kwargs, fields)
+    value = _check_features(tracer, bound["input"], name)
+    if tuple(bound["normalized_shape"]) != (value.width,):
+        raise UnsupportedModuleError(
+            f"{name} over the shape {tuple(bound['normalized_shape'])}", "normalisation over the feature axis only"
+        )
+    eps = bound.get("eps")
+    if eps is None:
+        eps = 1e-5 if name == "layer_norm" else torch.finfo(result.dtype).eps
+    normalised = _normalised(value, float(eps), center=name == "layer_norm")
+    tracer.track(result, _affine(tracer, normalised, bound.get("weight"), bound.get("bias"), name))
 
 
 def _bind(args, kwargs, names: tuple[str, ...]) -> dict:
@@ -487,8 +706,10 @@ _HANDLERS: dict[str, Callable] = {
     "tensor_split": _split,
     "stack": _stack,
     "unbind": _unbind,
-    "mean": _reduce_steps,
-    "sum": _reduce_steps,
+    "mean": _reduce,
+    "sum": _reduce,
+    "layer_norm": _layer_norm,
+    "rms_norm": _layer_norm,
     "unflatten": _reshape,
     "view": _reshape,
     "reshape": _reshape,
