@@ -24,12 +24,26 @@ from torch import nn
 from gpytorch_tp import TensorProgramKernel, from_module, kernel_from_module
 from gpytorch_tp.conversion import UnsupportedModuleError, ntk_parameter_scales
 from gpytorch_tp.kernels import MonteCarloKernel
-from gpytorch_tp.layers import ELU, RNN, Erf, LastStep, LayerNorm, Linear, ReLU, Sequential, Tanh, TimeMean
+from gpytorch_tp.layers import (
+    ELU,
+    RNN,
+    Erf,
+    LastStep,
+    LayerNorm,
+    Linear,
+    ReLU,
+    Residual,
+    SelfAttention,
+    Sequential,
+    Tanh,
+    TimeMean,
+)
 from gpytorch_tp.programs import CompiledProgram, compile_module
 from gpytorch_tp.programs.gaussian import gaussian_moments
 
 DTYPE = torch.float64
 WV, BV = 1.5, 0.1  # the variances the finite networks are drawn with
+SEQ_T, SEQ_D = 4, 3  # steps and features of the sequence networks
 
 
 def _x(n=5, d=3, seed=0):
@@ -229,6 +243,131 @@ def test_a_layer_norm_of_features_with_a_mean_centres_them():
     assert relative_error(_dense(_kernel(Centred(), "nngp"), x), expected) < 1e-10
 
 
+class HandWrittenAttention(nn.Module):
+    """One attention layer as users write it: logits divided by the width, a causal mask, softmax, A @ v."""
+
+    def __init__(self, width=8, causal=True, tied=True):
+        super().__init__()
+        self.embed, self.q = nn.Linear(SEQ_D, width), nn.Linear(width, width, bias=False)
+        self.k = self.q if tied else nn.Linear(width, width, bias=False)
+        self.v, self.out, self.o = nn.Linear(width, width, bias=False), nn.Linear(width, width), nn.Linear(width, 1)
+        self.causal = causal
+
+    def forward(self, x):
+        z = self.embed(x.view(x.shape[0], SEQ_T, SEQ_D))
+        q, k = self.q(z), self.k(z)
+        logits = q @ k.transpose(-1, -2) / k.shape[-1]
+        if self.causal:
+            logits = logits.masked_fill(torch.ones(SEQ_T, SEQ_T, dtype=torch.bool).triu(1), float("-inf"))
+        return self.o(self.out(torch.softmax(logits, -1) @ self.v(z)).mean(1))
+
+
+class PreNormBlock(nn.Module):
+    """A pre-norm transformer block (causal tied attention, ReLU MLP, residuals), last-token readout."""
+
+    def __init__(self, width=8):
+        super().__init__()
+        self.embed, self.qk = nn.Linear(SEQ_D, width), nn.Linear(width, width, bias=False)
+        self.v, self.out = nn.Linear(width, width, bias=False), nn.Linear(width, width)
+        self.norm1, self.norm2 = nn.LayerNorm(width, eps=0.0), nn.LayerNorm(width, eps=0.0)
+        self.up, self.down, self.o = nn.Linear(width, 2 * width), nn.Linear(2 * width, width), nn.Linear(width, 1)
+
+    def forward(self, x):
+        z = self.embed(x.view(x.shape[0], SEQ_T, SEQ_D))
+        h = self.norm1(z)
+        q = self.qk(h)
+        future = torch.tril(torch.ones(SEQ_T, SEQ_T)) == 0
+        weights = torch.softmax(torch.where(future, -math.inf, q @ q.mT / q.shape[-1]), dim=-1)
+        z = z + self.out(weights @ self.v(h))
+        z = z + self.down(torch.relu(self.up(self.norm2(z))))
+        return self.o(z[:, -1])
+
+
+def _sequence_kernels(module: nn.Module, reference, kind: str):
+    compiled = compile_module(module, SEQ_D, steps=SEQ_T, weight_variance=WV, bias_variance=BV)
+    return [
+        TensorProgramKernel(arch, kind=kind, input_shape=(SEQ_T, SEQ_D), sequence=True).double()
+        for arch in (compiled, reference)
+    ]
+
+
+def _attention(query_key: str, causal: bool) -> SelfAttention:
+    return SelfAttention(
+        query_key, causal=causal, value_variance=WV, output_variance=WV, bias_variance=BV, query_key_variance=WV
+    )
+
+
+@pytest.mark.parametrize("kind", ["nngp", "ntk"])
+@pytest.mark.parametrize(("tied", "causal"), [(True, False), (True, True), (False, True)],
+                         ids=["tied", "tied-causal", "independent-causal"])
+def test_hand_written_attention_equals_the_self_attention_layer(kind, tied, causal):
+    reference = Sequential(Linear(WV, BV), _attention("tied" if tied else "independent", causal), TimeMean(),
+                           Linear(WV, BV))
+    compiled, expected = _sequence_kernels(HandWrittenAttention(causal=causal, tied=tied), reference, kind)
+    x = _x(5, SEQ_T * SEQ_D)
+    assert relative_error(_dense(compiled, x), _dense(expected, x)) < 1e-12
+
+
+class RMSNormByHand(nn.Module):
+    """An RMS norm as written in many transformer codebases, with a gain and a shift."""
+
+    def __init__(self, width):
+        super().__init__()
+        self.weight, self.bias = nn.Parameter(torch.ones(width)), nn.Parameter(torch.zeros(width))
+
+    def forward(self, x):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True)) * self.weight + self.bias
+
+
+@pytest.mark.parametrize("kind", ["nngp", "ntk"])
+@pytest.mark.parametrize("norm", ["nn.LayerNorm", "rms-by-hand"])
+def test_a_pre_norm_transformer_block_equals_the_layers(kind, norm):
+    block = PreNormBlock()
+    if norm == "rms-by-hand":
+        block.norm1, block.norm2 = RMSNormByHand(8), RMSNormByHand(8)
+    center = norm == "nn.LayerNorm"
+    reference = Sequential(
+        Linear(WV, BV),
+        Residual(LayerNorm(elementwise_affine=True, center=center), _attention("tied", causal=True)),
+        Residual(LayerNorm(elementwise_affine=True, center=center), Linear(WV, BV), ReLU(), Linear(WV, BV)),
+        LastStep(),
+        Linear(WV, BV),
+    )
+    compiled, expected = _sequence_kernels(block, reference, kind)
+    x = _x(5, SEQ_T * SEQ_D, seed=2)
+    assert relative_error(_dense(compiled, x), _dense(expected, x)) < 1e-12
+
+
+class _RootWidthLogits(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.e, self.o = nn.Linear(SEQ_D, 8), nn.Linear(8, 1)
+
+    def forward(self, x):
+        z = self.e(x.view(x.shape[0], SEQ_T, SEQ_D))
+        return self.o((torch.softmax(z @ z.transpose(-1, -2) / math.sqrt(z.shape[-1]), -1) @ z).mean(1))
+
+
+class _SoftmaxOverFeatures(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.e, self.o = nn.Linear(SEQ_D, 8), nn.Linear(8, 1)
+
+    def forward(self, x):
+        return self.o(torch.softmax(self.e(x.view(x.shape[0], SEQ_T, SEQ_D)), -1).mean(1))
+
+
+@pytest.mark.parametrize(
+    ("module", "message"),
+    [(_RootWidthLogits(), "1/sqrt\\(width\\)"), (_SoftmaxOverFeatures(), "softmax over dim -1")],
+    ids=["root-width-logits", "softmax-over-features"],
+)
+def test_attention_outside_the_theorem_is_refused(module, message):
+    with pytest.raises(UnsupportedModuleError, match=message) as info:
+        kernel_from_module(module, "nngp", (SEQ_T, SEQ_D), sequence=True)
+    assert "MonteCarloKernel" in str(info.value)
+
+
 class _GainInsideANonlinearity(nn.Module):
     def __init__(self):
         super().__init__()
@@ -374,6 +513,24 @@ class HandWrittenRMSNorm(nn.Module):
         return self.o(h * self.gain)
 
 
+class AttentionOnItsKeys(nn.Module):
+    """Causal softmax attention whose values are its keys (tied queries and keys), gated: no layer of the
+    vocabulary.  Sequences (N, T * d), reshaped in forward."""
+
+    def __init__(self, width=16, d=SEQ_D, out=1):
+        super().__init__()
+        self.embed, self.k, self.gate = nn.Linear(d, width), nn.Linear(width, width, bias=False), nn.Linear(d, width)
+        self.o = nn.Linear(width, out)
+
+    def forward(self, x):
+        x = x.view(x.shape[0], SEQ_T, SEQ_D)
+        keys = self.k(torch.tanh(self.embed(x)))
+        logits = keys @ keys.transpose(-1, -2) / keys.shape[-1]
+        mask = torch.ones(SEQ_T, SEQ_T, dtype=torch.bool).triu(1)
+        mixed = torch.softmax(logits.masked_fill(mask, float("-inf")), dim=-1) @ keys
+        return self.o((mixed * torch.sigmoid(self.gate(x))).mean(1))
+
+
 CASES = {
     "glu": GLU,
     "square": Square,
@@ -382,7 +539,9 @@ CASES = {
     "shared-on-two-inputs": SharedOnTwoInputs,
     "layernorm-after-relu": NormalisedAfterANonlinearity,
     "hand-written-rms-norm": HandWrittenRMSNorm,
+    "attention-on-its-keys": AttentionOnItsKeys,
 }
+SEQUENCE_CASES = {AttentionOnItsKeys}
 
 
 def _finite_nngp(cls, width: int, seed: int, x: torch.Tensor, networks: int = 16) -> torch.Tensor:
@@ -411,9 +570,15 @@ def _finite_ntk(cls, width: int, seed: int, x: torch.Tensor, program: CompiledPr
 @pytest.mark.parametrize("name", list(CASES))
 def test_wide_finite_networks_converge_to_the_compiled_kernel(name, kind):
     cls = CASES[name]
-    program = compile_module(cls(), 3, weight_variance=WV, bias_variance=BV).double()
-    x = _x(4)
-    exact = _dense(TensorProgramKernel(program, kind=kind), x)
+    if cls in SEQUENCE_CASES:
+        program = compile_module(cls(), SEQ_D, steps=SEQ_T, weight_variance=WV, bias_variance=BV).double()
+        x = _x(4, SEQ_T * SEQ_D)
+        kernel = TensorProgramKernel(program, kind=kind, input_shape=(SEQ_T, SEQ_D), sequence=True)
+    else:
+        program = compile_module(cls(), 3, weight_variance=WV, bias_variance=BV).double()
+        x = _x(4)
+        kernel = TensorProgramKernel(program, kind=kind)
+    exact = _dense(kernel, x)
 
     def error(width: int, seed: int) -> float:
         finite = _finite_nngp(cls, width, seed, x) if kind == "nngp" else _finite_ntk(cls, width, seed, x, program)

@@ -31,6 +31,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+from torch import Tensor
+
 __all__ = [
     "Apply",
     "Bias",
@@ -41,6 +44,7 @@ __all__ = [
     "MatMul",
     "PRODUCT_NAMES",
     "Program",
+    "SoftmaxEntry",
     "Steps",
     "Sum",
     "UnitParameter",
@@ -251,6 +255,24 @@ def leaves(expr: Any) -> tuple[GVar, ...]:
 
     visit(expr)
     return tuple(found)
+
+
+@dataclass(frozen=True)
+class SoftmaxEntry:
+    """Entry ``index`` of the softmax of a row of logits (numbers per item): ``fn`` of an :class:`Apply`.
+
+    Logits that are ``-inf`` (masked) get weight 0; the row is broadcast to one shape first.
+    """
+
+    index: int
+
+    def __call__(self, *logits):
+        like = next((t for t in logits if isinstance(t, Tensor)), None)
+        if like is None:
+            like = torch.as_tensor(0.0, dtype=torch.get_default_dtype())
+        shape = torch.broadcast_shapes(*(t.shape for t in logits if isinstance(t, Tensor)))
+        row = torch.stack([torch.as_tensor(t, dtype=like.dtype, device=like.device).expand(shape) for t in logits], -1)
+        return torch.softmax(row, -1)[..., self.index]
 
 
 @dataclass(frozen=True)

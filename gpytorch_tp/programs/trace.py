@@ -16,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
@@ -30,6 +31,7 @@ from .program import (
     InputFeatures,
     MatMul,
     Program,
+    SoftmaxEntry,
     Steps,
     Sum,
     UnitParameter,
@@ -92,14 +94,38 @@ _UNTRACED = frozenset({"size", "dim", "numel", "__len__", "is_floating_point", "
 
 @dataclass(frozen=True, eq=False)
 class PerItem:
-    """A traced ``(N, 1)`` or ``(N,)`` tensor: a number per item (a function of width averages).
+    """A traced tensor of numbers per item: ``(N,)``, ``(N, 1)``, or ``(N, T, T)`` attention logits and weights.
 
-    ``summed_width``: the tensor is ``summed_width`` times ``expr`` (a sum over the width, ``v.sum(-1)``
-    or ``q @ k.T``), which grows with the width until it is divided by it; 0 when it is an average.
+    ``exprs``: one expression per entry of an item (an object array of the tensor's shape without its batch
+    axis), functions of width averages.  ``summed_width``: the tensor is ``summed_width`` times ``exprs`` (a sum
+    over the width, ``v.sum(-1)`` or ``q @ k.transpose(-1, -2)``), which grows with the width until it is
+    divided by it; 0 when it is an average.
     """
 
-    expr: Any
+    exprs: np.ndarray
     summed_width: int = 0
+
+    @staticmethod
+    def of(expr: Any, shape: tuple[int, ...] = (), summed_width: int = 0) -> PerItem:
+        exprs = np.empty(shape, dtype=object)
+        for index in np.ndindex(shape):
+            exprs[index] = expr
+        return PerItem(exprs, summed_width)
+
+    def map(self, fn: Callable[[Any], Any], summed_width: int = 0) -> PerItem:
+        exprs = np.empty(self.exprs.shape, dtype=object)
+        for index in np.ndindex(self.exprs.shape):
+            exprs[index] = fn(self.exprs[index])
+        return PerItem(exprs, summed_width)
+
+    def scalar(self, what: str) -> Any:
+        """The one number per item, for use in every coordinate of a vector."""
+        if self.exprs.size != 1:
+            raise NotFeatureVectorsError(
+                f"{what} of a vector and numbers per item of shape {self.exprs.shape}",
+                "one number per item ((N, 1) or (N,)) broadcasts over the width; token matrices mix tokens with @",
+            )
+        return self.exprs.reshape(-1)[0]
 
 
 def _name(func: Callable) -> str:
@@ -151,6 +177,9 @@ class _Tracer(TorchFunctionMode):
         if not any(isinstance(r, Tensor) for r in _flat([result])):
             return result  # shapes and the like (x.shape, x.size(0)): the same for every input
         if name in _SAME_VALUE and isinstance(result, Tensor):
+            if name == "__get__" and isinstance(self.value(args[0]), Steps):
+                _transpose(self, func, name, args, kwargs, result)  # k.mT
+                return result
             if name == "__get__" and result.shape != args[0].shape:
                 raise OutsideTheTheoremError(
                     "a transpose (x.T) of traced features",
@@ -281,6 +310,8 @@ def _matmul(tracer: _Tracer, func, name, args, kwargs, result) -> None:
     left, right = args[0], args[1]
     if name == "__rmatmul__":
         left, right = right, left
+    if _token_products(tracer, left, right, result):
+        return
     value = _check_features(tracer, left, "a matrix product")
     if tracer.value(right) is not None:
         raise OutsideTheTheoremError(
@@ -300,6 +331,109 @@ def _matmul(tracer: _Tracer, func, name, args, kwargs, result) -> None:
     else:
         raise UnsupportedModuleError("a matrix product", "its right factor is not a parameter of the module")
     _add_linear(tracer, value, weight, None, result)
+
+
+@dataclass(frozen=True, eq=False)
+class _TokensTransposed:
+    """A sequence with its token and feature axes swapped, ``k.transpose(-1, -2)``: the right factor of logits."""
+
+    steps: Steps
+
+
+def _transpose(tracer: _Tracer, func, name, args, kwargs, result) -> None:
+    source = tracer.value(args[0])
+    n, t, w = args[0].shape if args[0].dim() == 3 else (None, None, None)
+    if isinstance(source, Steps) and result.dim() == 3 and tuple(result.shape) == (n, w, t):
+        tracer.track(result, _TokensTransposed(source))
+        return
+    raise OutsideTheTheoremError(
+        f"the transpose {name} of a traced tensor of shape {tuple(args[0].shape)} to {tuple(result.shape)}",
+        "the token and feature axes of a sequence may be swapped (k.transpose(-1, -2) for attention logits); "
+        "products across the items of a batch are not covered",
+    )
+
+
+def _token_products(tracer: _Tracer, left: Any, right: Any, result: Tensor) -> bool:
+    """Attention: logits ``q @ k.transpose(-1, -2)`` (numbers per item, a sum over the width) and ``A @ v``."""
+    first, second = tracer.value(left), tracer.value(right)
+    if isinstance(first, Steps) and isinstance(second, _TokensTransposed):
+        queries, keys = first.steps, second.steps.steps
+        if any(isinstance(b.expr, InputFeatures) for v in (*queries, *keys) for b in v.blocks):
+            raise UnsupportedModuleError("logits of the network input", "apply a dense layer to the tokens first")
+        logits = np.empty((len(queries), len(keys)), dtype=object)
+        for t, q in enumerate(queries):
+            for s, k in enumerate(keys):
+                product = _elementwise_value(tracer, torch.mul, "mul", (None, None), {}, (1, q.width), [q, k])
+                logits[t, s] = _width_mean_expr(product)
+        tracer.track(result, PerItem(logits, queries[0].width))
+        return True
+    if isinstance(first, PerItem) and isinstance(second, Steps):
+        weights, values = first, second.steps
+        if weights.summed_width:
+            raise _summed_error("a token mixing A @ v", weights)
+        if weights.exprs.shape != (result.shape[1], len(values)):
+            raise NotFeatureVectorsError(
+                f"A @ v with A of shape {weights.exprs.shape} and {len(values)} tokens", "(T, T') @ (T', width)"
+            )
+        if any(isinstance(b.expr, InputFeatures) for v in values for b in v.blocks):
+            raise UnsupportedModuleError("a token mixing of the network input", "apply a dense layer first")
+        cuts = sorted(set().union(*(v.boundaries() for v in values)))
+        steps = []
+        for t in range(weights.exprs.shape[0]):
+            blocks = []
+            for a, b in zip(cuts, cuts[1:]):
+                terms = tuple((weights.exprs[t, s], v.piece(a, b)) for s, v in enumerate(values))
+                blocks.append(Block(b - a, _linear_sum(terms)))
+            steps.append(Value(tuple(blocks)))
+        tracer.track(result, Steps(tuple(steps)))
+        return True
+    if isinstance(first, (Steps, PerItem, _TokensTransposed)) or isinstance(second, (Steps, PerItem, _TokensTransposed)):
+        raise OutsideTheTheoremError(
+            "a matrix product of sequences",
+            "attention logits q @ k.transpose(-1, -2) (divided by the width) and token mixing A @ v are compiled",
+        )
+    return False
+
+
+def _softmax(tracer: _Tracer, func, name, args, kwargs, result) -> None:
+    """The softmax of logits over the keys: each weight a function of its row of numbers per item."""
+    bound = _bind(args, kwargs, ("input", "dim"))
+    source = tracer.value(bound["input"])
+    dim = bound.get("dim")
+    if not isinstance(source, PerItem) or source.exprs.ndim == 0 or dim not in (-1, source.exprs.ndim):
+        raise OutsideTheTheoremError(
+            f"the softmax over dim {dim} of a tensor of shape {tuple(bound['input'].shape)}",
+            "a softmax over the keys of attention logits (numbers per item, dim=-1) is compiled; over the features "
+            "it is not coordinatewise",
+        )
+    if source.summed_width:
+        raise _summed_error("softmax", source)
+    weights = np.empty(source.exprs.shape, dtype=object)
+    for index in np.ndindex(source.exprs.shape[:-1]):
+        row = tuple(source.exprs[index])
+        for s, logit in enumerate(row):
+            masked = isinstance(logit, float) and logit == float("-inf")
+            weights[(*index, s)] = 0.0 if masked else Apply(SoftmaxEntry(s), row)
+    tracer.track(result, PerItem(weights))
+
+
+def _masked_fill(tracer: _Tracer, func, name, args, kwargs, result) -> None:
+    bound = _bind(args, kwargs, ("input", "mask", "value"))
+    source = tracer.value(bound["input"])
+    mask = bound["mask"]
+    if not isinstance(source, PerItem) or tracer.value(mask) is not None:
+        raise OutsideTheTheoremError(
+            f"{name} of a tensor of shape {tuple(bound['input'].shape)}",
+            "masks of attention logits (numbers per item) by constant masks are compiled",
+        )
+    if source.summed_width:
+        raise _summed_error(name, source)
+    entries = _constant_entries(mask, source.exprs.shape, name)
+    fill = float(bound["value"])
+    filled = np.empty(source.exprs.shape, dtype=object)
+    for index in np.ndindex(source.exprs.shape):
+        filled[index] = fill if entries[index] else source.exprs[index]
+    tracer.track(result, PerItem(filled))
 
 
 def _cat(tracer: _Tracer, func, name, args, kwargs, result) -> None:
@@ -379,7 +513,15 @@ def _reduce(tracer: _Tracer, func, name, args, kwargs, result) -> None:
     dim = kwargs.get("dim", args[1] if len(args) > 1 else None)
     dim = dim[0] if isinstance(dim, (tuple, list)) and len(dim) == 1 else dim
     if isinstance(source, Value) and args[0].dim() == 2 and dim in (-1, 1):
-        tracer.track(result, _width_average(source, name))
+        tracer.track(result, _width_average(source, name, tuple(result.shape[1:])))
+        return
+    if isinstance(source, Steps) and args[0].dim() == 3 and dim in (-1, 2):
+        # Each token's own average: numbers per item of shape (T, 1) (keepdim) or (T,).
+        per_step = [_width_average(step, name, ()) for step in source.steps]
+        exprs = np.empty(tuple(result.shape[1:]), dtype=object)
+        for t, average in enumerate(per_step):
+            exprs[t] = average.exprs[()]
+        tracer.track(result, PerItem(exprs, per_step[0].summed_width))
         return
     if not isinstance(source, Steps) or dim not in (1, -2) or kwargs.get("keepdim", False):
         raise UnknownOperationError(
@@ -390,12 +532,12 @@ def _reduce(tracer: _Tracer, func, name, args, kwargs, result) -> None:
     _reduce_steps(tracer, source, name, result)
 
 
-def _width_average(value: Value, name: str) -> PerItem:
+def _width_average(value: Value, name: str, shape: tuple[int, ...]) -> PerItem:
     if any(isinstance(b.expr, InputFeatures) for b in value.blocks):
         raise UnsupportedModuleError(
             f"the {name} of the network input's features", "the raw input is finite: apply a dense layer to it first"
         )
-    return PerItem(_width_mean_expr(value), value.width if name == "sum" else 0)
+    return PerItem.of(_width_mean_expr(value), shape, value.width if name == "sum" else 0)
 
 
 def _width_mean_expr(value: Value) -> Any:
@@ -480,8 +622,25 @@ def _summed_error(name: str, per_item: PerItem) -> OutsideTheTheoremError:
     )
 
 
+def _constant_entries(tensor: Tensor, shape: tuple[int, ...], name: str) -> np.ndarray:
+    """A constant tensor broadcast against numbers per item of ``shape`` (a mask ``(T, T)``): its entries."""
+    item = tuple(tensor.shape)
+    if len(item) > len(shape) + 1 or (len(item) == len(shape) + 1 and item[0] != 1):
+        raise OutsideTheTheoremError(
+            f"{name} with a constant tensor of shape {item} that differs from item to item",
+            "constants must be the same for every input",
+        )
+    if len(item) == len(shape) + 1:
+        tensor = tensor[0]
+    values = np.empty(tuple(tensor.shape), dtype=object)
+    flat = tensor.detach().cpu().reshape(-1).tolist()
+    for index, v in zip(np.ndindex(values.shape), flat):
+        values[index] = float(v) if not isinstance(v, bool) else v
+    return np.broadcast_to(values, shape)
+
+
 def _per_item_operation(tracer: _Tracer, func, name, args, kwargs, result) -> PerItem:
-    """A coordinatewise function of numbers per item (and constants) is a number per item."""
+    """A coordinatewise function of numbers per item (and constants) is a number per item, entry by entry."""
     arguments = list(args) + [v for _, v in sorted(kwargs.items())]
     traced = [tracer.value(a) for a in arguments]
     summed = [t for t in traced if isinstance(t, PerItem) and t.summed_width]
@@ -496,27 +655,61 @@ def _per_item_operation(tracer: _Tracer, func, name, args, kwargs, result) -> Pe
             raise _summed_error(name, summed[0])
         width = summed[0].summed_width
         if abs(factor * width - 1.0) < 1e-9:
-            return PerItem(summed[0].expr)  # divided by the width: an average
-        return PerItem(scalar_product(summed[0].expr, factor), width)
-    if result.dim() > 2 or (result.dim() == 2 and result.shape[-1] != 1):
-        raise NotFeatureVectorsError(
-            f"{name} giving a tensor of shape {tuple(result.shape)} from numbers per item", "(N, 1) or (N,) only"
-        )
+            return PerItem(summed[0].exprs)  # divided by the width: an average
+        return summed[0].map(lambda e: scalar_product(e, factor), width)
+    shape = tuple(result.shape[1:])
 
-    def operand(arg):
+    def operand(arg) -> np.ndarray | Any:
         value = tracer.value(arg)
         if isinstance(value, PerItem):
-            return value.expr
+            return np.broadcast_to(value.exprs, shape)
         if isinstance(arg, Tensor):
-            if arg.numel() != 1:
-                raise OutsideTheTheoremError(
-                    f"{name} with a constant tensor of shape {tuple(arg.shape)}", "constants must be scalars"
-                )
-            return float(arg)
+            return _constant_entries(arg, shape, name)
         return arg
 
-    keywords = tuple((k, operand(v)) for k, v in sorted(kwargs.items()) if k != "inplace")
-    return PerItem(Apply(func, tuple(operand(a) for a in args), keywords))
+    positional = [operand(a) for a in args]
+    keywords = [(k, operand(v)) for k, v in sorted(kwargs.items()) if k != "inplace"]
+    exprs = np.empty(shape, dtype=object)
+    for index in np.ndindex(shape):
+        def entry(o):
+            return o[index] if isinstance(o, np.ndarray) else o
+
+        entries = tuple(entry(a) for a in positional)
+        if name == "where" and len(entries) == 3 and isinstance(entries[0], bool):
+            exprs[index] = entries[1] if entries[0] else entries[2]  # a constant mask picks one side
+            continue
+        exprs[index] = Apply(func, entries, tuple((k, entry(v)) for k, v in keywords))
+    return PerItem(exprs)
+
+
+def _steps_elementwise(tracer: _Tracer, func, name, args, kwargs, result, traced: list) -> None:
+    """A coordinatewise function of sequences ``(N, T, width)``: the same function at every step."""
+    lengths = {len(t.steps) for t in traced if isinstance(t, Steps)}
+    if len(lengths) != 1 or result.dim() != 3 or result.shape[1] != lengths.pop():
+        raise NotFeatureVectorsError(
+            f"{name} of sequences giving shape {tuple(result.shape)}", "sequences of one length (N, T, width)"
+        )
+    steps_count = result.shape[1]
+    for t in traced:
+        per_token = isinstance(t, PerItem) and t.exprs.shape in ((steps_count, 1), (steps_count,))
+        if t is not None and not isinstance(t, Steps) and not per_token:
+            raise UnsupportedModuleError(
+                f"{name} of a sequence and a tensor of another shape",
+                "coordinatewise functions of sequences with sequences and with numbers per token (T, 1)",
+            )
+
+    def at_step(traced_value, t: int):
+        if isinstance(traced_value, Steps):
+            return traced_value.steps[t]
+        if isinstance(traced_value, PerItem):
+            return PerItem(traced_value.exprs[t], traced_value.summed_width)
+        return None
+
+    steps = []
+    for t in range(steps_count):
+        per_step = [at_step(v, t) for v in traced]
+        steps.append(_elementwise_value(tracer, func, name, args, kwargs, tuple(result[:, t].shape), per_step))
+    tracer.track(result, Steps(tuple(steps)))
 
 
 def _elementwise(tracer: _Tracer, func, name, args, kwargs, result) -> None:
@@ -525,16 +718,25 @@ def _elementwise(tracer: _Tracer, func, name, args, kwargs, result) -> None:
     if all(t is None or isinstance(t, PerItem) for t in traced):
         tracer.track(result, _per_item_operation(tracer, func, name, args, kwargs, result))
         return
-    if _unit_parameter_operation(tracer, name, arguments, traced, result):
+    if any(isinstance(t, Steps) for t in traced):
+        _steps_elementwise(tracer, func, name, args, kwargs, result, traced)
         return
+    tracer.track(result, _elementwise_value(tracer, func, name, args, kwargs, tuple(result.shape), traced))
+
+
+def _elementwise_value(tracer: _Tracer, func, name, args, kwargs, shape: tuple[int, ...], traced: list) -> Value:
+    """The blocks of a coordinatewise function of feature vectors (``traced``: each argument's traced value)."""
+    arguments = list(args) + [v for _, v in sorted(kwargs.items())]
+    gained = _unit_parameter_operation(tracer, name, arguments, traced, shape)
+    if gained is not None:
+        return gained
     operands: list[Any] = []
     values: list[Value] = []
-    for arg in arguments:
-        value = tracer.value(arg)
+    for arg, value in zip(arguments, traced):
         if isinstance(value, PerItem):
             if value.summed_width:
                 raise _summed_error(name, value)
-            arg = value.expr  # the same in every coordinate of the item
+            arg = value.scalar(name)  # the same in every coordinate of the item
         elif value is not None:
             values.append(value)
         elif isinstance(arg, Tensor) and arg.numel() == 1:
@@ -547,12 +749,13 @@ def _elementwise(tracer: _Tracer, func, name, args, kwargs, result) -> None:
                 )
             arg = 0.0
         operands.append(arg)
-    if result.dim() != 2:
+    if len(shape) != 2:
         raise NotFeatureVectorsError(
-            f"{name} giving a tensor of shape {tuple(result.shape)}",
-            "the compiler traces feature vectors (N, width) so far (sequences and images: the converter's layers)",
+            f"{name} giving a tensor of shape {shape}",
+            "the compiler traces feature vectors (N, width) and sequences (N, T, width) (images: the converter's "
+            "layers)",
         )
-    if any(v.width != result.shape[-1] for v in values):
+    if any(v.width != shape[-1] for v in values):
         raise UnsupportedModuleError(
             f"{name} of tensors of shapes {[tuple(a.shape) for a in _flat(args) if isinstance(a, Tensor)]}",
             "coordinatewise functions of feature vectors of one width only",
@@ -562,28 +765,30 @@ def _elementwise(tracer: _Tracer, func, name, args, kwargs, result) -> None:
             raise UnsupportedModuleError(
                 f"{name} of the network input", "the raw input is finite: apply a dense layer to it first"
             )
-    keywords = tuple((k, v) for k, v in sorted(kwargs.items()) if k != "inplace" and tracer.value(v) is None)
+    keywords = tuple(
+        (k, op) for (k, _), op, t in zip(sorted(kwargs.items()), operands[len(args):], traced[len(args):])
+        if k != "inplace" and not isinstance(t, Value)
+    )
     positional = len(args)
     cuts = sorted(set().union(*(v.boundaries() for v in values)))
     blocks = []
     for a, b in zip(cuts, cuts[1:]):
         exprs = iter([v.piece(a, b) for v in values])
-        pieces = [next(exprs) if isinstance(tracer.value(arg), Value) else op for arg, op in zip(arguments, operands)]
+        pieces = [next(exprs) if isinstance(t, Value) else op for t, op in zip(traced, operands)]
         blocks.append(Block(b - a, _combine(func, name, pieces[:positional], keywords)))
-    tracer.track(result, Value(tuple(blocks)))
+    return Value(tuple(blocks))
 
 
-def _unit_parameter_operation(tracer: _Tracer, name: str, arguments: list, traced: list, result: Tensor) -> bool:
+def _unit_parameter_operation(tracer: _Tracer, name: str, arguments: list, traced: list, shape) -> Value | None:
     """``v * gain`` or ``v + shift`` with a per-unit parameter vector of the module (a hand-written LayerNorm's)."""
     if len(arguments) != 2 or name not in _MUL | _ADD:
-        return False
+        return None
     values = [t for t in traced if isinstance(t, Value)]
     parameters = [a for a, t in zip(arguments, traced) if t is None and id(a) in tracer.parameters]
-    if len(values) != 1 or len(parameters) != 1 or parameters[0].dim() != 1 or result.dim() != 2:
-        return False
+    if len(values) != 1 or len(parameters) != 1 or parameters[0].dim() != 1 or len(shape) != 2:
+        return None
     gain, shift = (parameters[0], None) if name in _MUL else (None, parameters[0])
-    tracer.track(result, _affine(tracer, values[0], gain, shift, f"{name} with the parameter vector"))
-    return True
+    return _affine(tracer, values[0], gain, shift, f"{name} with the parameter vector")
 
 
 def _combine(func: Callable, name: str, args: list, keywords: tuple) -> Any:
@@ -672,16 +877,21 @@ def _layer_norm(tracer: _Tracer, func, name, args, kwargs, result) -> None:
         "input", "normalized_shape", "weight", "eps"
     )
     bound = _bind(args, kwargs, fields)
-    value = _check_features(tracer, bound["input"], name)
-    if tuple(bound["normalized_shape"]) != (value.width,):
+    source = tracer.value(bound["input"])
+    # Every token of a sequence is normalised on its own, with the same gain and shift.
+    values = source.steps if isinstance(source, Steps) else (_check_features(tracer, bound["input"], name),)
+    if tuple(bound["normalized_shape"]) != (values[0].width,):
         raise UnsupportedModuleError(
             f"{name} over the shape {tuple(bound['normalized_shape'])}", "normalisation over the feature axis only"
         )
     eps = bound.get("eps")
     if eps is None:
         eps = 1e-5 if name == "layer_norm" else torch.finfo(result.dtype).eps
-    normalised = _normalised(value, float(eps), center=name == "layer_norm")
-    tracer.track(result, _affine(tracer, normalised, bound.get("weight"), bound.get("bias"), name))
+    outputs = []
+    for value in values:
+        normalised = _normalised(value, float(eps), center=name == "layer_norm")
+        outputs.append(_affine(tracer, normalised, bound.get("weight"), bound.get("bias"), name))
+    tracer.track(result, Steps(tuple(outputs)) if isinstance(source, Steps) else outputs[0])
 
 
 def _bind(args, kwargs, names: tuple[str, ...]) -> dict:
@@ -696,6 +906,12 @@ _HANDLERS: dict[str, Callable] = {
     "__matmul__": _matmul,
     "__rmatmul__": _matmul,
     "mm": _matmul,
+    "bmm": _matmul,
+    "transpose": _transpose,
+    "swapaxes": _transpose,
+    "permute": _transpose,
+    "softmax": _softmax,
+    "masked_fill": _masked_fill,
     "cat": _cat,
     "concat": _cat,
     "concatenate": _cat,
