@@ -117,6 +117,20 @@ class ChunkedGates(nn.Module):
         return self.o(F.silu(u) * torch.sigmoid(v) + h)
 
 
+class OverlappingSlices(nn.Module):
+    """Two overlapping, shifted slices of one matrix's output: coordinate by coordinate, different rows."""
+
+    def __init__(self, width=16, d=3, out=1):
+        super().__init__()
+        self.e, self.g, self.o = nn.Linear(d, width), nn.Linear(width, 2 * width), nn.Linear(width, out)
+        self.width = width
+
+    def forward(self, x):
+        u = self.g(torch.erf(self.e(x)))
+        shift = self.width // 2
+        return self.o(torch.tanh(u[:, : self.width]) * torch.sigmoid(u[:, shift : shift + self.width]))
+
+
 class SharedOnTwoInputs(nn.Module):
     """One hidden matrix applied to two different vectors: the weight-sharing terms of the NTK."""
 
@@ -536,6 +550,7 @@ CASES = {
     "square": Square,
     "independent-factors": Branches,
     "chunked-gates": ChunkedGates,
+    "overlapping-slices": OverlappingSlices,
     "shared-on-two-inputs": SharedOnTwoInputs,
     "layernorm-after-relu": NormalisedAfterANonlinearity,
     "hand-written-rms-norm": HandWrittenRMSNorm,

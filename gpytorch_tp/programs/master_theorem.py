@@ -231,9 +231,9 @@ class _Recursion:
         if a.weight.name != b.weight.name or isinstance(a, UnitParameter):
             return 0.0
         if a.rows != b.rows:
-            if a.rows[1] <= b.rows[0] or b.rows[1] <= a.rows[0]:
-                return 0.0  # other rows of the matrix: independent weights
-            raise NotImplementedError(f"overlapping but different rows {a.rows}, {b.rows} of {a.weight.name}")
+            # Aligned coordinates k of the two atoms are rows a.start + k and b.start + k: different rows, so
+            # independent weights, even where the ranges overlap (the width average does not see the shift).
+            return 0.0
         variance = self.variances[a.weight.name]
         if isinstance(a, Bias):
             return variance
