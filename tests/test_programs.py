@@ -373,7 +373,7 @@ class _SoftmaxOverFeatures(nn.Module):
 
 @pytest.mark.parametrize(
     ("module", "message"),
-    [(_RootWidthLogits(), "1/sqrt\\(width\\)"), (_SoftmaxOverFeatures(), "softmax over dim -1")],
+    [(_RootWidthLogits(), "1/sqrt\\(width\\)"), (_SoftmaxOverFeatures(), "softmax' over dim -1")],
     ids=["root-width-logits", "softmax-over-features"],
 )
 def test_attention_outside_the_theorem_is_refused(module, message):

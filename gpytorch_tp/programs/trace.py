@@ -402,7 +402,7 @@ def _softmax(tracer: _Tracer, func, name, args, kwargs, result) -> None:
     dim = bound.get("dim")
     if not isinstance(source, PerItem) or source.exprs.ndim == 0 or dim not in (-1, source.exprs.ndim):
         raise OutsideTheTheoremError(
-            f"the softmax over dim {dim} of a tensor of shape {tuple(bound['input'].shape)}",
+            f"the operation 'softmax' over dim {dim} of a tensor of shape {tuple(bound['input'].shape)}",
             "a softmax over the keys of attention logits (numbers per item, dim=-1) is compiled; over the features "
             "it is not coordinatewise",
         )
