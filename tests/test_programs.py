@@ -868,3 +868,32 @@ def test_a_program_refuses_inputs_of_another_layout_and_padded_sequences():
         TensorProgramKernel(loop, input_shape=(STEPS, FEATURES), sequence=True).double()(padded).to_dense()
     with pytest.raises(ValueError, match="steps must be positive"):
         compile_module(ElmanLoop(), FEATURES, steps=0)
+
+
+class _ForgetGateCell(nn.Module):
+    """A gated cell whose joint covariances at one item are singular (the state is a function of its gates)."""
+
+    def __init__(self, width=8):
+        super().__init__()
+        self.fs, self.fx = nn.Linear(width, width), nn.Linear(1, width, bias=False)
+        self.cs, self.cx = nn.Linear(width, width), nn.Linear(1, width, bias=False)
+        self.o, self.width = nn.Linear(width, 1), width
+
+    def forward(self, x):
+        x = x.view(x.shape[0], 3, 1)
+        h = x.new_zeros(x.shape[0], self.width)
+        for t in range(3):
+            f = torch.sigmoid(self.fs(h) + self.fx(x[:, t]))
+            h = (1 - f) * h + f * torch.tanh(self.cs(f * h) + self.cx(x[:, t]))
+        return self.o(h)
+
+
+def test_gradients_of_a_gated_cell_are_finite_on_the_diagonal():
+    kernel = kernel_from_module(
+        _ForgetGateCell(), "nngp", (3, 1), sequence=True, weight_variance=1.5, bias_variance=0.1
+    ).double()
+    for seed in range(6):
+        kernel.zero_grad()
+        kernel(_x(2, 3, seed=seed)).to_dense().sum().backward()
+        grads = [p.grad for p in kernel.parameters() if p.requires_grad]
+        assert grads and all(torch.isfinite(g).all() for g in grads), seed

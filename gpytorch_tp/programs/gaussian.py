@@ -96,8 +96,10 @@ def _factor(cov: Tensor) -> Tensor:
     if bool((info != 0).any()):
         # Singular beyond the jitter (variables that are functions of the others): any square root
         # S S^T = cov serves u = S z; the symmetric one from the eigendecomposition always exists.
+        # The floor (the jitter, not 0) keeps the square root's gradient finite where eigenvalues are clipped.
         values, vectors = torch.linalg.eigh(cov)
-        factor = vectors * values.clamp_min(0).sqrt().unsqueeze(-2)
+        floor = (eps * scale).expand(values.shape)
+        factor = vectors * torch.maximum(values, floor).sqrt().unsqueeze(-2)
     return factor
 
 
