@@ -27,7 +27,7 @@ and for each one
 
 Run it from the repository root::
 
-    python tutorials/your_own_architecture.py            # figure in docs/figures/ (about 2 CPU minutes)
+    python tutorials/your_own_architecture.py            # figure in docs/figures/ (about 1 CPU minute)
     python tutorials/your_own_architecture.py --smoke    # seconds, for the tests
 
 It needs matplotlib (``pip install -e ".[tutorials]"``).  The ``# %%`` markers
