@@ -246,3 +246,32 @@ def test_your_network_as_a_gp_tutorial_smoke(tmp_path, capsys):
     # against 1.1 here; hidden-layer learning rates of the wrong width give 0.2 and diverge at large widths).
     assert run["kernel_error"] < 0.25
     assert run["ensemble_gap"] < 0.2 * run["prediction_rms"]
+
+
+def test_your_own_architecture_tutorial_smoke(tmp_path, capsys):
+    pytest.importorskip("matplotlib", reason="the tutorials need matplotlib")
+    tutorial = _load_tutorial("your_own_architecture")
+
+    run = tutorial.main(["--smoke", "--outdir", str(tmp_path)])
+
+    assert run["figure"] == tmp_path / "your_own_architecture.png"
+    assert run["figure"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    out = capsys.readouterr().out
+    assert "CompiledProgram" in out and "MonteCarloKernel width" in out
+    # The Monte Carlo estimate of the same module approaches the compiled kernel as its width grows
+    # (about 10x less error from width 16 to 256 on this seed; a compiled kernel of other variances or
+    # another program would stay off by its own distance, not fall towards it).
+    for result in (run["glu"], run["sequence"]):
+        narrow, wide = min(result.errors), max(result.errors)
+        assert result.errors[wide] < result.errors[narrow] / 2, result.errors
+        assert result.errors[wide] < 0.15, result.errors
+        assert math.isfinite(result.exact_rmse) and all(math.isfinite(r) for r in result.monte_carlo_rmse.values())
+    # The GLU's exact GP fits its 1-D function far better than predicting a constant (0.22 against
+    # the function's sd 0.6 here), with 12 points.
+    assert run["glu"].exact_rmse < 0.6 * run["glu_truth_sd"]
+    # init="measured" reads a wide module's parameters: close to PyTorch's default scheme,
+    # kaiming_uniform(a=sqrt(5)) weights of variance 1/(3 fan-in); explicit variances are taken as given.
+    sources = run["variance_sources"]
+    assert abs(sources['init="measured"']["value1.weight"] - 1 / 3) < 0.03
+    explicit = sources[f"weight_variance={tutorial.WEIGHT_VARIANCE:g}, bias_variance={tutorial.BIAS_VARIANCE:g}"]
+    assert explicit["value2.bias"] == tutorial.BIAS_VARIANCE
