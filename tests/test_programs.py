@@ -26,6 +26,8 @@ from gpytorch_tp.conversion import UnsupportedModuleError, ntk_parameter_scales
 from gpytorch_tp.kernels import MonteCarloKernel
 from gpytorch_tp.layers import (
     ELU,
+    GRU,
+    LSTM,
     RNN,
     Erf,
     LastStep,
@@ -545,6 +547,20 @@ class AttentionOnItsKeys(nn.Module):
         return self.o((mixed * torch.sigmoid(self.gate(x))).mean(1))
 
 
+class GRUWithAGatedHead(nn.Module):
+    """torch's nn.GRU inside a network of the user's: its last state through a gated unit."""
+
+    def __init__(self, width=16, d=SEQ_D, out=1):
+        super().__init__()
+        self.embed, self.rnn = nn.Linear(d, width), nn.GRU(width, width, batch_first=True)
+        self.gate, self.o = nn.Linear(width, width), nn.Linear(width, out)
+
+    def forward(self, x):
+        states, _ = self.rnn(self.embed(x.view(x.shape[0], SEQ_T, SEQ_D)))
+        last = states[:, -1]
+        return self.o(last * torch.sigmoid(self.gate(last)))
+
+
 CASES = {
     "glu": GLU,
     "square": Square,
@@ -555,8 +571,9 @@ CASES = {
     "layernorm-after-relu": NormalisedAfterANonlinearity,
     "hand-written-rms-norm": HandWrittenRMSNorm,
     "attention-on-its-keys": AttentionOnItsKeys,
+    "gru-with-a-gated-head": GRUWithAGatedHead,
 }
-SEQUENCE_CASES = {AttentionOnItsKeys}
+SEQUENCE_CASES = {AttentionOnItsKeys, GRUWithAGatedHead}
 
 
 def _finite_nngp(cls, width: int, seed: int, x: torch.Tensor, networks: int = 16) -> torch.Tensor:
@@ -897,3 +914,65 @@ def test_gradients_of_a_gated_cell_are_finite_on_the_diagonal():
         kernel(_x(2, 3, seed=seed)).to_dense().sum().backward()
         grads = [p.grad for p in kernel.parameters() if p.requires_grad]
         assert grads and all(torch.isfinite(g).all() for g in grads), seed
+
+
+class _RecurrentModuleNet(nn.Module):
+    """nn.RNN / nn.GRU / nn.LSTM inside a module of the user's, on projected tokens, with both readouts."""
+
+    def __init__(self, cell, width=8, readout="last", layers=1, project=True):
+        super().__init__()
+        self.project = nn.Linear(SEQ_D, width) if project else nn.Identity()
+        self.rnn = cell(width if project else SEQ_D, width, batch_first=True, num_layers=layers)
+        self.o, self.readout = nn.Linear(width, 1), readout
+
+    def forward(self, x):
+        out, last = self.rnn(self.project(x.view(x.shape[0], SEQ_T, SEQ_D)))
+        if isinstance(self.rnn, nn.LSTM):
+            last = last[0]
+        return self.o(out[:, -1] if self.readout == "last" else last[-1])
+
+
+THIRD = 1.0 / 3.0
+
+
+@pytest.mark.parametrize("kind", ["nngp", "ntk"])
+@pytest.mark.parametrize(
+    ("cell", "layer", "tolerance"),
+    [
+        (nn.RNN, lambda: RNN("tanh", THIRD, THIRD, 0.0), 1e-12),  # closed form on both sides
+        # Not closed form on either side: the compiled quasi-Monte Carlo rule against the layers' particles.
+        (nn.GRU, lambda: GRU("tanh", "sigmoid", THIRD, THIRD, 0.0), 5e-3),
+        (nn.LSTM, lambda: LSTM("tanh", "sigmoid", THIRD, THIRD, 0.0), 3e-2),
+    ],
+    ids=["rnn", "gru", "lstm"],
+)
+def test_torch_recurrent_modules_inside_a_traced_network_are_the_recurrent_layers(kind, cell, layer, tolerance):
+    # PyTorch's default initialisation: every tensor U(+-1/sqrt(H)), 1/3 per fan-in, biases vanish.
+    hand = Sequential(Linear(THIRD, 1 / (3 * SEQ_D)), layer(), LastStep(), Linear(THIRD, 0.0))
+    expected = TensorProgramKernel(hand, kind=kind, input_shape=(SEQ_T, SEQ_D), sequence=True).double()
+    x = _x(4, SEQ_T * SEQ_D)
+    for readout in ("last", "h_n"):
+        module = _RecurrentModuleNet(cell, readout=readout)
+        compiled = TensorProgramKernel(
+            compile_module(module, SEQ_D, steps=SEQ_T), kind=kind, input_shape=(SEQ_T, SEQ_D), sequence=True
+        ).double()
+        assert relative_error(_dense(compiled, x), _dense(expected, x)) < tolerance, readout
+
+
+def test_a_recurrent_module_on_the_raw_input_with_pytorch_defaults_is_refused():
+    module = _RecurrentModuleNet(nn.GRU, project=False)
+    with pytest.raises(UnsupportedModuleError, match="vanishes at infinite width"):
+        compile_module(module, SEQ_D, steps=SEQ_T)
+    compiled = compile_module(module, SEQ_D, steps=SEQ_T, init="measured")  # the module at its own width
+    assert float(compiled.variance("rnn.weight_ih_l0")) > 0
+    with pytest.raises(UnsupportedModuleError, match="bidirectional"):
+        compile_module(_BidirectionalNet(), SEQ_D, steps=SEQ_T, init="measured")
+
+
+class _BidirectionalNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.rnn, self.o = nn.RNN(SEQ_D, 8, batch_first=True, bidirectional=True), nn.Linear(16, 1)
+
+    def forward(self, x):
+        return self.o(self.rnn(x.view(x.shape[0], SEQ_T, SEQ_D))[0][:, -1])

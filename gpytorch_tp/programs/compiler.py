@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from torch import nn
 
+from ..errors import UnsupportedModuleError
+
 from .master_theorem import CompiledProgram
 from .trace import trace_program
 
@@ -13,6 +15,9 @@ INITS = ("pytorch", "measured")
 # Modules whose default initialisation is kaiming_uniform(a=sqrt(5)): weights U(+-1/sqrt(fan_in)),
 # variance 1/(3 fan_in), i.e. sigma_W^2 = 1/3 (nn.Bilinear is not an F.linear the tracer sees).
 _PYTORCH_DEFAULTS = (nn.Linear,)
+# Every tensor of these is U(+-1/sqrt(hidden)): 1/(3 hidden) per entry, i.e. fan_in / (3 hidden) for matrices
+# (1/3 for the recurrent ones) and biases that vanish at infinite width.
+_PYTORCH_RECURRENT = (nn.RNN, nn.GRU, nn.LSTM)
 
 
 def compile_module(
@@ -63,6 +68,8 @@ def compile_module(
         explicit = bias_variance if weight.bias else weight_variance
         if explicit is not None:
             value = float(explicit)
+        elif init == "pytorch" and isinstance(entry["module"], _PYTORCH_RECURRENT):
+            value = _recurrent_default(entry["module"], weight, entry["finite_fan_in"])
         elif init == "pytorch" and isinstance(entry["module"], _PYTORCH_DEFAULTS):
             finite = entry["finite_fan_in"]
             value = (0.0 if finite is None else 1.0 / (3.0 * finite)) if weight.bias else 1.0 / 3.0
@@ -73,3 +80,16 @@ def compile_module(
             raise ValueError(f"the variance of {weight.name} must be non-negative and finite, got {value}")
         variances[weight.name] = value
     return CompiledProgram(program, variances)
+
+
+def _recurrent_default(module: nn.Module, weight, finite_fan_in: int | None) -> float:
+    if weight.bias:
+        return 0.0
+    if finite_fan_in is not None:
+        raise UnsupportedModuleError(
+            f"{weight.name} of {type(module).__name__}",
+            "with PyTorch's default initialisation its input weights have variance 1/(3 hidden_size) on a finite "
+            "input, which vanishes at infinite width: the kernel would not depend on the input. Pass "
+            "weight_variance=..., init='measured' (the module at its own width), or put a dense layer first",
+        )
+    return weight.fan_in / (3.0 * module.hidden_size)

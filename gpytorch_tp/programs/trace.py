@@ -436,6 +436,95 @@ def _masked_fill(tracer: _Tracer, func, name, args, kwargs, result) -> None:
     tracer.track(result, PerItem(filled))
 
 
+@dataclass(frozen=True, eq=False)
+class _LayerStates:
+    """``h_n`` of ``nn.RNN`` / ``nn.GRU`` / ``nn.LSTM``: the last state of every layer, ``(layers, N, hidden)``."""
+
+    layers: tuple[Value, ...]
+
+
+def _recurrent_module(tracer: _Tracer, func, name, args, kwargs, result) -> None:
+    """``nn.RNN`` / ``nn.GRU`` / ``nn.LSTM`` (their ``torch._VF`` calls), unrolled into the program step by step.
+
+    The cells' equations as PyTorch writes them, gate by gate from row blocks of the stacked weights (rows of
+    one matrix that do not overlap are independent weights): the same program as the loop written by hand.
+    """
+    fields = ("input", "hx", "params", "has_biases", "num_layers", "dropout", "train", "bidirectional",
+              "batch_first")
+    bound = _bind(args, kwargs, fields)
+    source = tracer.value(bound["input"])
+    what = f"the recurrent module ({name})"
+    if not isinstance(source, Steps):
+        raise NotFeatureVectorsError(what, "its input must be a traced sequence (N, T, d), batch first")
+    if not bound["batch_first"]:
+        raise UnsupportedModuleError(what, "batch_first=False; use batch_first=True (the package's layout)")
+    if bound["bidirectional"]:
+        raise UnsupportedModuleError(what, "bidirectional modules are not compiled yet")
+    if bound["dropout"] and bound["train"]:
+        raise UnsupportedModuleError(what, "dropout while training")
+    states = bound["hx"] if isinstance(bound["hx"], (tuple, list)) else (bound["hx"],)
+    for state in states:
+        if tracer.value(state) is not None or not bool((state == 0).all()):
+            raise UnsupportedModuleError(what, "initial states other than zeros are not compiled yet")
+    per_layer = 4 if bound["has_biases"] else 2
+    params = list(bound["params"])
+    cell = {"rnn_tanh": torch.tanh, "rnn_relu": torch.relu}.get(name)
+    inputs = list(source.steps)
+    last_h, last_c = [], []
+    for layer in range(int(bound["num_layers"])):
+        chunk = params[layer * per_layer : (layer + 1) * per_layer]
+        w_ih, w_hh = chunk[0], chunk[1]
+        b_ih, b_hh = (chunk[2], chunk[3]) if bound["has_biases"] else (None, None)
+        hidden = w_hh.shape[-1]
+        weights = [tracer.weight(w_ih, what), tracer.weight(w_hh, what)]
+        biases = [None if b is None else tracer.weight(b, what, bias=True) for b in (b_ih, b_hh)]
+        if layer == 0 and any(isinstance(b.expr, InputFeatures) for b in inputs[0].blocks):
+            tracer.finite_fan_in[weights[0].name] = inputs[0].width  # the network input: finite fan-in
+
+        def gate(x: Value, h: Value | None, k: int, recurrent: bool) -> GVar:
+            rows = (k * hidden, (k + 1) * hidden)
+            matrix, bias, value = (weights[1], biases[1], h) if recurrent else (weights[0], biases[0], x)
+            terms = [] if value is None else [(MatMul(matrix, rows, value), 1.0)]
+            if bias is not None:
+                terms.append((Bias(bias, rows), 1.0))
+            return GVar(tuple(terms))
+
+        h = c = None
+        outputs = []
+        for x in inputs:
+            if cell is not None:  # Elman: h = f(W_ih x + b_ih + W_hh h + b_hh)
+                new = _combine(cell, cell.__name__, [gate(x, h, 0, False).plus(gate(x, h, 0, True))], ())
+            elif name == "gru":
+                r = Apply(torch.sigmoid, (gate(x, h, 0, False).plus(gate(x, h, 0, True)),))
+                z = Apply(torch.sigmoid, (gate(x, h, 1, False).plus(gate(x, h, 1, True)),))
+                candidate = _linear_sum(((1.0, gate(x, h, 2, False)), (1.0, _product(r, gate(x, h, 2, True)))))
+                n = Apply(torch.tanh, (candidate,))
+                keep = _product(z, h.blocks[0].expr) if h is not None else None
+                new = _linear_sum(((1.0, n), (-1.0, _product(z, n))) + (((1.0, keep),) if keep is not None else ()))
+            elif name == "lstm":
+                i, f, g, o = (gate(x, h, k, False).plus(gate(x, h, k, True)) for k in range(4))
+                i, f, o = (Apply(torch.sigmoid, (v,)) for v in (i, f, o))
+                update = _product(i, Apply(torch.tanh, (g,)))
+                c_expr = update if c is None else _linear_sum(((1.0, _product(f, c.blocks[0].expr)), (1.0, update)))
+                c = Value((Block(hidden, c_expr),))
+                new = _product(o, Apply(torch.tanh, (c_expr,)))
+            else:
+                raise UnknownOperationError(f"the operation {name!r}", "nn.RNN, nn.GRU and nn.LSTM are compiled")
+            h = Value((Block(hidden, new),))
+            outputs.append(h)
+        inputs = outputs
+        last_h.append(h)
+        last_c.append(c)
+    tracer.track(result[0], Steps(tuple(inputs)))
+    tracer.track(result[1], _LayerStates(tuple(last_h)))
+    if name == "lstm":
+        tracer.track(result[2], _LayerStates(tuple(last_c)))
+
+
+def _product(a: Any, b: Any) -> Apply:
+    return Apply(torch.mul, (a, b))
+
+
 def _cat(tracer: _Tracer, func, name, args, kwargs, result) -> None:
     bound = _bind(args, kwargs, ("tensors", "dim"))
     tensors, dim = bound["tensors"], bound.get("dim", 0)
@@ -457,6 +546,11 @@ def _getitem(tracer: _Tracer, func, name, args, kwargs, result) -> None:
     source = tracer.value(args[0])
     if isinstance(source, Steps):
         _index_steps(tracer, source, index, result)
+        return
+    if isinstance(source, _LayerStates):
+        if len(index) != 1 or not isinstance(index[0], int):
+            raise UnsupportedModuleError(f"the index {args[1]!r} of a recurrent module's last states", "h_n[layer]")
+        tracer.track(result, source.layers[index[0]])
         return
     value = _check_features(tracer, args[0], "indexing")
     if index and index[0] is Ellipsis:
@@ -911,6 +1005,10 @@ _HANDLERS: dict[str, Callable] = {
     "swapaxes": _transpose,
     "permute": _transpose,
     "softmax": _softmax,
+    "rnn_tanh": _recurrent_module,
+    "rnn_relu": _recurrent_module,
+    "gru": _recurrent_module,
+    "lstm": _recurrent_module,
     "masked_fill": _masked_fill,
     "cat": _cat,
     "concat": _cat,
