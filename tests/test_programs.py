@@ -216,11 +216,21 @@ class NormByHand(nn.Module):
 def test_a_compiled_layer_norm_equals_the_layer_norm_layer(kind, affine):
     # Centred features (after a dense layer): nn.LayerNorm is the LayerNorm layer (eps=0: the layer has none).
     net = nn.Sequential(
-        nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 8), nn.LayerNorm(8, eps=0.0, elementwise_affine=affine),
-        nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 1),
+        nn.Linear(3, 8),
+        nn.Tanh(),
+        nn.Linear(8, 8),
+        nn.LayerNorm(8, eps=0.0, elementwise_affine=affine),
+        nn.Linear(8, 8),
+        nn.ReLU(),
+        nn.Linear(8, 1),
     )
     reference = Sequential(
-        Linear(WV, BV), Tanh(), Linear(WV, BV), LayerNorm(elementwise_affine=affine), Linear(WV, BV), ReLU(),
+        Linear(WV, BV),
+        Tanh(),
+        Linear(WV, BV),
+        LayerNorm(elementwise_affine=affine),
+        Linear(WV, BV),
+        ReLU(),
         Linear(WV, BV),
     )
     x = _x(6)
@@ -228,7 +238,11 @@ def test_a_compiled_layer_norm_equals_the_layer_norm_layer(kind, affine):
     assert relative_error(_dense(_kernel(net, kind), x), expected) < 1e-12
     # RMS normalisation of tanh features by hand (their mean is 0 at infinite width, so centring changes nothing).
     reference = Sequential(
-        Linear(WV, BV), Tanh(), LayerNorm(elementwise_affine=True, center=False), Linear(WV, BV), ReLU(),
+        Linear(WV, BV),
+        Tanh(),
+        LayerNorm(elementwise_affine=True, center=False),
+        Linear(WV, BV),
+        ReLU(),
         Linear(WV, BV),
     )
     expected = _dense(TensorProgramKernel(reference, kind=kind).double(), x)
@@ -314,11 +328,13 @@ def _attention(query_key: str, causal: bool) -> SelfAttention:
 
 
 @pytest.mark.parametrize("kind", ["nngp", "ntk"])
-@pytest.mark.parametrize(("tied", "causal"), [(True, False), (True, True), (False, True)],
-                         ids=["tied", "tied-causal", "independent-causal"])
+@pytest.mark.parametrize(
+    ("tied", "causal"), [(True, False), (True, True), (False, True)], ids=["tied", "tied-causal", "independent-causal"]
+)
 def test_hand_written_attention_equals_the_self_attention_layer(kind, tied, causal):
-    reference = Sequential(Linear(WV, BV), _attention("tied" if tied else "independent", causal), TimeMean(),
-                           Linear(WV, BV))
+    reference = Sequential(
+        Linear(WV, BV), _attention("tied" if tied else "independent", causal), TimeMean(), Linear(WV, BV)
+    )
     compiled, expected = _sequence_kernels(HandWrittenAttention(causal=causal, tied=tied), reference, kind)
     x = _x(5, SEQ_T * SEQ_D)
     assert relative_error(_dense(compiled, x), _dense(expected, x)) < 1e-12
@@ -643,8 +659,9 @@ def test_kernel_from_module_compiles_what_the_layer_vocabulary_refuses():
     assert float(kernel.architecture.variance("a.bias")) == pytest.approx(1 / 9)
     assert float(kernel.architecture.variance("o.bias")) == 0.0
     # what the converter already knows keeps its layers
-    assert not isinstance(kernel_from_module(nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 1))).architecture,
-                          CompiledProgram)
+    assert not isinstance(
+        kernel_from_module(nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 1))).architecture, CompiledProgram
+    )
 
 
 def test_measured_initialisation_reads_the_module_parameters():
@@ -662,16 +679,19 @@ def test_gradients_are_finite_at_the_diagonal_and_float32_agrees():
     k.sum().backward()
     grads = [p.grad for p in kernel.parameters() if p.requires_grad]
     assert grads and all(g is not None and torch.isfinite(g).all() for g in grads)
-    k32 = _dense(TensorProgramKernel(compile_module(ChunkedGates(), 3, weight_variance=WV, bias_variance=BV),
-                                     kind="ntk"), x.float())
+    k32 = _dense(
+        TensorProgramKernel(compile_module(ChunkedGates(), 3, weight_variance=WV, bias_variance=BV), kind="ntk"),
+        x.float(),
+    )
     assert k32.dtype == torch.float32
     torch.testing.assert_close(k32.double(), k.detach(), rtol=1e-4, atol=1e-5)
     assert torch.linalg.eigvalsh(k.detach()).min() > -1e-10
 
 
 def test_batched_hyperparameters_and_pickling():
-    kernel = TensorProgramKernel(compile_module(GLU(), 3, weight_variance=WV, bias_variance=BV),
-                                 batch_shape=torch.Size([2])).double()
+    kernel = TensorProgramKernel(
+        compile_module(GLU(), 3, weight_variance=WV, bias_variance=BV), batch_shape=torch.Size([2])
+    ).double()
     x = _x(4)
     assert _dense(kernel, x).shape == (2, 4, 4)
     clone = pickle.loads(pickle.dumps(kernel))
@@ -746,8 +766,14 @@ class _GainThatDiffersByUnit(nn.Module):
         (_EndsInSigmoid(), "network output"),
         (_MaxOverFeatures(), "amax"),
     ],
-    ids=["sum-over-the-width", "trained-gain", "attention-without-width-scaling", "constant-vector",
-         "output-nonlinearity", "max"],
+    ids=[
+        "sum-over-the-width",
+        "trained-gain",
+        "attention-without-width-scaling",
+        "constant-vector",
+        "output-nonlinearity",
+        "max",
+    ],
 )
 def test_what_the_theorem_does_not_cover_is_refused_with_the_operation_named(module, message):
     with pytest.raises(UnsupportedModuleError, match=message) as info:
@@ -841,7 +867,9 @@ def test_a_python_loop_rnn_equals_the_rnn_layer(kind, mean):
     assert isinstance(kernel.architecture, CompiledProgram)
     readout = TimeMean() if mean else LastStep()
     reference = TensorProgramKernel(
-        Sequential(RNN("tanh", WV, WV, BV), readout, Linear(WV, BV)), kind=kind, input_shape=(STEPS, FEATURES),
+        Sequential(RNN("tanh", WV, WV, BV), readout, Linear(WV, BV)),
+        kind=kind,
+        input_shape=(STEPS, FEATURES),
         sequence=True,
     ).double()
     x = _sequences()
@@ -859,7 +887,10 @@ def test_a_gated_cell_of_the_users_design_is_the_limit_of_its_wide_networks(kind
         if kind == "nngp":
             return relative_error(_finite_nngp(ResetFirstGRU, width, seed, x), exact)
         mc = MonteCarloKernel(
-            lambda: _gaussian(ResetFirstGRU(width)), "ntk", n_samples=4, seed=seed,
+            lambda: _gaussian(ResetFirstGRU(width)),
+            "ntk",
+            n_samples=4,
+            seed=seed,
             parameter_scales=program.parameter_scales,
         )
         return relative_error(_dense(mc, x), exact)

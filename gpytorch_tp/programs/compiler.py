@@ -5,7 +5,6 @@ from __future__ import annotations
 from torch import nn
 
 from ..errors import UnsupportedModuleError
-
 from .master_theorem import CompiledProgram
 from .trace import trace_program
 

@@ -55,7 +55,7 @@ def _split_rule(half_width: float) -> tuple[Tensor, Tensor]:
     x, w = np.polynomial.legendre.leggauss(per_panel)
     edges = np.linspace(0.0, half_width, _SPLIT_PANELS + 1)
     nodes = np.concatenate([(a + b) / 2 + (b - a) / 2 * x for a, b in zip(edges, edges[1:])])
-    weights = np.concatenate([(b - a) / 2 * w for a, b in zip(edges, edges[1:])]) * np.exp(-nodes**2 / 2)
+    weights = np.concatenate([(b - a) / 2 * w for a, b in zip(edges, edges[1:])]) * np.exp(-(nodes**2) / 2)
     nodes, weights = np.concatenate([-nodes[::-1], nodes]), np.concatenate([weights[::-1], weights])
     return torch.as_tensor(nodes).unsqueeze(-1), torch.as_tensor(weights / weights.sum())
 

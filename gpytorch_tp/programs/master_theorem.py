@@ -60,6 +60,7 @@ from .program import (
 
 __all__ = ["CompiledProgram"]
 
+
 @functools.lru_cache(maxsize=4096)
 def _closed_form(expr: Expr) -> tuple[Nonlinearity, GVar] | None:
     """The nonlinearity layer and its G-var when ``expr`` is ``phi(g)`` for a registered nonlinearity ``phi``.

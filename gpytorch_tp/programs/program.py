@@ -343,9 +343,7 @@ def aligned_pieces(first: Value, second: Value) -> list[tuple[float, Expr, Expr]
     if first.width != second.width:
         raise ValueError(f"vectors of widths {first.width} and {second.width}")
     cuts = sorted(set(first.boundaries()) | set(second.boundaries()))
-    return [(
-        (b - a) / first.width, first.piece(a, b), second.piece(a, b)
-    ) for a, b in zip(cuts, cuts[1:]) if b > a]
+    return [((b - a) / first.width, first.piece(a, b), second.piece(a, b)) for a, b in zip(cuts, cuts[1:]) if b > a]
 
 
 @dataclass(frozen=True)
