@@ -292,6 +292,30 @@ class HandWrittenAttention(nn.Module):
         return self.o(self.out(torch.softmax(logits, -1) @ self.v(z)).mean(1))
 
 
+class MultiHeadAttention(nn.Module):
+    """Heads split by reshaping, (N, H, T, d_h) logits and mixing, joined again; or the same by F.sdpa."""
+
+    def __init__(self, width=8, heads=2, fused=False, scale=None):
+        super().__init__()
+        self.embed, self.qk = nn.Linear(SEQ_D, width), nn.Linear(width, width, bias=False)
+        self.v, self.out, self.o = nn.Linear(width, width, bias=False), nn.Linear(width, width), nn.Linear(width, 1)
+        self.heads, self.fused, self.scale = heads, fused, scale
+
+    def forward(self, x):
+        n = x.shape[0]
+        z = self.embed(x.view(n, SEQ_T, SEQ_D))
+        q = self.qk(z).view(n, SEQ_T, self.heads, -1).transpose(1, 2)
+        v = self.v(z).view(n, SEQ_T, self.heads, -1).transpose(1, 2)
+        if self.fused:
+            scale = 1 / q.shape[-1] if self.scale is None else self.scale
+            y = F.scaled_dot_product_attention(q, q, v, is_causal=True, scale=scale)
+        else:
+            logits = q @ q.transpose(-2, -1) / q.shape[-1]
+            logits = logits.masked_fill(torch.ones(SEQ_T, SEQ_T, dtype=torch.bool).triu(1), float("-inf"))
+            y = torch.softmax(logits, dim=-1) @ v
+        return self.o(self.out(y.transpose(1, 2).contiguous().view(n, SEQ_T, -1)).mean(1))
+
+
 class PreNormBlock(nn.Module):
     """A pre-norm transformer block (causal tied attention, ReLU MLP, residuals), last-token readout."""
 
@@ -338,6 +362,21 @@ def test_hand_written_attention_equals_the_self_attention_layer(kind, tied, caus
     compiled, expected = _sequence_kernels(HandWrittenAttention(causal=causal, tied=tied), reference, kind)
     x = _x(5, SEQ_T * SEQ_D)
     assert relative_error(_dense(compiled, x), _dense(expected, x)) < 1e-12
+
+
+@pytest.mark.parametrize("kind", ["nngp", "ntk"])
+@pytest.mark.parametrize("fused", [False, True], ids=["by-hand", "scaled-dot-product-attention"])
+def test_multi_head_attention_equals_the_self_attention_layer(kind, fused):
+    # Every head's logits converge to the same token covariance: the limit of H heads is one head's.
+    reference = Sequential(Linear(WV, BV), _attention("tied", causal=True), TimeMean(), Linear(WV, BV))
+    compiled, expected = _sequence_kernels(MultiHeadAttention(fused=fused), reference, kind)
+    x = _x(5, SEQ_T * SEQ_D)
+    assert relative_error(_dense(compiled, x), _dense(expected, x)) < 1e-12
+
+
+def test_scaled_dot_product_attention_with_its_default_scale_is_refused():
+    with pytest.raises(UnsupportedModuleError, match="1/sqrt"):
+        compile_module(MultiHeadAttention(fused=True, scale=0.5), SEQ_D, steps=SEQ_T)
 
 
 class RMSNormByHand(nn.Module):

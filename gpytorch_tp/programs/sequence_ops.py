@@ -24,7 +24,7 @@ from .program import (
     Value,
 )
 from .refusals import NotFeatureVectorsError, OutsideTheTheoremError, UnknownOperationError
-from .traced import LayerStates, PerItem, TokensTransposed, bind, check_features, constant_entries, summed_error
+from .traced import Heads, LayerStates, PerItem, TokensTransposed, bind, check_features, constant_entries, summed_error
 
 
 def matmul(tracer, func, name, args, kwargs, result) -> None:
@@ -55,11 +55,34 @@ def matmul(tracer, func, name, args, kwargs, result) -> None:
     add_linear(tracer, value, weight, None, result)
 
 
+def _axes_moved(before: Tensor, after: Tensor, name: str, args: tuple) -> tuple[int, ...] | None:
+    """The permutation ``after = before.permute(order)`` of a transpose, permute or ``.mT`` call."""
+    ndim = before.dim()
+    if name == "permute":
+        order = args[1:] if len(args) > 2 or not isinstance(args[1], (tuple, list)) else args[1]
+        return tuple(int(a) % ndim for a in order)
+    if name == "__get__":  # .mT: the last two axes
+        first, second = ndim - 2, ndim - 1
+    elif len(args) >= 3:
+        first, second = int(args[1]) % ndim, int(args[2]) % ndim
+    else:
+        return None
+    order = list(range(ndim))
+    order[first], order[second] = order[second], order[first]
+    return tuple(order)
+
+
 def transpose(tracer, func, name, args, kwargs, result) -> None:
     source = tracer.value(args[0])
-    n, t, w = args[0].shape if args[0].dim() == 3 else (None, None, None)
-    if isinstance(source, Steps) and result.dim() == 3 and tuple(result.shape) == (n, w, t):
+    order = _axes_moved(args[0], result, name, args)
+    if isinstance(source, Steps) and order == (0, 2, 1):
         tracer.track(result, TokensTransposed(source))
+        return
+    if isinstance(source, Heads) and not source.keys and order == (0, 2, 1, 3):
+        tracer.track(result, Heads(source.heads, tokens_first=not source.tokens_first))
+        return
+    if isinstance(source, Heads) and not source.keys and not source.tokens_first and order == (0, 1, 3, 2):
+        tracer.track(result, Heads(source.heads, tokens_first=False, keys=True))
         return
     raise OutsideTheTheoremError(
         f"the transpose {name} of a traced tensor of shape {tuple(args[0].shape)} to {tuple(result.shape)}",
@@ -72,42 +95,116 @@ def _token_products(tracer, left: Any, right: Any, result: Tensor) -> bool:
     """Attention: logits ``q @ k.transpose(-1, -2)`` (numbers per item, a sum over the width) and ``A @ v``."""
     first, second = tracer.value(left), tracer.value(right)
     if isinstance(first, Steps) and isinstance(second, TokensTransposed):
-        queries, keys = first.steps, second.steps.steps
-        if any(isinstance(b.expr, InputFeatures) for v in (*queries, *keys) for b in v.blocks):
-            raise UnsupportedModuleError("logits of the network input", "apply a dense layer to the tokens first")
-        logits = np.empty((len(queries), len(keys)), dtype=object)
-        for t, q in enumerate(queries):
-            for s, k in enumerate(keys):
-                product = elementwise_value(tracer, torch.mul, "mul", (None, None), {}, (1, q.width), [q, k])
-                logits[t, s] = width_mean(product)
-        tracer.track(result, PerItem(logits, queries[0].width))
+        tracer.track(result, PerItem(_logits(tracer, first.steps, second.steps.steps), first.steps[0].width))
         return True
     if isinstance(first, PerItem) and isinstance(second, Steps):
-        weights, values = first, second.steps
-        if weights.summed_width:
-            raise summed_error("a token mixing A @ v", weights)
-        if weights.exprs.shape != (result.shape[1], len(values)):
-            raise NotFeatureVectorsError(
-                f"A @ v with A of shape {weights.exprs.shape} and {len(values)} tokens", "(T, T') @ (T', width)"
-            )
-        if any(isinstance(b.expr, InputFeatures) for v in values for b in v.blocks):
-            raise UnsupportedModuleError("a token mixing of the network input", "apply a dense layer first")
-        cuts = sorted(set().union(*(v.boundaries() for v in values)))
-        steps = []
-        for t in range(weights.exprs.shape[0]):
-            blocks = []
-            for a, b in zip(cuts, cuts[1:]):
-                terms = tuple((weights.exprs[t, s], v.piece(a, b)) for s, v in enumerate(values))
-                blocks.append(Block(b - a, linear_sum(terms)))
-            steps.append(Value(tuple(blocks)))
-        tracer.track(result, Steps(tuple(steps)))
+        if first.summed_width:
+            raise summed_error("a token mixing A @ v", first)
+        tracer.track(result, _mix(first.exprs, second.steps))
         return True
-    if isinstance(first, (Steps, PerItem, TokensTransposed)) or isinstance(second, (Steps, PerItem, TokensTransposed)):
+    if isinstance(first, Heads) and isinstance(second, Heads) and not first.tokens_first and second.keys:
+        # One head's logits per head: numbers per item (H, T, T).
+        per_head = [_logits(tracer, q.steps, k.steps) for q, k in zip(first.heads, second.heads, strict=True)]
+        tracer.track(result, PerItem(np.stack(per_head), first.heads[0].steps[0].width))
+        return True
+    if isinstance(first, PerItem) and isinstance(second, Heads) and not second.tokens_first and not second.keys:
+        if first.summed_width:
+            raise summed_error("a token mixing A @ v", first)
+        if first.exprs.ndim != 3 or first.exprs.shape[0] != len(second.heads):
+            raise NotFeatureVectorsError(
+                f"A @ v with A of shape {first.exprs.shape} and {len(second.heads)} heads", "(H, T, T') @ (H, T', d)"
+            )
+        mixed = tuple(_mix(first.exprs[h], v.steps) for h, v in enumerate(second.heads))
+        tracer.track(result, Heads(mixed, tokens_first=False))
+        return True
+    kinds = (Steps, PerItem, TokensTransposed, Heads)
+    if isinstance(first, kinds) or isinstance(second, kinds):
         raise OutsideTheTheoremError(
             "a matrix product of sequences",
             "attention logits q @ k.transpose(-1, -2) (divided by the width) and token mixing A @ v are compiled",
         )
     return False
+
+
+def _logits(tracer, queries: tuple[Value, ...], keys: tuple[Value, ...]) -> np.ndarray:
+    """``E[q_t k_s]`` of every token pair: the width averages of the products (a sum until divided)."""
+    if any(isinstance(b.expr, InputFeatures) for v in (*queries, *keys) for b in v.blocks):
+        raise UnsupportedModuleError("logits of the network input", "apply a dense layer to the tokens first")
+    logits = np.empty((len(queries), len(keys)), dtype=object)
+    for t, q in enumerate(queries):
+        for s, k in enumerate(keys):
+            product = elementwise_value(tracer, torch.mul, "mul", (None, None), {}, (1, q.width), [q, k])
+            logits[t, s] = width_mean(product)
+    return logits
+
+
+def _mix(weights: np.ndarray, values: tuple[Value, ...]) -> Steps:
+    """``A @ v``: each token a linear combination of the values, with per-item coefficients."""
+    if weights.shape[-1] != len(values):
+        raise NotFeatureVectorsError(
+            f"A @ v with A of shape {weights.shape} and {len(values)} tokens", "(T, T') @ (T', d)"
+        )
+    if any(isinstance(b.expr, InputFeatures) for v in values for b in v.blocks):
+        raise UnsupportedModuleError("a token mixing of the network input", "apply a dense layer first")
+    cuts = sorted(set().union(*(v.boundaries() for v in values)))
+    steps = []
+    for t in range(weights.shape[0]):
+        blocks = []
+        for a, b in zip(cuts, cuts[1:]):
+            terms = tuple((weights[t, s], v.piece(a, b)) for s, v in enumerate(values))
+            blocks.append(Block(b - a, linear_sum(terms)))
+        steps.append(Value(tuple(blocks)))
+    return Steps(tuple(steps))
+
+
+def _softmax_rows(logits: np.ndarray) -> np.ndarray:
+    """Softmax weights of every row of logits (numbers per item); masked (-inf) logits get weight 0."""
+    weights = np.empty(logits.shape, dtype=object)
+    for index in np.ndindex(logits.shape[:-1]):
+        row = tuple(logits[index])
+        for s, logit in enumerate(row):
+            masked = isinstance(logit, float) and logit == float("-inf")
+            weights[(*index, s)] = 0.0 if masked else Apply(SoftmaxEntry(s), row)
+    return weights
+
+
+def scaled_dot_product_attention(tracer, func, name, args, kwargs, result) -> None:
+    """``F.scaled_dot_product_attention`` with ``scale=1 / head width`` (the limit of this package)."""
+    fields = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale")
+    bound = bind(args, kwargs, fields)
+    query, key, value = (tracer.value(bound[k]) for k in ("query", "key", "value"))
+    what = "F.scaled_dot_product_attention"
+    if not all(isinstance(v, (Steps, Heads)) for v in (query, key, value)):
+        raise NotFeatureVectorsError(what, "queries, keys and values must be traced sequences (N, [H,] T, d)")
+    as_heads = [v.heads if isinstance(v, Heads) else (v,) for v in (query, key, value)]
+    if any(isinstance(v, Heads) and (v.tokens_first or v.keys) for v in (query, key, value)):
+        raise NotFeatureVectorsError(what, "heads must be (N, H, T, d): transpose(1, 2) after splitting them")
+    width = as_heads[0][0].steps[0].width
+    scale = bound.get("scale")
+    if scale is None or abs(float(scale) * width - 1.0) > 1e-9:
+        raise OutsideTheTheoremError(
+            f"{what} with scale={scale} (head width {width})",
+            "logits scaled by 1/sqrt(width) (the default) are random at infinite width; pass scale=1 / head width",
+        )
+    if bound.get("dropout_p"):
+        raise UnsupportedModuleError(what, "dropout_p > 0")
+    mask = bound.get("attn_mask")
+    if mask is not None and (tracer.value(mask) is not None or mask.dtype != torch.bool):
+        raise UnsupportedModuleError(what, "attention masks must be constant boolean tensors (True: attend)")
+    outputs = []
+    for q, k, v in zip(*as_heads, strict=True):
+        logits = _logits(tracer, q.steps, k.steps)
+        tokens, keys = logits.shape
+        allowed = np.ones((tokens, keys), dtype=bool)
+        if bound.get("is_causal"):
+            allowed &= np.tril(np.ones((tokens, keys), dtype=bool))
+        if mask is not None:
+            allowed &= np.asarray(constant_entries(mask, (tokens, keys), what), dtype=bool)
+        for index in np.ndindex(logits.shape):
+            if not allowed[index]:
+                logits[index] = float("-inf")
+        outputs.append(_mix(_softmax_rows(logits), v.steps))
+    tracer.track(result, Heads(tuple(outputs), tokens_first=False) if isinstance(query, Heads) else outputs[0])
 
 
 def softmax(tracer, func, name, args, kwargs, result) -> None:
@@ -123,13 +220,7 @@ def softmax(tracer, func, name, args, kwargs, result) -> None:
         )
     if source.summed_width:
         raise summed_error("softmax", source)
-    weights = np.empty(source.exprs.shape, dtype=object)
-    for index in np.ndindex(source.exprs.shape[:-1]):
-        row = tuple(source.exprs[index])
-        for s, logit in enumerate(row):
-            masked = isinstance(logit, float) and logit == float("-inf")
-            weights[(*index, s)] = 0.0 if masked else Apply(SoftmaxEntry(s), row)
-    tracer.track(result, PerItem(weights))
+    tracer.track(result, PerItem(_softmax_rows(source.exprs)))
 
 
 def masked_fill(tracer, func, name, args, kwargs, result) -> None:
@@ -334,6 +425,20 @@ def reshape(tracer, func, name, args, kwargs, result) -> None:
     ):
         steps, d = tracer.sequence
         tracer.track(result, Steps(tuple(Value((Block(d, InputFeatures(d, t)),)) for t in range(steps))))
+        return
+    if isinstance(source, Steps) and result.dim() == 4 and tuple(result.shape[:2]) == tuple(args[0].shape[:2]):
+        # (N, T, width) -> (N, T, H, width / H): heads are consecutive slices of the features.
+        count, size = result.shape[2], result.shape[3]
+        heads = tuple(Steps(tuple(v.slice(h * size, (h + 1) * size) for v in source.steps)) for h in range(count))
+        tracer.track(result, Heads(heads))
+        return
+    if isinstance(source, Heads) and source.tokens_first and not source.keys and result.dim() == 3:
+        # (N, T, H, d) -> (N, T, H d): the heads joined again, token by token.
+        steps = tuple(
+            Value(tuple(b for head in source.heads for b in head.steps[t].blocks))
+            for t in range(len(source.heads[0].steps))
+        )
+        tracer.track(result, Steps(steps))
         return
     if result.shape != args[0].shape:
         raise NotFeatureVectorsError(

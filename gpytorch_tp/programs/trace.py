@@ -34,7 +34,7 @@ from .program import (
     Weight,
 )
 from .refusals import NotFeatureVectorsError, OutsideTheTheoremError, UnknownOperationError
-from .traced import PerItem, flat
+from .traced import Heads, PerItem, flat
 
 __all__ = [
     "ELEMENTWISE_FUNCTIONS",
@@ -131,7 +131,7 @@ class Tracer(TorchFunctionMode):
         if not any(isinstance(r, Tensor) for r in flat([result])):
             return result  # shapes and the like (x.shape, x.size(0)): the same for every input
         if name in _SAME_VALUE and isinstance(result, Tensor):
-            if name == "__get__" and isinstance(self.value(args[0]), Steps):
+            if name == "__get__" and isinstance(self.value(args[0]), (Steps, Heads)):
                 sequence_ops.transpose(self, func, name, args, kwargs, result)  # k.mT
                 return result
             if name == "__get__" and result.shape != args[0].shape:
@@ -213,6 +213,7 @@ _HANDLERS: dict[str, Callable] = {
     "gru": sequence_ops.recurrent_module,
     "lstm": sequence_ops.recurrent_module,
     "masked_fill": sequence_ops.masked_fill,
+    "scaled_dot_product_attention": sequence_ops.scaled_dot_product_attention,
     "cat": feature_ops.cat,
     "concat": feature_ops.cat,
     "concatenate": feature_ops.cat,

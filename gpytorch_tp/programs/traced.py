@@ -61,6 +61,19 @@ class TokensTransposed:
 
 
 @dataclass(frozen=True, eq=False)
+class Heads:
+    """A sequence split into attention heads: ``(N, T, H, d_h)`` when ``tokens_first``, else ``(N, H, T, d_h)``.
+
+    ``heads``: one sequence of ``d_h`` features per head (consecutive slices of the features); with
+    ``keys`` the token and feature axes are swapped, ``(N, H, d_h, T)`` (the right factor of logits).
+    """
+
+    heads: tuple[Steps, ...]
+    tokens_first: bool = True
+    keys: bool = False
+
+
+@dataclass(frozen=True, eq=False)
 class LayerStates:
     """``h_n`` of ``nn.RNN`` / ``nn.GRU`` / ``nn.LSTM``: the last state of every layer, ``(layers, N, hidden)``."""
 
