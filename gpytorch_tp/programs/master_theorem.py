@@ -146,6 +146,15 @@ def _zero(x) -> bool:
     return isinstance(x, float) and x == 0.0
 
 
+# Sums and scalings that skip the additions of 0 and products by 1 (each a whole tile's tensor otherwise).
+def _plus(total, term):
+    return term if _zero(total) else total + term
+
+
+def _times(factor, term):
+    return term if isinstance(factor, (int, float)) and factor == 1 else factor * term
+
+
 class _Recursion:
     """The master theorem for one tile of pairs (or one side's items): memoised covariances and NTKs.
 
@@ -155,8 +164,17 @@ class _Recursion:
         tiles of a row or column (``state.per_item``); ``None`` in a side's recursion itself.
     """
 
-    def __init__(self, kernel: dict, like: Tensor, variances: dict[str, Tensor], sides: dict | None = None):
+    def __init__(
+        self,
+        kernel: dict,
+        like: Tensor,
+        variances: dict[str, Tensor],
+        sides: dict | None = None,
+        track_ntk: bool = False,
+    ):
         self.kernel = kernel
+        # With the NTK, every moment of the pairs is asked for again with its derivatives: compute both at once.
+        self.track_ntk = track_ntk
         self.like = like
         self.variances = variances
         self.sides = sides
@@ -252,7 +270,7 @@ class _Recursion:
             for b, cb in g2.terms:
                 term = self.atom_cov(a, b, pairing)
                 if not _zero(term):
-                    total = total + self.scalar(ca, "1") * self.scalar(cb, "2") * term
+                    total = _plus(total, _times(self.scalar(ca, "1"), _times(self.scalar(cb, "2"), term)))
         return total
 
     def source_moment(self, v1: Value, v2: Value, pairing: str):
@@ -267,7 +285,7 @@ class _Recursion:
             else:
                 term = self.moments(e1, e2, pairing, derivatives=False)[0]
             if not _zero(term):
-                total = total + fraction * term
+                total = _plus(total, _times(fraction, term))
         return total
 
     # -- expectations --------------------------------------------------------------------------
@@ -276,6 +294,8 @@ class _Recursion:
         """``E[e1 e2]`` and, with ``derivatives`` (pairing "12" only), ``{(g_i, g_j): E[d_i e1 d_j e2']}``."""
         if self.sides is not None and pairing != "12":
             return self.sides[pairing].moments(e1, e2, "11", derivatives)
+        if pairing == "12" and self.track_ntk and not derivatives:
+            return self.moments(e1, e2, pairing, True)[0], {}
         key = (e1, e2, pairing, derivatives)
         if key not in self.moment_memo:
             self.moment_memo[key] = self._moments(e1, e2, pairing, derivatives)
@@ -482,7 +502,7 @@ class _Recursion:
             for b, cb in g2.terms:
                 term = self.atom_ntk(a, b)
                 if not _zero(term):
-                    total = total + self.scalar(ca, "1") * self.scalar(cb, "2") * term
+                    total = _plus(total, _times(self.scalar(ca, "1"), _times(self.scalar(cb, "2"), term)))
         return total
 
     def _source_tangent(self, v1: Value, v2: Value):
@@ -496,7 +516,7 @@ class _Recursion:
             for (gi, gj), expectation in pairs.items():
                 tangent = self.gntk(gi, gj)
                 if not _zero(tangent) and not _zero(expectation):
-                    total = total + fraction * expectation * tangent
+                    total = _plus(total, _times(fraction, expectation * tangent))
         return total
 
 
@@ -614,7 +634,7 @@ class CompiledProgram(Layer):
             "22": per_item(_side_recursion, state.var2, sequence, names, *values),
         }
         like = state.cross[..., 0, 0] if sequence else state.cross
-        recursion = _Recursion({"12": state.cross}, like, variances, sides)
+        recursion = _Recursion({"12": state.cross}, like, variances, sides, track_ntk=state.track_ntk)
         out = self.program.output
 
         # The results' shapes: the pairs' and items', without the step axes of sequences (a readout ends the program).
