@@ -29,7 +29,11 @@ from gpytorch_tp.layers import (
     GRU,
     LSTM,
     RNN,
+    AvgPool2d,
+    Conv2d,
     Erf,
+    Flatten,
+    GlobalAvgPool,
     LastStep,
     LayerNorm,
     Linear,
@@ -552,7 +556,7 @@ def _gaussian(network: nn.Module) -> nn.Module:
             if id(p) in per_unit:
                 continue
             if p.dim() > 1:
-                p.normal_(0.0, math.sqrt(WV / p.shape[-1]))
+                p.normal_(0.0, math.sqrt(WV / p[0].numel()))  # fan-in: C k_h k_w for convolutions
             else:
                 p.normal_(0.0, math.sqrt(BV))
     return network.double()
@@ -616,6 +620,23 @@ class GRUWithAGatedHead(nn.Module):
         return self.o(last * torch.sigmoid(self.gate(last)))
 
 
+IMAGE_C, IMAGE_H, IMAGE_W = 2, 4, 4
+
+
+class GatedConvolution(nn.Module):
+    """A gated convolution (conv(x) * sigmoid(conv'(x))) and global average pooling: no layer is a product."""
+
+    def __init__(self, width=16, out=1):
+        super().__init__()
+        self.a = nn.Conv2d(IMAGE_C, width, 3, padding=1)
+        self.b = nn.Conv2d(IMAGE_C, width, 3, padding=1)
+        self.o = nn.Linear(width, out)
+
+    def forward(self, x):
+        x = x.view(x.shape[0], IMAGE_C, IMAGE_H, IMAGE_W)
+        return self.o((self.a(x) * torch.sigmoid(self.b(x))).mean((2, 3)))
+
+
 CASES = {
     "glu": GLU,
     "square": Square,
@@ -627,7 +648,9 @@ CASES = {
     "hand-written-rms-norm": HandWrittenRMSNorm,
     "attention-on-its-keys": AttentionOnItsKeys,
     "gru-with-a-gated-head": GRUWithAGatedHead,
+    "gated-convolution": GatedConvolution,
 }
+IMAGE_CASES = {GatedConvolution}
 SEQUENCE_CASES = {AttentionOnItsKeys, GRUWithAGatedHead}
 
 
@@ -657,7 +680,11 @@ def _finite_ntk(cls, width: int, seed: int, x: torch.Tensor, program: CompiledPr
 @pytest.mark.parametrize("name", list(CASES))
 def test_wide_finite_networks_converge_to_the_compiled_kernel(name, kind):
     cls = CASES[name]
-    if cls in SEQUENCE_CASES:
+    if cls in IMAGE_CASES:
+        program = compile_module(cls(), IMAGE_C, grid=(IMAGE_H, IMAGE_W), weight_variance=WV, bias_variance=BV)
+        x = _x(4, IMAGE_C * IMAGE_H * IMAGE_W)
+        kernel = TensorProgramKernel(program.double(), kind=kind, input_shape=(IMAGE_C, IMAGE_H, IMAGE_W))
+    elif cls in SEQUENCE_CASES:
         program = compile_module(cls(), SEQ_D, steps=SEQ_T, weight_variance=WV, bias_variance=BV).double()
         x = _x(4, SEQ_T * SEQ_D)
         kernel = TensorProgramKernel(program, kind=kind, input_shape=(SEQ_T, SEQ_D), sequence=True)
@@ -1046,3 +1073,65 @@ class _BidirectionalNet(nn.Module):
 
     def forward(self, x):
         return self.o(self.rnn(x.view(x.shape[0], SEQ_T, SEQ_D))[0][:, -1])
+
+
+class _ConvNet(nn.Module):
+    def __init__(self, readout: str, width=8):
+        super().__init__()
+        self.c1 = nn.Conv2d(IMAGE_C, width, 3, padding=1)
+        self.c2 = nn.Conv2d(width, width, 3, padding="same")
+        pixels = {"flatten": IMAGE_H * IMAGE_W, "mean": 1, "pool": (IMAGE_H // 2) * (IMAGE_W // 2)}[readout]
+        self.o, self.readout = nn.Linear(width * pixels, 1), readout
+
+    def forward(self, x):
+        h = torch.relu(self.c1(x.view(x.shape[0], IMAGE_C, IMAGE_H, IMAGE_W)))
+        h = torch.tanh(self.c2(h))
+        if self.readout == "flatten":
+            return self.o(h.flatten(1))
+        if self.readout == "pool":
+            return self.o(F.avg_pool2d(h, 2).reshape(x.shape[0], -1))
+        return self.o(F.adaptive_avg_pool2d(h, 1).flatten(1))
+
+
+@pytest.mark.parametrize("kind", ["nngp", "ntk"])
+@pytest.mark.parametrize("readout", ["flatten", "mean", "pool"])
+def test_a_compiled_cnn_equals_the_convolution_layers(kind, readout):
+    readouts = {
+        "flatten": [Flatten()],
+        "mean": [GlobalAvgPool()],
+        "pool": [AvgPool2d(2), Flatten()],
+    }[readout]
+    reference = Sequential(
+        Conv2d(3, weight_variance=WV, bias_variance=BV),
+        ReLU(),
+        Conv2d(3, weight_variance=WV, bias_variance=BV),
+        Tanh(),
+        *readouts,
+        Linear(WV, BV),
+    )
+    shape = (IMAGE_C, IMAGE_H, IMAGE_W)
+    compiled = compile_module(_ConvNet(readout), IMAGE_C, grid=shape[1:], weight_variance=WV, bias_variance=BV)
+    x = _x(3, math.prod(shape))
+    expected = _dense(TensorProgramKernel(reference, kind=kind, input_shape=shape).double(), x)
+    assert (
+        relative_error(_dense(TensorProgramKernel(compiled, kind=kind, input_shape=shape).double(), x), expected)
+        < 1e-12
+    )
+
+
+def test_kernel_from_module_compiles_a_gated_convolution_and_refuses_max_pooling():
+    kernel = kernel_from_module(GatedConvolution(), "nngp", (IMAGE_C, IMAGE_H, IMAGE_W))
+    assert isinstance(kernel.architecture, CompiledProgram)
+    assert kernel(_x(2, IMAGE_C * IMAGE_H * IMAGE_W).float()).to_dense().shape == (2, 2)
+
+    class MaxPooled(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.o = nn.Conv2d(IMAGE_C, 8, 3, padding=1), nn.Linear(8, 1)
+
+        def forward(self, x):
+            h = torch.relu(self.a(x.view(x.shape[0], IMAGE_C, IMAGE_H, IMAGE_W)))
+            return self.o(F.adaptive_max_pool2d(h * torch.sigmoid(h), 1).flatten(1))
+
+    with pytest.raises(UnsupportedModuleError, match="max_pool"):
+        kernel_from_module(MaxPooled(), "nngp", (IMAGE_C, IMAGE_H, IMAGE_W))

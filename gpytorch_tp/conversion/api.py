@@ -158,6 +158,9 @@ def kernel_from_module(
             module, input_shape, init, weight_variance, bias_variance, input_variance, sequence, refusal
         )
         program = compiled.program
+        if program.grid is not None:
+            shape = (program.input_width, *program.grid)
+            return TensorProgramKernel(compiled, kind, input_shape=shape, **kernel_kwargs)
         if program.steps is None:
             return TensorProgramKernel(compiled, kind, input_dim=program.input_width, **kernel_kwargs)
         shape = (program.steps, program.input_width)
@@ -291,7 +294,14 @@ def ntk_parameter_scales(
     """
     try:
         return convert_network(
-            module, input_shape, init, weight_variance, bias_variance, input_variance, sequence, check=False,
+            module,
+            input_shape,
+            init,
+            weight_variance,
+            bias_variance,
+            input_variance,
+            sequence,
+            check=False,
             batchnorm=True,
         ).scales
     except UnsupportedModuleError as refusal:
@@ -318,13 +328,17 @@ def _compiled(
             raise refusal
         input_shape = (first.in_features,)
     shape = (input_shape,) if isinstance(input_shape, int) else tuple(input_shape)
-    # Feature vectors (d,), or sequences (T, d) when sequence=True (a (C, L) grid is not compiled).
-    if len(shape) != (2 if sequence else 1):
+    # Feature vectors (d,), sequences (T, d) when sequence=True, images (C, H, W) (a (C, L) grid is not compiled).
+    if len(shape) != (2 if sequence else 1) and (sequence or len(shape) != 3):
         raise refusal
-    steps, d = (shape[0], shape[1]) if sequence else (None, shape[0])
+    steps, grid, d = None, None, shape[0]
+    if sequence:
+        steps, d = shape
+    elif len(shape) == 3:
+        d, grid = shape[0], shape[1:]
     try:
         return compile_module(
-            module, d, steps=steps, init=init, weight_variance=weight_variance, bias_variance=bias_variance
+            module, d, steps=steps, grid=grid, init=init, weight_variance=weight_variance, bias_variance=bias_variance
         )
     except OutsideTheTheoremError:
         raise  # the compiler understood the network: its reason is the one that matters

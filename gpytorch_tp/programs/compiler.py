@@ -13,7 +13,7 @@ __all__ = ["INITS", "compile_module"]
 INITS = ("pytorch", "measured")
 # Modules whose default initialisation is kaiming_uniform(a=sqrt(5)): weights U(+-1/sqrt(fan_in)),
 # variance 1/(3 fan_in), i.e. sigma_W^2 = 1/3 (nn.Bilinear is not an F.linear the tracer sees).
-_PYTORCH_DEFAULTS = (nn.Linear,)
+_PYTORCH_DEFAULTS = (nn.Linear, nn.Conv1d, nn.Conv2d)
 # Every tensor of these is U(+-1/sqrt(hidden)): 1/(3 hidden) per entry, i.e. fan_in / (3 hidden) for matrices
 # (1/3 for the recurrent ones) and biases that vanish at infinite width.
 _PYTORCH_RECURRENT = (nn.RNN, nn.GRU, nn.LSTM)
@@ -24,6 +24,7 @@ def compile_module(
     input_dim: int,
     *,
     steps: int | None = None,
+    grid: tuple[int, int] | None = None,
     init: str = "pytorch",
     weight_variance: float | None = None,
     bias_variance: float | None = None,
@@ -33,6 +34,9 @@ def compile_module(
     With ``steps``, the inputs are sequences of ``steps`` steps of ``input_dim`` features, flattened
     time-major ``(N, steps * input_dim)`` (``forward`` reshapes them and may loop over the steps); the
     layer then goes in a ``TensorProgramKernel(..., input_shape=(steps, input_dim), sequence=True)``.
+    With ``grid=(H, W)``, the inputs are images of ``input_dim`` channels, flattened channel-major
+    ``(N, C * H * W)`` (``forward`` reshapes them, ``x.view(N, C, H, W)``); the layer goes in a
+    ``TensorProgramKernel(..., input_shape=(C, H, W))``.
 
     The variances of the weights come from, in this order: ``weight_variance`` / ``bias_variance``
     (all matrices / all biases); ``init="measured"``: the second moments of the module's current
@@ -57,7 +61,7 @@ def compile_module(
     """
     if init not in INITS:
         raise ValueError(f"init must be one of {INITS}, got {init!r}")
-    program, info = trace_program(module, input_dim, steps=steps)
+    program, info = trace_program(module, input_dim, steps=steps, grid=grid)
     variances = {}
     for weight in program.weights:
         if weight.unit:

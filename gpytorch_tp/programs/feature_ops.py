@@ -89,8 +89,16 @@ def slice_value(tracer, value: Value, start: int, stop: int, result: Tensor) -> 
     tracer.track(result, value.slice(start, stop))
 
 
+def refuse_permuted(tracer, tensor: Tensor, what: str) -> None:
+    if id(tensor) in tracer.permuted:
+        raise UnsupportedModuleError(
+            f"{what} of a flattened image", "its coordinates are compiled in another order than PyTorch's"
+        )
+
+
 def split(tracer, func, name, args, kwargs, result) -> None:
     value = check_features(tracer, args[0], f"{name}")
+    refuse_permuted(tracer, args[0], name)
     dim = kwargs.get("dim", args[2] if len(args) > 2 else 0)
     if dim not in (-1, 1):
         raise UnsupportedModuleError(f"{name} along dim {dim}", "only the feature axis")

@@ -142,6 +142,10 @@ def _atom_key(atom) -> tuple:
     return (atom.weight.name, atom.rows)
 
 
+def _zero_vector(expr) -> bool:
+    return isinstance(expr, GVar) and not expr.terms
+
+
 def _zero(x) -> bool:
     return isinstance(x, float) and x == 0.0
 
@@ -276,10 +280,12 @@ class _Recursion:
     def source_moment(self, v1: Value, v2: Value, pairing: str):
         total = 0.0
         for fraction, e1, e2 in aligned_pieces(v1, v2):
+            if _zero_vector(e1) or _zero_vector(e2):
+                continue  # zero padding of a convolution's patch
             if isinstance(e1, InputFeatures) and isinstance(e2, InputFeatures):
                 term = self.kernel[pairing]
-                if e1.step is not None:  # sequences: the input kernel of the step pair
-                    term = term[..., e1.step, e2.step]
+                if e1.step is not None:  # sequences and images: the input kernel of the position pair
+                    term = term[(..., *e1.position, *e2.position)]
             elif isinstance(e1, InputFeatures) or isinstance(e2, InputFeatures):
                 term = 0.0  # the input and hidden features do not share the fan-in of one weight
             else:
@@ -508,8 +514,8 @@ class _Recursion:
     def _source_tangent(self, v1: Value, v2: Value):
         total = 0.0
         for fraction, e1, e2 in aligned_pieces(v1, v2):
-            if isinstance(e1, InputFeatures) or isinstance(e2, InputFeatures):
-                continue  # the input has no parameters
+            if isinstance(e1, InputFeatures) or isinstance(e2, InputFeatures) or _zero_vector(e1) or _zero_vector(e2):
+                continue  # the input and zero padding have no parameters
             _refuse_gains_inside_functions(e1)
             _refuse_gains_inside_functions(e2)
             _, pairs = self.moments(e1, e2, "12", derivatives=True)
@@ -544,9 +550,14 @@ def _refuse_gains_inside_functions(expr: Expr) -> None:
                 )
 
 
-def _side_recursion(variance: Tensor, sequence: bool, names: tuple[str, ...], *values: Tensor) -> _Recursion:
+def _without_positions(t: Tensor, position_ndim: int) -> Tensor:
+    """A tensor of the pairs' and items' shape: its position-pair axes indexed away."""
+    return t[(..., *([0] * (2 * position_ndim)))] if position_ndim else t
+
+
+def _side_recursion(variance: Tensor, position_ndim: int, names: tuple[str, ...], *values: Tensor) -> _Recursion:
     """The recursion of one side's own items (the self pairings), computed once per row of tiles."""
-    like = variance[..., 0, 0] if sequence else variance
+    like = _without_positions(variance, position_ndim)
     return _Recursion({"11": variance}, like, dict(zip(names, values)))
 
 
@@ -604,21 +615,28 @@ class CompiledProgram(Layer):
                 scales[weight.name] = 1.0
                 continue
             value = float(self.variance(weight.name).detach().reshape(-1)[0])
-            scales[weight.name] = value if weight.bias else value / parameters[weight.name].shape[-1]
+            # The fan-in of the given network's parameter (its own width): C k_h k_w for a convolution.
+            scales[weight.name] = value if weight.bias else value / parameters[weight.name][0].numel()
         return scales
 
     @property
     def needs_all_position_pairs(self) -> bool:
-        # A program over time steps may pair any step of one sequence with any step of the other.
-        return self.program.steps is not None
+        # A program over time steps or pixels may pair any position of one item with any of the other.
+        return bool(self.program.positions)
 
     def forward(self, state: KernelState) -> KernelState:
-        sequence = self.program.steps is not None
-        if sequence != bool(state.positions) or (sequence and state.positions != (self.program.steps,)):
-            takes = f"sequences of {self.program.steps} steps" if sequence else "feature vectors"
+        positions = self.program.positions
+        sequence = bool(positions)
+        if tuple(state.positions) != positions:
+            if self.program.steps is not None:
+                takes = f"sequences of {self.program.steps} steps"
+            elif self.program.grid is not None:
+                takes = f"images of {self.program.grid[0]} x {self.program.grid[1]} pixels"
+            else:
+                takes = "feature vectors"
             raise ValueError(
                 f"this compiled program takes {takes}, got items with positions {state.positions} "
-                "(sequences need the kernel's input_shape=(T, d) and sequence=True)"
+                "(sequences need the kernel's input_shape=(T, d) and sequence=True; images input_shape=(C, H, W))"
             )
         if sequence and any(v is not None and bool((v == 0).any()) for v in (state.valid1, state.valid2)):
             raise ValueError("compiled programs take full-length sequences: these have padding steps")
@@ -630,15 +648,15 @@ class CompiledProgram(Layer):
         names = tuple(variances)
         values = tuple(variances.values())
         sides = {
-            "11": per_item(_side_recursion, state.var1, sequence, names, *values),
-            "22": per_item(_side_recursion, state.var2, sequence, names, *values),
+            "11": per_item(_side_recursion, state.var1, len(positions), names, *values),
+            "22": per_item(_side_recursion, state.var2, len(positions), names, *values),
         }
-        like = state.cross[..., 0, 0] if sequence else state.cross
+        like = _without_positions(state.cross, len(positions))
         recursion = _Recursion({"12": state.cross}, like, variances, sides, track_ntk=state.track_ntk)
         out = self.program.output
 
         # The results' shapes: the pairs' and items', without the step axes of sequences (a readout ends the program).
-        shapes = [t[..., 0, 0] if sequence else t for t in (state.cross, state.var1, state.var2)]
+        shapes = [_without_positions(t, len(positions)) for t in (state.cross, state.var1, state.var2)]
 
         def dense(value, reference: Tensor) -> Tensor:
             value = torch.as_tensor(value, dtype=like.dtype, device=like.device)

@@ -193,11 +193,17 @@ class Apply:
 class InputFeatures:
     """The network input: ``d`` features of finite width (its kernel is :math:`\\langle x, x'\\rangle / d`).
 
-    For sequences, the features of step ``step`` (``None``: the whole flattened input).
+    For sequences, the features of step ``step``; for images, the channels of pixel ``step = (i, j)``
+    (``None``: the whole flattened input).
     """
 
     width: int
-    step: int | None = None
+    step: int | tuple[int, ...] | None = None
+
+    @property
+    def position(self) -> tuple[int, ...]:
+        """The position as a tuple (a step ``t`` is ``(t,)``)."""
+        return self.step if isinstance(self.step, tuple) else (self.step,)
 
     def restrict(self, start: int, stop: int) -> InputFeatures:
         if (start, stop) != (0, self.width):
@@ -354,9 +360,18 @@ class Program:
     :param weights: every weight and bias, with the variances of their initialisation.
     :param input_width: features of the network input (of one step, for sequences).
     :param steps: time steps of a sequence input (``None``: feature vectors).
+    :param grid: ``(H, W)`` of an image input of ``input_width`` channels (``None``: no image).
     """
 
     output: GVar
     weights: tuple[Weight, ...]
     input_width: int
     steps: int | None = None
+    grid: tuple[int, ...] | None = None
+
+    @property
+    def positions(self) -> tuple[int, ...]:
+        """The positions of an input item: ``(T,)``, ``(H, W)``, or ``()`` for feature vectors."""
+        if self.steps is not None:
+            return (self.steps,)
+        return tuple(self.grid) if self.grid is not None else ()

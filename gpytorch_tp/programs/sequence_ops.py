@@ -11,7 +11,16 @@ from torch import Tensor
 
 from ..errors import UnsupportedModuleError
 from .expressions import combine, linear_sum, normalised, product, width_mean
-from .feature_ops import add_linear, affine, elementwise_value, per_item_operation, slice_value, width_average
+from .feature_ops import (
+    add_linear,
+    affine,
+    elementwise_value,
+    per_item_operation,
+    refuse_permuted,
+    slice_value,
+    width_average,
+)
+from .grid_ops import grid_elementwise, grid_flatten, grid_mean
 from .program import (
     Apply,
     Bias,
@@ -24,7 +33,17 @@ from .program import (
     Value,
 )
 from .refusals import NotFeatureVectorsError, OutsideTheTheoremError, UnknownOperationError
-from .traced import Heads, LayerStates, PerItem, TokensTransposed, bind, check_features, constant_entries, summed_error
+from .traced import (
+    Grid,
+    Heads,
+    LayerStates,
+    PerItem,
+    TokensTransposed,
+    bind,
+    check_features,
+    constant_entries,
+    summed_error,
+)
 
 
 def matmul(tracer, func, name, args, kwargs, result) -> None:
@@ -331,6 +350,7 @@ def getitem(tracer, func, name, args, kwargs, result) -> None:
         tracer.track(result, source.layers[index[0]])
         return
     value = check_features(tracer, args[0], "indexing")
+    refuse_permuted(tracer, args[0], "indexing")
     if index and index[0] is Ellipsis:
         index = (slice(None),) + index[1:]
     if len(index) == 1 and index[0] == slice(None):
@@ -383,6 +403,10 @@ def reduce(tracer, func, name, args, kwargs, result) -> None:
     """``h.mean(-1)`` / ``h.sum(-1)`` of feature vectors (numbers per item), ``h.mean(1)`` of a sequence."""
     source = tracer.value(args[0])
     dim = kwargs.get("dim", args[1] if len(args) > 1 else None)
+    keepdim = kwargs.get("keepdim", args[2] if len(args) > 2 else False)
+    if isinstance(source, Grid) and isinstance(dim, (tuple, list)) and name == "mean":
+        if grid_mean(tracer, source, tuple(dim), bool(keepdim), result):
+            return
     dim = dim[0] if isinstance(dim, (tuple, list)) and len(dim) == 1 else dim
     if isinstance(source, Value) and args[0].dim() == 2 and dim in (-1, 1):
         tracer.track(result, width_average(source, name, tuple(result.shape[1:])))
@@ -417,6 +441,20 @@ def _reduce_steps(tracer, source: Steps, name: str, result: Tensor) -> None:
 
 def reshape(tracer, func, name, args, kwargs, result) -> None:
     source = tracer.value(args[0])
+    if (
+        tracer.grid is not None
+        and isinstance(source, Value)
+        and source.blocks == tracer.flat_input.blocks
+        and tuple(result.shape[1:]) == tracer.grid
+    ):
+        channels, height, width = tracer.grid
+        pixels = np.empty((height, width), dtype=object)
+        for i, j in np.ndindex(pixels.shape):
+            pixels[i, j] = Value((Block(channels, InputFeatures(channels, (i, j))),))
+        tracer.track(result, Grid(pixels))
+        return
+    if isinstance(source, Grid) and grid_flatten(tracer, source, result):
+        return
     if (
         tracer.sequence is not None
         and isinstance(source, Value)
@@ -480,6 +518,9 @@ def _steps_elementwise(tracer, func, name, args, kwargs, result, traced: list) -
 def elementwise(tracer, func, name, args, kwargs, result) -> None:
     arguments = list(args) + [v for _, v in sorted(kwargs.items())]
     traced = [tracer.value(a) for a in arguments]
+    if any(isinstance(t, Grid) for t in traced):
+        grid_elementwise(tracer, func, name, args, kwargs, result, traced)
+        return
     if all(t is None or isinstance(t, PerItem) for t in traced):
         tracer.track(result, per_item_operation(tracer, func, name, args, kwargs, result))
         return

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
 from ..errors import UnsupportedModuleError
-from . import feature_ops, sequence_ops
+from . import feature_ops, grid_ops, sequence_ops
 from .expressions import ELEMENTWISE_FUNCTIONS
 from .program import (
     Apply,
@@ -102,6 +102,10 @@ class Tracer(TorchFunctionMode):
         self.track(input_tensor, self.flat_input)
         #: ``(T, d)`` of a sequence input, flattened time-major in the input's last axis
         self.sequence: tuple[int, int] | None = None
+        #: ``(C, H, W)`` of an image input, flattened channel-major
+        self.grid: tuple[int, int, int] | None = None
+        #: traced tensors whose coordinates are not in PyTorch's order (flattened images)
+        self.permuted: set[int] = set()
 
     def track(self, tensor: Tensor, value: Value) -> None:
         self.values[id(tensor)] = value
@@ -155,14 +159,17 @@ class Tracer(TorchFunctionMode):
 
     # -- weights --------------------------------------------------------------------------------
 
-    def weight(self, tensor: Any, what: str, bias: bool = False, unit: bool = False) -> Weight:
+    def weight(
+        self, tensor: Any, what: str, bias: bool = False, unit: bool = False, fan_in: int | None = None
+    ) -> Weight:
         found = self.parameters.get(id(tensor))
         if found is None:
             raise UnsupportedModuleError(
                 what, "its weight is not a parameter of the module (weights are recognised as parameters)"
             )
         name, parameter = found
-        fan_in = 0 if bias or unit else parameter.shape[-1]
+        if fan_in is None:
+            fan_in = 0 if bias or unit else parameter.shape[-1]
         weight = self.weights.setdefault(name, Weight(name, fan_in, bias or unit, unit))
         if weight.unit != unit:
             raise OutsideTheTheoremError(
@@ -213,6 +220,9 @@ _HANDLERS: dict[str, Callable] = {
     "gru": sequence_ops.recurrent_module,
     "lstm": sequence_ops.recurrent_module,
     "masked_fill": sequence_ops.masked_fill,
+    "conv2d": grid_ops.conv2d,
+    "avg_pool2d": grid_ops.avg_pool2d,
+    "adaptive_avg_pool2d": grid_ops.adaptive_avg_pool2d,
     "scaled_dot_product_attention": sequence_ops.scaled_dot_product_attention,
     "cat": feature_ops.cat,
     "concat": feature_ops.cat,
@@ -239,13 +249,20 @@ _HANDLERS: dict[str, Callable] = {
 
 
 def trace_program(
-    module: nn.Module, input_width: int, *, steps: int | None = None, example_size: int = 3
+    module: nn.Module,
+    input_width: int,
+    *,
+    steps: int | None = None,
+    grid: tuple[int, int] | None = None,
+    example_size: int = 3,
 ) -> tuple[Program, dict[str, Any]]:
     """The tensor program of ``module`` on inputs ``(N, input_width)``, and what the initialisation needs.
 
     :param steps: the inputs are sequences of ``steps`` steps of ``input_width`` features, flattened
         time-major, ``(N, steps * input_width)``, as the package's sequence kernels take them; ``forward``
         reshapes them (``x.view(N, T, d)``) and may loop over the steps (``x[:, t]``).
+    :param grid: the inputs are images of ``(H, W)`` pixels of ``input_width`` channels, flattened
+        channel-major, ``(N, C * H * W)``; ``forward`` reshapes them (``x.view(N, C, H, W)``).
     :return: the program and, by parameter name, ``{"tensor": the parameter, "module": the module
         owning it, "finite_fan_in": the fan-in of a bias added to the network input (else None)}``.
     """
@@ -256,6 +273,9 @@ def trace_program(
         raise ValueError(f"input_width must be positive, got {input_width}")
     if steps is not None and int(steps) < 1:
         raise ValueError(f"steps must be positive, got {steps}")
+    if grid is not None and (steps is not None or len(grid) != 2 or min(grid) < 1):
+        raise ValueError(f"grid must be (H, W) of positive sizes, without steps; got {grid}")
+    pixels = 1 if grid is None else int(grid[0]) * int(grid[1])
     parameters = {id(p): (name, p) for name, p in module.named_parameters()}
     owners = {}
     for module_name, sub in module.named_modules():
@@ -267,18 +287,19 @@ def trace_program(
     except StopIteration:
         dtype, device = torch.get_default_dtype(), torch.device("cpu")
     generator = torch.Generator(device="cpu").manual_seed(0)
-    x = torch.randn(example_size, width * (steps or 1), generator=generator, dtype=dtype).to(device)
+    x = torch.randn(example_size, width * (steps or 1) * pixels, generator=generator, dtype=dtype).to(device)
     was_training = module.training
     module.eval()
     try:
         tracer = Tracer(parameters, x)
         tracer.sequence = None if steps is None else (int(steps), width)
+        tracer.grid = None if grid is None else (width, int(grid[0]), int(grid[1]))
         with torch.no_grad(), tracer:
             out = module(x)
     finally:
         module.train(was_training)
     value = tracer.value(out) if isinstance(out, Tensor) else None
-    if value is None or isinstance(value, Steps):
+    if not isinstance(value, Value):
         raise UnsupportedModuleError(
             f"the network output ({type(out).__name__})", "the output must be one tensor computed from the input"
         )
@@ -302,11 +323,13 @@ def trace_program(
         }
         for w in weights
     }
-    if steps is not None and any(b.expr == InputFeatures(width * steps) for b in _sources(output)):
+    if (steps or grid) and any(b.expr == InputFeatures(width * (steps or 1) * pixels) for b in _sources(output)):
         raise NotFeatureVectorsError(
-            "a dense layer on the flattened sequence", "reshape the input to (N, T, d) in forward and use its steps"
+            "a dense layer on the flattened input",
+            "reshape the input to (N, T, d) or (N, C, H, W) in forward and use its steps or pixels",
         )
-    return Program(output, weights, width, None if steps is None else int(steps)), info
+    grid = None if grid is None else (int(grid[0]), int(grid[1]))
+    return Program(output, weights, width, None if steps is None else int(steps), grid), info
 
 
 def _sources(output: GVar) -> list[Block]:

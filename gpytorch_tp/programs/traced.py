@@ -74,6 +74,13 @@ class Heads:
 
 
 @dataclass(frozen=True, eq=False)
+class Grid:
+    """An image ``(N, C, H, W)``: one vector of channels per pixel, ``pixels[i, j]`` (a :class:`Value`)."""
+
+    pixels: np.ndarray
+
+
+@dataclass(frozen=True, eq=False)
 class LayerStates:
     """``h_n`` of ``nn.RNN`` / ``nn.GRU`` / ``nn.LSTM``: the last state of every layer, ``(layers, N, hidden)``."""
 
