@@ -1135,3 +1135,23 @@ def test_kernel_from_module_compiles_a_gated_convolution_and_refuses_max_pooling
 
     with pytest.raises(UnsupportedModuleError, match="max_pool"):
         kernel_from_module(MaxPooled(), "nngp", (IMAGE_C, IMAGE_H, IMAGE_W))
+
+
+@pytest.mark.parametrize("network", ["transformer-block", "gated-convolution"])
+def test_attention_and_images_in_float32_with_finite_gradients(network):
+    if network == "transformer-block":
+        shape, options = (SEQ_T, SEQ_D), {"sequence": True}
+        program = compile_module(PreNormBlock(), SEQ_D, steps=SEQ_T, weight_variance=WV, bias_variance=BV)
+    else:
+        shape, options = (IMAGE_C, IMAGE_H, IMAGE_W), {}
+        program = compile_module(GatedConvolution(), IMAGE_C, grid=shape[1:], weight_variance=WV, bias_variance=BV)
+    kernel = TensorProgramKernel(program, kind="ntk", input_shape=shape, **options).double()
+    x = _x(4, math.prod(shape)).requires_grad_(True)
+    k = kernel(x).to_dense()
+    k.sum().backward()
+    grads = [p.grad for p in kernel.parameters() if p.grad is not None]
+    assert grads and all(torch.isfinite(g).all() for g in grads) and torch.isfinite(x.grad).all()
+    assert torch.linalg.eigvalsh(k.detach()).min() > 0
+    k32 = kernel.float()(x.detach().float()).to_dense()
+    assert k32.dtype == torch.float32
+    assert relative_error(k32.double(), k.detach()) < 1e-5
