@@ -29,7 +29,9 @@ from gpytorch_tp.layers import (
     GRU,
     LSTM,
     RNN,
+    AvgPool1d,
     AvgPool2d,
+    Conv1d,
     Conv2d,
     Erf,
     Flatten,
@@ -1155,3 +1157,31 @@ def test_attention_and_images_in_float32_with_finite_gradients(network):
     k32 = kernel.float()(x.detach().float()).to_dense()
     assert k32.dtype == torch.float32
     assert relative_error(k32.double(), k.detach()) < 1e-5
+
+
+class _Conv1dNet(nn.Module):
+    def __init__(self, width=8, length=6):
+        super().__init__()
+        self.c1, self.c2 = nn.Conv1d(IMAGE_C, width, 3, padding=1), nn.Conv1d(width, width, 3, padding=1)
+        self.o, self.length = nn.Linear(width * length // 2, 1), length
+
+    def forward(self, x):
+        h = torch.tanh(self.c2(torch.relu(self.c1(x.view(x.shape[0], IMAGE_C, self.length)))))
+        return self.o(F.avg_pool1d(h, 2).flatten(1))
+
+
+@pytest.mark.parametrize("kind", ["nngp", "ntk"])
+def test_a_compiled_1d_cnn_equals_the_convolution_layers(kind):
+    reference = Sequential(
+        Conv1d(3, weight_variance=WV, bias_variance=BV),
+        ReLU(),
+        Conv1d(3, weight_variance=WV, bias_variance=BV),
+        Tanh(),
+        AvgPool1d(2),
+        Flatten(),
+        Linear(WV, BV),
+    )
+    compiled = compile_module(_Conv1dNet(), IMAGE_C, grid=(6,), weight_variance=WV, bias_variance=BV)
+    x = _x(4, IMAGE_C * 6)
+    kernels = [TensorProgramKernel(a, kind=kind, input_shape=(IMAGE_C, 6)).double() for a in (compiled, reference)]
+    assert relative_error(_dense(kernels[0], x), _dense(kernels[1], x)) < 1e-12

@@ -328,13 +328,13 @@ def _compiled(
             raise refusal
         input_shape = (first.in_features,)
     shape = (input_shape,) if isinstance(input_shape, int) else tuple(input_shape)
-    # Feature vectors (d,), sequences (T, d) when sequence=True, images (C, H, W) (a (C, L) grid is not compiled).
-    if len(shape) != (2 if sequence else 1) and (sequence or len(shape) != 3):
+    # Feature vectors (d,), sequences (T, d) when sequence=True, grids (C, L) and images (C, H, W).
+    if len(shape) != (2 if sequence else 1) and (sequence or len(shape) not in (2, 3)):
         raise refusal
     steps, grid, d = None, None, shape[0]
     if sequence:
         steps, d = shape
-    elif len(shape) == 3:
+    elif len(shape) > 1:
         d, grid = shape[0], shape[1:]
     try:
         return compile_module(

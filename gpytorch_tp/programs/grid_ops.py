@@ -1,4 +1,5 @@
-"""Handlers of torch calls on images ``(N, C, H, W)``: convolutions, average pooling, flattening.
+"""Handlers of torch calls on images ``(N, C, H, W)`` and 1-d grids ``(N, C, L)``: convolutions, average
+pooling, flattening.
 
 An image is a :class:`~gpytorch_tp.programs.traced.Grid`, one vector of channels per pixel.  A
 convolution applies its weight, viewed as a matrix of fan-in ``C k_h k_w``, to each output pixel's
@@ -8,6 +9,8 @@ every patch uses the same one, so a patch is offset-major where PyTorch's weight
 """
 
 from __future__ import annotations
+
+import itertools
 
 import numpy as np
 from torch import Tensor
@@ -19,15 +22,15 @@ from .program import Block, GVar, Value
 from .refusals import NotFeatureVectorsError
 from .traced import Grid, bind
 
-__all__ = ["adaptive_avg_pool2d", "avg_pool2d", "conv2d", "grid_elementwise", "grid_flatten", "grid_mean"]
+__all__ = ["adaptive_avg_pool", "avg_pool", "conv", "grid_elementwise", "grid_flatten", "grid_mean"]
 
 
-def _pair(value, what: str) -> tuple[int, int]:
+def _per_axis(value, ndim: int, what: str) -> tuple[int, ...]:
     if isinstance(value, int):
-        return value, value
-    if isinstance(value, (tuple, list)) and len(value) == 2:
-        return int(value[0]), int(value[1])
-    raise UnsupportedModuleError(what, f"an int or a pair, got {value!r}")
+        return (value,) * ndim
+    if isinstance(value, (tuple, list)) and len(value) == ndim:
+        return tuple(int(v) for v in value)
+    raise UnsupportedModuleError(what, f"an int or {ndim} of them, got {value!r}")
 
 
 def _check_grid(tracer, tensor: Tensor, what: str) -> Grid:
@@ -37,35 +40,38 @@ def _check_grid(tracer, tensor: Tensor, what: str) -> Grid:
     return source
 
 
-def conv2d(tracer, func, name, args, kwargs, result) -> None:
-    """``F.conv2d`` (``nn.Conv2d``): the same weight on every output pixel's patch."""
+def conv(tracer, func, name, args, kwargs, result) -> None:
+    """``F.conv1d`` / ``F.conv2d`` (``nn.Conv1d``, ``nn.Conv2d``): the same weight on every output pixel's patch."""
     bound = bind(args, kwargs, ("input", "weight", "bias", "stride", "padding", "dilation", "groups"))
-    source = _check_grid(tracer, bound["input"], "F.conv2d")
+    what = f"F.{name}"
+    source = _check_grid(tracer, bound["input"], what)
     if int(bound.get("groups", 1)) != 1:
-        raise UnsupportedModuleError("F.conv2d with groups > 1", "grouped and depthwise convolutions are not compiled")
+        raise UnsupportedModuleError(f"{what} with groups > 1", "grouped and depthwise convolutions are not compiled")
     weight_tensor = bound["weight"]
-    out_channels, in_channels, kh, kw = weight_tensor.shape
-    weight = tracer.weight(weight_tensor, "F.conv2d", fan_in=in_channels * kh * kw)
-    sh, sw = _pair(bound.get("stride", 1), "the stride of F.conv2d")
-    dh, dw = _pair(bound.get("dilation", 1), "the dilation of F.conv2d")
+    out_channels, in_channels, *kernel = weight_tensor.shape
+    ndim = len(kernel)
+    if source.pixels.ndim != ndim:
+        raise NotFeatureVectorsError(what, f"a grid of {source.pixels.ndim} axes for a {ndim}-d convolution")
+    weight = tracer.weight(weight_tensor, what, fan_in=in_channels * int(np.prod(kernel)))
+    stride = _per_axis(bound.get("stride", 1), ndim, f"the stride of {what}")
+    dilation = _per_axis(bound.get("dilation", 1), ndim, f"the dilation of {what}")
     padding = bound.get("padding", 0)
     if padding == "valid":
         padding = 0
     if padding == "same":
-        if kh % 2 == 0 or kw % 2 == 0:
-            raise UnsupportedModuleError("padding='same' with an even kernel", "odd kernels only")
-        padding = (dh * (kh - 1) // 2, dw * (kw - 1) // 2)
-    ph, pw = _pair(padding, "the padding of F.conv2d")
-    height, width = source.pixels.shape
+        if any(k % 2 == 0 for k in kernel):
+            raise UnsupportedModuleError(f"{what} with padding='same' and an even kernel", "odd kernels only")
+        padding = tuple(d * (k - 1) // 2 for d, k in zip(dilation, kernel))
+    padding = _per_axis(padding, ndim, f"the padding of {what}")
     zero = Block(in_channels, GVar(()))
     pixels = np.empty(tuple(result.shape[2:]), dtype=object)
-    for a, b in np.ndindex(pixels.shape):
+    for out in np.ndindex(pixels.shape):
         blocks = []
-        for i in range(kh):
-            for j in range(kw):
-                r, c = a * sh + i * dh - ph, b * sw + j * dw - pw
-                blocks.extend(source.pixels[r, c].blocks if 0 <= r < height and 0 <= c < width else (zero,))
-        pixels[a, b] = linear_value(tracer, Value(tuple(blocks)), weight, bound.get("bias"), out_channels)
+        for offset in itertools.product(*(range(k) for k in kernel)):
+            at = tuple(o * s + i * d - p for o, s, i, d, p in zip(out, stride, offset, dilation, padding))
+            inside = all(0 <= a < n for a, n in zip(at, source.pixels.shape))
+            blocks.extend(source.pixels[at].blocks if inside else (zero,))
+        pixels[out] = linear_value(tracer, Value(tuple(blocks)), weight, bound.get("bias"), out_channels)
     tracer.track(result, Grid(pixels))
 
 
@@ -79,45 +85,54 @@ def _average(values: list[Value]) -> Value:
     return Value(tuple(blocks))
 
 
-def avg_pool2d(tracer, func, name, args, kwargs, result) -> None:
-    """``F.avg_pool2d`` without padding: each output pixel the mean of its window."""
+def _pool(source: Grid, kernel: tuple[int, ...], stride: tuple[int, ...], shape: tuple[int, ...]) -> Grid:
+    pixels = np.empty(shape, dtype=object)
+    for out in np.ndindex(shape):
+        window = [
+            source.pixels[tuple(o * s + i for o, s, i in zip(out, stride, offset))]
+            for offset in itertools.product(*(range(k) for k in kernel))
+        ]
+        pixels[out] = _average(window)
+    return Grid(pixels)
+
+
+def avg_pool(tracer, func, name, args, kwargs, result) -> None:
+    """``F.avg_pool1d`` / ``F.avg_pool2d`` without padding: each output pixel the mean of its window."""
     bound = bind(args, kwargs, ("input", "kernel_size", "stride", "padding"))
-    source = _check_grid(tracer, bound["input"], "F.avg_pool2d")
-    kh, kw = _pair(bound["kernel_size"], "the kernel size of F.avg_pool2d")
+    what = f"F.{name}"
+    source = _check_grid(tracer, bound["input"], what)
+    ndim = source.pixels.ndim
+    kernel = _per_axis(bound["kernel_size"], ndim, f"the kernel size of {what}")
     stride = bound.get("stride")
-    sh, sw = _pair(stride if stride not in (None, []) else (kh, kw), "the stride of F.avg_pool2d")
-    if _pair(bound.get("padding", 0), "the padding of F.avg_pool2d") != (0, 0):
-        raise UnsupportedModuleError("F.avg_pool2d with padding", "average pooling without padding only")
-    pixels = np.empty(tuple(result.shape[2:]), dtype=object)
-    for a, b in np.ndindex(pixels.shape):
-        window = [source.pixels[a * sh + i, b * sw + j] for i in range(kh) for j in range(kw)]
-        pixels[a, b] = _average(window)
-    tracer.track(result, Grid(pixels))
+    stride = _per_axis(stride if stride not in (None, [], ()) else kernel, ndim, f"the stride of {what}")
+    if any(_per_axis(bound.get("padding", 0), ndim, f"the padding of {what}")):
+        raise UnsupportedModuleError(f"{what} with padding", "average pooling without padding only")
+    tracer.track(result, _pool(source, kernel, stride, tuple(result.shape[2:])))
 
 
-def adaptive_avg_pool2d(tracer, func, name, args, kwargs, result) -> None:
-    """``F.adaptive_avg_pool2d`` to sizes that divide the image (global average pooling: 1)."""
+def adaptive_avg_pool(tracer, func, name, args, kwargs, result) -> None:
+    """``F.adaptive_avg_pool1d`` / ``2d`` to sizes that divide the grid (global average pooling: 1)."""
     bound = bind(args, kwargs, ("input", "output_size"))
-    source = _check_grid(tracer, bound["input"], "F.adaptive_avg_pool2d")
-    height, width = source.pixels.shape
-    oh, ow = result.shape[2:]
-    if height % oh or width % ow:
-        raise UnsupportedModuleError(
-            f"F.adaptive_avg_pool2d from {height} x {width} to {oh} x {ow}", "output sizes that divide the image"
-        )
-    kh, kw = height // oh, width // ow
-    pixels = np.empty((oh, ow), dtype=object)
-    for a, b in np.ndindex(pixels.shape):
-        pixels[a, b] = _average([source.pixels[a * kh + i, b * kw + j] for i in range(kh) for j in range(kw)])
-    tracer.track(result, Grid(pixels))
+    source = _check_grid(tracer, bound["input"], f"F.{name}")
+    sizes, out = source.pixels.shape, tuple(result.shape[2:])
+    if any(n % o for n, o in zip(sizes, out)):
+        raise UnsupportedModuleError(f"F.{name} from {sizes} to {out}", "output sizes that divide the grid")
+    kernel = tuple(n // o for n, o in zip(sizes, out))
+    tracer.track(result, _pool(source, kernel, kernel, out))
 
 
 def grid_mean(tracer, source: Grid, dims: tuple[int, ...], keepdim: bool, result: Tensor) -> bool:
-    """``x.mean((2, 3))`` of an image: global average pooling.  False when ``dims`` are not the pixels."""
-    if sorted(d % 4 for d in dims) != [2, 3]:
+    """``x.mean((2, 3))`` of an image (``x.mean(2)`` of a 1-d grid): global average pooling.
+
+    False when ``dims`` are not the pixel axes.
+    """
+    ndim = source.pixels.ndim
+    if sorted(d % (ndim + 2) for d in dims) != list(range(2, ndim + 2)):
         return False
     mean = _average(list(source.pixels.reshape(-1)))
-    tracer.track(result, Grid(np.array([[mean]], dtype=object)) if keepdim else mean)
+    pooled = np.empty((1,) * ndim, dtype=object)
+    pooled[(0,) * ndim] = mean
+    tracer.track(result, Grid(pooled) if keepdim else mean)
     return True
 
 

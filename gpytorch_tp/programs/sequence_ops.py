@@ -447,10 +447,10 @@ def reshape(tracer, func, name, args, kwargs, result) -> None:
         and source.blocks == tracer.flat_input.blocks
         and tuple(result.shape[1:]) == tracer.grid
     ):
-        channels, height, width = tracer.grid
-        pixels = np.empty((height, width), dtype=object)
-        for i, j in np.ndindex(pixels.shape):
-            pixels[i, j] = Value((Block(channels, InputFeatures(channels, (i, j))),))
+        channels, *sizes = tracer.grid
+        pixels = np.empty(tuple(sizes), dtype=object)
+        for at in np.ndindex(pixels.shape):
+            pixels[at] = Value((Block(channels, InputFeatures(channels, at)),))
         tracer.track(result, Grid(pixels))
         return
     if isinstance(source, Grid) and grid_flatten(tracer, source, result):

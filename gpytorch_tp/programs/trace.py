@@ -11,6 +11,7 @@ used twice (weight sharing).  What the master theorem does not cover raises
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -220,9 +221,12 @@ _HANDLERS: dict[str, Callable] = {
     "gru": sequence_ops.recurrent_module,
     "lstm": sequence_ops.recurrent_module,
     "masked_fill": sequence_ops.masked_fill,
-    "conv2d": grid_ops.conv2d,
-    "avg_pool2d": grid_ops.avg_pool2d,
-    "adaptive_avg_pool2d": grid_ops.adaptive_avg_pool2d,
+    "conv1d": grid_ops.conv,
+    "conv2d": grid_ops.conv,
+    "avg_pool1d": grid_ops.avg_pool,
+    "avg_pool2d": grid_ops.avg_pool,
+    "adaptive_avg_pool1d": grid_ops.adaptive_avg_pool,
+    "adaptive_avg_pool2d": grid_ops.adaptive_avg_pool,
     "scaled_dot_product_attention": sequence_ops.scaled_dot_product_attention,
     "cat": feature_ops.cat,
     "concat": feature_ops.cat,
@@ -261,8 +265,8 @@ def trace_program(
     :param steps: the inputs are sequences of ``steps`` steps of ``input_width`` features, flattened
         time-major, ``(N, steps * input_width)``, as the package's sequence kernels take them; ``forward``
         reshapes them (``x.view(N, T, d)``) and may loop over the steps (``x[:, t]``).
-    :param grid: the inputs are images of ``(H, W)`` pixels of ``input_width`` channels, flattened
-        channel-major, ``(N, C * H * W)``; ``forward`` reshapes them (``x.view(N, C, H, W)``).
+    :param grid: the inputs are images of ``(H, W)`` pixels (or 1-d grids of ``(L,)``) of ``input_width``
+        channels, flattened channel-major, ``(N, C * H * W)``; ``forward`` reshapes them (``x.view(N, C, H, W)``).
     :return: the program and, by parameter name, ``{"tensor": the parameter, "module": the module
         owning it, "finite_fan_in": the fan-in of a bias added to the network input (else None)}``.
     """
@@ -273,9 +277,10 @@ def trace_program(
         raise ValueError(f"input_width must be positive, got {input_width}")
     if steps is not None and int(steps) < 1:
         raise ValueError(f"steps must be positive, got {steps}")
-    if grid is not None and (steps is not None or len(grid) != 2 or min(grid) < 1):
-        raise ValueError(f"grid must be (H, W) of positive sizes, without steps; got {grid}")
-    pixels = 1 if grid is None else int(grid[0]) * int(grid[1])
+    if grid is not None and (steps is not None or len(grid) not in (1, 2) or min(grid) < 1):
+        raise ValueError(f"grid must be (L,) or (H, W) of positive sizes, without steps; got {grid}")
+    grid = None if grid is None else tuple(int(n) for n in grid)
+    pixels = 1 if grid is None else math.prod(grid)
     parameters = {id(p): (name, p) for name, p in module.named_parameters()}
     owners = {}
     for module_name, sub in module.named_modules():
@@ -293,7 +298,7 @@ def trace_program(
     try:
         tracer = Tracer(parameters, x)
         tracer.sequence = None if steps is None else (int(steps), width)
-        tracer.grid = None if grid is None else (width, int(grid[0]), int(grid[1]))
+        tracer.grid = None if grid is None else (width, *grid)
         with torch.no_grad(), tracer:
             out = module(x)
     finally:
@@ -328,7 +333,6 @@ def trace_program(
             "a dense layer on the flattened input",
             "reshape the input to (N, T, d) or (N, C, H, W) in forward and use its steps or pixels",
         )
-    grid = None if grid is None else (int(grid[0]), int(grid[1]))
     return Program(output, weights, width, None if steps is None else int(steps), grid), info
 
 
