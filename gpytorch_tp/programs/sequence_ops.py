@@ -1,5 +1,10 @@
 """Handlers of torch calls on sequences ``(N, T, width)``: steps, time averages, per-token norms,
-self-attention (logits, masks, softmax, token mixing) and PyTorch's recurrent modules, unrolled."""
+self-attention (logits, masks, softmax, token mixing) and PyTorch's recurrent modules, unrolled.
+
+The calls every layout shares (matrix products, indexing, reshapes, coordinatewise functions,
+reductions, norms) are dispatched from here by the kind of their traced arguments: feature vectors
+to :mod:`.feature_ops`, images to :mod:`.grid_ops`.
+"""
 
 from __future__ import annotations
 
