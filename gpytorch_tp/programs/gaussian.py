@@ -45,8 +45,12 @@ __all__ = ["NODES_PER_DIMENSION", "QMC_POINTS", "gaussian_moments"]
 NODES_PER_DIMENSION = {1: 192, 2: 64, 3: 16, 4: 10}
 _SPLIT_PANELS = 8
 QMC_POINTS = 4096
-# Points times pairs per chunk: bounds the memory of one step of the sum.
-_CHUNK_ELEMENTS = 1 << 21
+# Points times pairs per chunk: about a megabyte per float64 tensor, so that the chain of elementwise
+# operations of one chunk stays in cache (on a 2-core EPYC, 1 << 17 took 0.56 of the time of 1 << 21 on a
+# GRU cell's expectations); at least ``_CHUNK_POINTS`` points, so that large tiles do not loop in Python
+# over a handful of points.
+_CHUNK_ELEMENTS = 1 << 17
+_CHUNK_POINTS = 64
 
 
 def _split_rule(half_width: float) -> tuple[Tensor, Tensor]:
@@ -124,22 +128,26 @@ def gaussian_moments(
     recording = cov.requires_grad and torch.is_grad_enabled()
     factor = _factor(cov)
     pairs = max(1, math.prod(cov.shape[:-2]))
-    chunk = max(1, _CHUNK_ELEMENTS // pairs)
+    chunk = max(_CHUNK_POINTS, _CHUNK_ELEMENTS // pairs)
     value: Tensor | None = None
     mixed: Tensor | None = None
     for start in range(0, points.shape[0], chunk):
         z, w = points[start : start + chunk], weights[start : start + chunk]
-        u = torch.einsum("...ij,pj->...pi", factor, z)  # (..., P, m)
+        # u_p = L z_p for all pairs at once, as one matrix product, laid out (..., m, P): each variable's
+        # points contiguous.
+        u = (factor.reshape(-1, m) @ z.T).reshape(*factor.shape[:-1], z.shape[0])
         if derivatives and not recording:
             u = u.detach().requires_grad_(True)  # derivatives in the points only, nothing to record
         with torch.enable_grad() if derivatives else contextlib.nullcontext():
-            args1 = [u[..., i] for i in first_indices]
-            args2 = [u[..., i] for i in second_indices]
-            f1, f2 = _broadcast(first(*args1), u), _broadcast(second(*args2), u)
+            args1 = [u[..., i, :] for i in first_indices]
+            args2 = [u[..., i, :] for i in second_indices]
+            shape = (*u.shape[:-2], u.shape[-1])  # (..., P)
+            f1, f2 = _broadcast(first(*args1), shape, u), _broadcast(second(*args2), shape, u)
             part = (f1 * f2 * w).sum(-1)
             if derivatives and args1 and args2:
                 g1, g2 = _gradients(f1, args1, recording), _gradients(f2, args2, recording)
-                block = torch.stack([torch.stack([(a * b * w).sum(-1) for b in g2], -1) for a in g1], -2)
+                # sum_p w_p d_i F1(u_p) d_j F2(u_p) for all (i, j) at once: one batched matrix product.
+                block = torch.matmul(torch.stack(g1, -2) * w, torch.stack(g2, -2).transpose(-1, -2))
                 mixed = block if mixed is None else mixed + block
         value = part if value is None else value + part
     if derivatives and mixed is None:  # one side has no variables: no derivative pairs
@@ -156,7 +164,7 @@ def _gradients(f: Tensor, args: list[Tensor], keep: bool) -> list[Tensor]:
     return [torch.zeros_like(a) if g is None else g for g, a in zip(grads, args)]
 
 
-def _broadcast(f: Tensor | float, like: Tensor) -> Tensor:
+def _broadcast(f: Tensor | float, shape: tuple[int, ...], like: Tensor) -> Tensor:
     if not torch.is_tensor(f):
-        return torch.full(like.shape[:-1], float(f), dtype=like.dtype, device=like.device)
-    return f.expand(like.shape[:-1]) if f.shape != like.shape[:-1] else f
+        return torch.full(shape, float(f), dtype=like.dtype, device=like.device)
+    return f.expand(shape) if f.shape != shape else f
