@@ -134,6 +134,50 @@ def _factors(expr: Expr) -> list[Expr]:
     return [expr]
 
 
+def _product(factors: list) -> Expr | float:
+    """The product expression of ``factors`` (1.0 for none; the numbers 1.0 dropped)."""
+    factors = [f for f in factors if not (isinstance(f, (int, float)) and f == 1)]
+    if not factors:
+        return 1.0
+    return functools.reduce(lambda a, b: Apply(torch.mul, (a, b)), factors)
+
+
+@functools.lru_cache(maxsize=4096)
+def _separable(expr) -> bool:
+    """Whether a sum has a term that is a product of independent factors (at any depth of nested sums).
+
+    Distributing the product over such a sum gives expectations of independent groups of fewer G-vars.
+    """
+    if isinstance(expr, Sum):
+        return any(_is_random(t) and _separable(t) for _, t in expr.terms)
+    factors = [f for f in _factors(expr) if _is_random(f)]
+    if len(factors) < 2:
+        return False
+    return _factor_groups(tuple(factors)) > 1 or any(isinstance(f, Sum) and _separable(f) for f in factors)
+
+
+def _factor_groups(factors: tuple) -> int:
+    """The number of groups of factors linked by shared atoms."""
+    keys = [{_atom_key(a) for g in leaves(f) for a, _ in g.terms} for f in factors]
+    groups: list[set] = []
+    for k in keys:
+        joined = [g for g in groups if g & k]
+        groups = [g for g in groups if not (g & k)] + [set(k).union(*joined)]
+    return len(groups)
+
+
+def _distributed(factors1: list, factors2: list):
+    """``(e1, e2)`` with a separable sum among the factors distributed over its terms, or None."""
+    for side, factors in ((0, factors1), (1, factors2)):
+        for i, f in enumerate(factors):
+            if isinstance(f, Sum) and _separable(f):
+                rest = factors[:i] + factors[i + 1 :]
+                expanded = Sum(tuple((c, _product([t, *rest])) for c, t in f.terms))
+                other = _product(factors2 if side == 0 else factors1)
+                return (expanded, other) if side == 0 else (other, expanded)
+    return None
+
+
 def _same_nonlinearity(a: Nonlinearity, b: Nonlinearity) -> bool:
     return type(a) is type(b) and a.extra_repr() == b.extra_repr()
 
@@ -182,6 +226,7 @@ class _Recursion:
         self.ntk_memo: dict = {}
         self.moment_memo: dict = {}
         self.scalar_memo: dict = {}
+        self.integral_memo: dict = {}
 
     # -- numbers per item ----------------------------------------------------------------------
 
@@ -354,10 +399,21 @@ class _Recursion:
                     constant = constant * self.scalar(f, side)
         factors1 = [f for f in factors1 if _is_random(f)]
         factors2 = [f for f in factors2 if _is_random(f)]
+        distributed = _distributed(factors1, factors2)
+        if distributed is not None:
+            # A sum whose terms are products of independent factors (a gated state (1 - z) n + z h): its
+            # terms' moments split into independent groups of fewer variables, each one memoised.
+            value, mixed = self._bilinear(*distributed, pairing, derivatives)
+            if isinstance(constant, float) and constant == 1.0:
+                return value, mixed
+            return constant * value, {key: constant * e for key, e in mixed.items()}
         parts = []
         for group1, group2 in self._groups([leaves(f) for f in factors1], [leaves(f) for f in factors2]):
             first, second = [factors1[i] for i in group1], [factors2[i] for i in group2]
-            parts.append(self._integrate(first, second, pairing, derivatives))
+            key = (tuple(first), tuple(second), pairing, derivatives)
+            if key not in self.integral_memo:
+                self.integral_memo[key] = self._integrate(first, second, pairing, derivatives)
+            parts.append(self.integral_memo[key])
         value: object = constant
         for part, _ in parts:
             value = value * part
