@@ -178,6 +178,28 @@ def _distributed(factors1: list, factors2: list):
     return None
 
 
+_POLYNOMIAL_NAMES = PRODUCT_NAMES | {"add", "__add__", "__radd__", "sub", "__sub__", "__rsub__", "rsub", "neg", "__neg__"}
+
+
+@functools.lru_cache(maxsize=4096)
+def _polynomial(expr) -> bool:
+    """Whether ``expr`` is a polynomial in its G-vars (sums, products, squares and integer powers)."""
+    if isinstance(expr, GVar) or is_item_scalar(expr):
+        return True
+    if isinstance(expr, Sum):
+        return all(_polynomial(e) for _, e in expr.terms)
+    if not isinstance(expr, Apply) or expr.kwargs:
+        return False
+    name = getattr(expr.fn, "__name__", "")
+    if name in ("pow", "__pow__") and len(expr.args) == 2:
+        power = expr.args[1]
+        integer = isinstance(power, (int, float)) and float(power).is_integer() and power >= 0
+        return integer and _polynomial(expr.args[0])
+    if name in _POLYNOMIAL_NAMES or name == "square":
+        return all(_polynomial(a) for a in expr.args)
+    return False
+
+
 def _same_nonlinearity(a: Nonlinearity, b: Nonlinearity) -> bool:
     return type(a) is type(b) and a.extra_repr() == b.extra_repr()
 
@@ -496,6 +518,7 @@ class _Recursion:
             index1,
             index2,
             derivatives=derivatives and pairing == "12",
+            hermite=all(_polynomial(f) for f in (*f1, *f2)),
         )
         pairs = {}
         if derivatives and pairing == "12":
