@@ -134,21 +134,22 @@ def gaussian_moments(
     factor = _factor(cov)
     pairs = max(1, math.prod(cov.shape[:-2]))
     chunk = max(_CHUNK_POINTS, _CHUNK_ELEMENTS // pairs)
+    rows = factor.movedim(-2, 0).reshape(-1, m)  # (m * pairs, m): row i of every pair's factor, by i
     value: Tensor | None = None
     mixed: Tensor | None = None
     for start in range(0, points.shape[0], chunk):
         z, w = points[start : start + chunk], weights[start : start + chunk]
-        # u_p = L z_p for all pairs at once, as one matrix product, laid out (..., m, P): each variable's
-        # points contiguous.
-        u = (factor.reshape(-1, m) @ z.T).reshape(*factor.shape[:-1], z.shape[0])
+        # u_p = L z_p for all pairs at once, as one matrix product, laid out (m, ..., P): each variable's
+        # values contiguous.
+        u = (rows @ z.T).reshape(m, *factor.shape[:-2], z.shape[0])
         if derivatives and not recording:
             u = u.detach().requires_grad_(True)  # derivatives in the points only, nothing to record
         with torch.enable_grad() if derivatives else contextlib.nullcontext():
-            args1 = [u[..., i, :] for i in first_indices]
-            args2 = [u[..., i, :] for i in second_indices]
-            shape = (*u.shape[:-2], u.shape[-1])  # (..., P)
+            args1 = [u[i] for i in first_indices]
+            args2 = [u[i] for i in second_indices]
+            shape = u.shape[1:]  # (..., P)
             f1, f2 = _broadcast(first(*args1), shape, u), _broadcast(second(*args2), shape, u)
-            part = (f1 * f2 * w).sum(-1)
+            part = (f1 * f2) @ w
             if derivatives and args1 and args2:
                 g1, g2 = _gradients(f1, args1, recording), _gradients(f2, args2, recording)
                 # sum_p w_p d_i F1(u_p) d_j F2(u_p) for all (i, j) at once: one batched matrix product.
