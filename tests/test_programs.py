@@ -535,6 +535,35 @@ def test_higher_dimensional_rules_against_their_factorised_values():
         assert abs(float(value) - exact) < tol * scale, (m, float(value), exact)
 
 
+class AsymmetricTwoLayers(nn.Module):
+    """Two gated layers whose moments come in swapped pairs, E[tanh(a) sigmoid(b) sigmoid(a')] and its mirror."""
+
+    def __init__(self, width=16, out=1):
+        super().__init__()
+        self.a, self.b = nn.Linear(3, width), nn.Linear(3, width)
+        self.c, self.d, self.o = nn.Linear(width, width), nn.Linear(width, width), nn.Linear(width, out)
+
+    def forward(self, x):
+        a, b = self.a(x), self.b(x)
+        h = torch.tanh(a) * torch.sigmoid(b) + torch.sigmoid(a)
+        c, d = self.c(h), self.d(h)
+        return self.o(torch.tanh(c) * torch.sigmoid(d) + torch.erf(c))
+
+
+def test_a_diagonal_tile_mirrors_the_swapped_moments(monkeypatch):
+    # K(X, X): the moments of (e2, e1) are taken as those of (e1, e2) transposed. Against computing both
+    # (1- and 2-dimensional rules, not exactly symmetric in their variables: 1e-8 apart at unit variances;
+    # untransposed, 2e-5 off), NNGP and NTK; a second layer feeds the covariances into nonlinearities.
+    from gpytorch_tp.programs import master_theorem
+
+    x = 0.6 * _x(5)  # variances about 1, where the rules are accurate
+    mirrored = [_dense(_kernel(AsymmetricTwoLayers(), kind), x) for kind in ("nngp", "ntk")]
+    monkeypatch.setattr(master_theorem._Recursion, "_mirrored", lambda self, memo, swapped: None)
+    computed = [_dense(_kernel(AsymmetricTwoLayers(), kind), x) for kind in ("nngp", "ntk")]
+    for a, b in zip(mirrored, computed):
+        torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-8)
+
+
 def test_saturating_functions_of_three_variables_take_the_sobol_rule():
     # E[tanh(u)^2 sigmoid(v) sigmoid(w)], Var u = 5, independent: the 1-dimensional rule's E[tanh(u)^2] (round-off)
     # times E[sigmoid]^2 = 1/4. Gauss-Hermite (16 nodes per dimension) misses it by 8e-3; the Sobol points

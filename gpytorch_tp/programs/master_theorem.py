@@ -200,6 +200,13 @@ def _polynomial(expr) -> bool:
     return False
 
 
+def _transposed(value):
+    """A pair moment of (x_j, x_i) for (x_i, x_j): its two pair axes swapped; None where they are not the last two."""
+    if not torch.is_tensor(value) or value.dim() == 0 or value.numel() == 1:
+        return value
+    return value.transpose(-1, -2) if value.dim() >= 2 else None
+
+
 def _same_nonlinearity(a: Nonlinearity, b: Nonlinearity) -> bool:
     return type(a) is type(b) and a.extra_repr() == b.extra_repr()
 
@@ -237,8 +244,12 @@ class _Recursion:
         variances: dict[str, Tensor],
         sides: dict | None = None,
         track_ntk: bool = False,
+        mirror: bool = False,
     ):
         self.kernel = kernel
+        # The tile's two sides hold the same items in the same order (a diagonal tile of K(X, X)): the moments of
+        # (e2, e1) are those of (e1, e2) transposed, E[e1(x_i) e2(x_j)] = E[e2(x_j) e1(x_i)].
+        self.mirror = mirror and like.dim() >= 2 and like.shape[-1] == like.shape[-2]
         # With the NTK, every moment of the pairs is asked for again with its derivatives: compute both at once.
         self.track_ntk = track_ntk
         self.like = like
@@ -365,8 +376,20 @@ class _Recursion:
             return self.moments(e1, e2, pairing, True)[0], {}
         key = (e1, e2, pairing, derivatives)
         if key not in self.moment_memo:
-            self.moment_memo[key] = self._moments(e1, e2, pairing, derivatives)
+            mirrored = self._mirrored(self.moment_memo, (e2, e1, pairing, derivatives))
+            self.moment_memo[key] = mirrored if mirrored is not None else self._moments(e1, e2, pairing, derivatives)
         return self.moment_memo[key]
+
+    def _mirrored(self, memo: dict, swapped: tuple):
+        """The moments of the swapped pair of expressions, transposed, where a diagonal tile already has them."""
+        if not self.mirror or swapped[2] != "12" or swapped[0] == swapped[1] or swapped not in memo:
+            return None
+        value, pairs = memo[swapped]
+        transposed = {(gj, gi): _transposed(e) for (gi, gj), e in pairs.items()}
+        value = _transposed(value)
+        if value is None or any(e is None for e in transposed.values()):
+            return None
+        return value, transposed
 
     def _moments(self, e1: Expr, e2: Expr, pairing: str, derivatives: bool):
         if not _is_random(e1) or not _is_random(e2):
@@ -434,7 +457,10 @@ class _Recursion:
             first, second = [factors1[i] for i in group1], [factors2[i] for i in group2]
             key = (tuple(first), tuple(second), pairing, derivatives)
             if key not in self.integral_memo:
-                self.integral_memo[key] = self._integrate(first, second, pairing, derivatives)
+                mirrored = self._mirrored(self.integral_memo, (tuple(second), tuple(first), pairing, derivatives))
+                self.integral_memo[key] = (
+                    mirrored if mirrored is not None else self._integrate(first, second, pairing, derivatives)
+                )
             parts.append(self.integral_memo[key])
         value: object = constant
         for part, _ in parts:
@@ -713,7 +739,8 @@ class CompiledProgram(Layer):
             "22": per_item(_side_recursion, state.var2, sequence, names, *values),
         }
         like = state.cross[..., 0, 0] if sequence else state.cross
-        recursion = _Recursion({"12": state.cross}, like, variances, sides, track_ntk=state.track_ntk)
+        mirror = state.same_inputs and not state.diagonal
+        recursion = _Recursion({"12": state.cross}, like, variances, sides, track_ntk=state.track_ntk, mirror=mirror)
         out = self.program.output
 
         # The results' shapes: the pairs' and items', without the step axes of sequences (a readout ends the program).
