@@ -12,8 +12,9 @@ Rows:
 * ``gru``: a ``torch.nn.GRU``-convention cell written as a loop (``r``, ``z`` gates,
   ``n = tanh(W_in x + b_in + r * (W_hn h + b_hn))``, ``h = (1 - z) * n + z * h``), NNGP+NTK, compiled against the
   hand-written ``Sequential(GRU, LastStep, Linear)``.  Neither side is closed form (the compiler integrates
-  the cell's high-dimensional expectations with 4,096 quasi-Monte Carlo points, the GRU layer with 1,024
-  particles of its update gates), so the row reports their relative difference (Frobenius), not round-off.
+  the cell's gates and candidates apart, groups of up to 6 dimensions with 4,096 quasi-Monte Carlo points,
+  the GRU layer with 1,024 particles of its update gates), so the row reports their relative difference
+  (Frobenius), not round-off.
   Timed with one call each and no untimed call first: a call costs seconds to minutes.
 
 Times: best / median of ``--repeats`` calls after one untimed call, float64, this process's threads.

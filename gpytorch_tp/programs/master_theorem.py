@@ -101,8 +101,8 @@ def _replay(expr, values: dict[GVar, Tensor], scalar):
         return expr.fn(*args, **kwargs)
     if isinstance(expr, Sum):
         total = 0.0
-        for c, e in expr.terms:
-            total = total + _replay(c, values, scalar) * _replay(e, values, scalar)
+        for c, e in expr.terms:  # no passes over the points for additions of 0 and products by 1
+            total = _plus(total, _times(_replay(c, values, scalar), _replay(e, values, scalar)))
         return total
     return expr
 
@@ -132,6 +132,89 @@ def _factors(expr: Expr) -> list[Expr]:
         if len(expr.args) == 2 and not is_item_scalar(expr):
             return [f for a in expr.args for f in (_factors(a) if _is_random(a) else [a])]
     return [expr]
+
+
+def _product(factors: list) -> Expr | float:
+    """The product expression of ``factors`` (1.0 for none; the numbers 1.0 dropped)."""
+    factors = [f for f in factors if not (isinstance(f, (int, float)) and f == 1)]
+    if not factors:
+        return 1.0
+    return functools.reduce(lambda a, b: Apply(torch.mul, (a, b)), factors)
+
+
+@functools.lru_cache(maxsize=4096)
+def _separable(expr) -> bool:
+    """Whether a sum has a term that is a product of independent factors (at any depth of nested sums).
+
+    Distributing the product over such a sum gives expectations of independent groups of fewer G-vars.
+    """
+    if isinstance(expr, Sum):
+        return any(_is_random(t) and _separable(t) for _, t in expr.terms)
+    factors = [f for f in _factors(expr) if _is_random(f)]
+    if len(factors) < 2:
+        return False
+    return _factor_groups(tuple(factors)) > 1 or any(isinstance(f, Sum) and _separable(f) for f in factors)
+
+
+def _factor_groups(factors: tuple) -> int:
+    """The number of groups of factors linked by shared atoms."""
+    keys = [{_atom_key(a) for g in leaves(f) for a, _ in g.terms} for f in factors]
+    groups: list[set] = []
+    for k in keys:
+        joined = [g for g in groups if g & k]
+        groups = [g for g in groups if not (g & k)] + [set(k).union(*joined)]
+    return len(groups)
+
+
+def _distributed(factors1: list, factors2: list):
+    """``(e1, e2)`` with a separable sum among the factors distributed over its terms, or None."""
+    for side, factors in ((0, factors1), (1, factors2)):
+        for i, f in enumerate(factors):
+            if isinstance(f, Sum) and _separable(f):
+                rest = factors[:i] + factors[i + 1 :]
+                expanded = Sum(tuple((c, _product([t, *rest])) for c, t in f.terms))
+                other = _product(factors2 if side == 0 else factors1)
+                return (expanded, other) if side == 0 else (other, expanded)
+    return None
+
+
+_POLYNOMIAL_NAMES = PRODUCT_NAMES | {
+    "add",
+    "__add__",
+    "__radd__",
+    "sub",
+    "__sub__",
+    "__rsub__",
+    "rsub",
+    "neg",
+    "__neg__",
+}
+
+
+@functools.lru_cache(maxsize=4096)
+def _polynomial(expr) -> bool:
+    """Whether ``expr`` is a polynomial in its G-vars (sums, products, squares and integer powers)."""
+    if isinstance(expr, GVar) or is_item_scalar(expr):
+        return True
+    if isinstance(expr, Sum):
+        return all(_polynomial(e) for _, e in expr.terms)
+    if not isinstance(expr, Apply) or expr.kwargs:
+        return False
+    name = getattr(expr.fn, "__name__", "")
+    if name in ("pow", "__pow__") and len(expr.args) == 2:
+        power = expr.args[1]
+        integer = isinstance(power, (int, float)) and float(power).is_integer() and power >= 0
+        return integer and _polynomial(expr.args[0])
+    if name in _POLYNOMIAL_NAMES or name == "square":
+        return all(_polynomial(a) for a in expr.args)
+    return False
+
+
+def _transposed(value):
+    """A pair moment of (x_j, x_i) for (x_i, x_j): its two pair axes swapped; None where they are not the last two."""
+    if not torch.is_tensor(value) or value.dim() == 0 or value.numel() == 1:
+        return value
+    return value.transpose(-1, -2) if value.dim() >= 2 else None
 
 
 def _same_nonlinearity(a: Nonlinearity, b: Nonlinearity) -> bool:
@@ -175,8 +258,12 @@ class _Recursion:
         variances: dict[str, Tensor],
         sides: dict | None = None,
         track_ntk: bool = False,
+        mirror: bool = False,
     ):
         self.kernel = kernel
+        # The tile's two sides hold the same items in the same order (a diagonal tile of K(X, X)): the moments of
+        # (e2, e1) are those of (e1, e2) transposed, E[e1(x_i) e2(x_j)] = E[e2(x_j) e1(x_i)].
+        self.mirror = mirror and like.dim() >= 2 and like.shape[-1] == like.shape[-2]
         # With the NTK, every moment of the pairs is asked for again with its derivatives: compute both at once.
         self.track_ntk = track_ntk
         self.like = like
@@ -186,6 +273,7 @@ class _Recursion:
         self.ntk_memo: dict = {}
         self.moment_memo: dict = {}
         self.scalar_memo: dict = {}
+        self.integral_memo: dict = {}
 
     # -- numbers per item ----------------------------------------------------------------------
 
@@ -304,8 +392,20 @@ class _Recursion:
             return self.moments(e1, e2, pairing, True)[0], {}
         key = (e1, e2, pairing, derivatives)
         if key not in self.moment_memo:
-            self.moment_memo[key] = self._moments(e1, e2, pairing, derivatives)
+            mirrored = self._mirrored(self.moment_memo, (e2, e1, pairing, derivatives))
+            self.moment_memo[key] = mirrored if mirrored is not None else self._moments(e1, e2, pairing, derivatives)
         return self.moment_memo[key]
+
+    def _mirrored(self, memo: dict, swapped: tuple):
+        """The moments of the swapped pair of expressions, transposed, where a diagonal tile already has them."""
+        if not self.mirror or swapped[2] != "12" or swapped[0] == swapped[1] or swapped not in memo:
+            return None
+        value, pairs = memo[swapped]
+        transposed = {(gj, gi): _transposed(e) for (gi, gj), e in pairs.items()}
+        value = _transposed(value)
+        if value is None or any(e is None for e in transposed.values()):
+            return None
+        return value, transposed
 
     def _moments(self, e1: Expr, e2: Expr, pairing: str, derivatives: bool):
         if not _is_random(e1) or not _is_random(e2):
@@ -360,10 +460,24 @@ class _Recursion:
                     constant = constant * self.scalar(f, side)
         factors1 = [f for f in factors1 if _is_random(f)]
         factors2 = [f for f in factors2 if _is_random(f)]
+        distributed = _distributed(factors1, factors2)
+        if distributed is not None:
+            # A sum whose terms are products of independent factors (a gated state (1 - z) n + z h): its
+            # terms' moments split into independent groups of fewer variables, each one memoised.
+            value, mixed = self._bilinear(*distributed, pairing, derivatives)
+            if isinstance(constant, float) and constant == 1.0:
+                return value, mixed
+            return constant * value, {key: constant * e for key, e in mixed.items()}
         parts = []
         for group1, group2 in self._groups([leaves(f) for f in factors1], [leaves(f) for f in factors2]):
             first, second = [factors1[i] for i in group1], [factors2[i] for i in group2]
-            parts.append(self._integrate(first, second, pairing, derivatives))
+            key = (tuple(first), tuple(second), pairing, derivatives)
+            if key not in self.integral_memo:
+                mirrored = self._mirrored(self.integral_memo, (tuple(second), tuple(first), pairing, derivatives))
+                self.integral_memo[key] = (
+                    mirrored if mirrored is not None else self._integrate(first, second, pairing, derivatives)
+                )
+            parts.append(self.integral_memo[key])
         value: object = constant
         for part, _ in parts:
             value = value * part
@@ -446,6 +560,7 @@ class _Recursion:
             index1,
             index2,
             derivatives=derivatives and pairing == "12",
+            hermite=all(_polynomial(f) for f in (*f1, *f2)),
         )
         pairs = {}
         if derivatives and pairing == "12":
@@ -652,7 +767,8 @@ class CompiledProgram(Layer):
             "22": per_item(_side_recursion, state.var2, len(positions), names, *values),
         }
         like = _without_positions(state.cross, len(positions))
-        recursion = _Recursion({"12": state.cross}, like, variances, sides, track_ntk=state.track_ntk)
+        mirror = state.same_inputs and not state.diagonal
+        recursion = _Recursion({"12": state.cross}, like, variances, sides, track_ntk=state.track_ntk, mirror=mirror)
         out = self.program.output
 
         # The results' shapes: the pairs' and items', without the step axes of sequences (a readout ends the program).

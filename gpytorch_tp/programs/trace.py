@@ -301,6 +301,14 @@ def trace_program(
         tracer.grid = None if grid is None else (width, *grid)
         with torch.no_grad(), tracer:
             out = module(x)
+    except UnsupportedModuleError:
+        raise
+    except Exception as error:  # the module's own error on inputs of this layout
+        layout = "sequences (T, d)" if steps else ("grids (C, ...)" if grid else "feature vectors (d,)")
+        raise UnsupportedModuleError(
+            f"running the module on flattened {layout} of shape {tuple(x.shape)}",
+            f"it raised {type(error).__name__}: {error}; check input_shape (and sequence=True for sequences)",
+        ) from error
     finally:
         module.train(was_training)
     value = tracer.value(out) if isinstance(out, Tensor) else None
