@@ -44,6 +44,7 @@ __all__ = [
     "ShardedKernelOperator",
     "Traffic",
     "product_exchange_bytes",
+    "shard_tile_size",
     "traffic",
 ]
 
@@ -90,6 +91,16 @@ def product_exchange_bytes(rows: int, columns: int, element_size: int = 8, batch
     probe vectors (``gpytorch.settings.num_trace_samples``, default 10) in training.
     """
     return batch * rows * columns * element_size + CHECK_BYTES
+
+
+def shard_tile_size(n1: int, n2: int, block_size: int, world_size: int) -> int:
+    """Items per tile side when ``world_size`` ranks share an ``n1 x n2`` matrix of blocks of ``block_size``.
+
+    The block size, made smaller when it leaves too few tiles to balance (about
+    ``8 sqrt(P)`` tile rows), but not below :data:`MIN_SHARD_TILE` items.
+    """
+    balanced = -(-max(n1, n2, 1) // (TILE_ROWS_PER_ROOT_RANK * math.ceil(math.sqrt(world_size))))
+    return max(1, min(block_size, max(MIN_SHARD_TILE, balanced)))
 
 
 def _timedelta(seconds: float) -> datetime.timedelta:
@@ -175,12 +186,11 @@ class ShardedKernelOperator(TiledKernelOperator):
         """The tiles products (``grad``: gradients) are shared out in, the same on every rank.
 
         Their side is the agreed block size, made smaller when that leaves too few
-        tiles to balance (about ``8 sqrt(P)`` tile rows, at least :data:`MIN_SHARD_TILE` items a side).
+        tiles to balance (:func:`shard_tile_size`).
         """
         plain, gradient = self._agreed_block_sizes()
         n1, n2 = self.x1.shape[-2], self.x2.shape[-2]
-        balanced = -(-max(n1, n2, 1) // (TILE_ROWS_PER_ROOT_RANK * math.ceil(math.sqrt(self.world_size))))
-        size = max(1, min(gradient if grad else plain, max(MIN_SHARD_TILE, balanced)))
+        size = shard_tile_size(n1, n2, gradient if grad else plain, self.world_size)
         return TileGrid(n1, n2, size, symmetric=self.same)
 
     def share(self, grad: bool = False) -> list[Tile]:
