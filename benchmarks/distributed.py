@@ -71,6 +71,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import gpytorch
 import numpy as np
 import torch
 
@@ -78,11 +79,19 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # run as a script from a checkout without installing
     sys.path.insert(0, str(REPO))
 
-import gpytorch  # noqa: E402
-
 from gpytorch_tp import CNNKernel, MLPKernel
-from gpytorch_tp.distributed import TileGrid, assign_balanced, default_tile_size, fingerprint, open_kernel_matrix
-from gpytorch_tp.distributed import ShardedKernel, precompute_kernel, product_exchange_bytes, run_local, traffic
+from gpytorch_tp.distributed import (
+    ShardedKernel,
+    TileGrid,
+    assign_balanced,
+    default_tile_size,
+    fingerprint,
+    open_kernel_matrix,
+    precompute_kernel,
+    product_exchange_bytes,
+    run_local,
+    traffic,
+)
 from gpytorch_tp.distributed.sharded import shard_tile_size
 from gpytorch_tp.evaluation import matrix_free_block_sizes
 from gpytorch_tp.layers import Conv, Linear

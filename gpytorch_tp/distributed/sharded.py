@@ -215,7 +215,9 @@ class ShardedKernelOperator(TiledKernelOperator):
         holders: dict[str, list[int]] = {}
         for rank, value_held in zip(ranks, held):
             holders.setdefault(value_held, []).append(rank)
-        described = "; ".join(f"ranks {', '.join(map(str, r))}: {v[:12]}" for v, r in holders.items())
+        described = "; ".join(
+            f"rank{'s' if len(r) > 1 else ''} {', '.join(map(str, r))}: {v[:12]}" for v, r in holders.items()
+        )
         raise RankMismatchError(
             f"rank {dist.get_rank()}: {what} differ between the ranks ({described}), so the sum of the ranks' "
             "shares would be no product at all. Every rank must run the same computation on the same vectors: "
