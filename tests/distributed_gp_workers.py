@@ -114,6 +114,13 @@ def exact_gp_run(case: dict, cg: bool = True, seed: int = 7, shift: float = 0.0)
     }
 
 
+def one_process_runs(cases: dict) -> dict:
+    """The reference: ``exact_gp_run`` of every case in one process (CG and, for the MLP, Cholesky)."""
+    runs = {name: exact_gp_run(case) for name, case in cases.items()}
+    runs["mlp_cholesky"] = exact_gp_run(cases["mlp"], cg=False)
+    return runs
+
+
 def operator_products(case: dict) -> dict:
     """``K @ V`` and the gradient of ``sum(U * (K @ V))`` of the (sharded) operator, and the rank's share."""
     if "min_tile" in case:

@@ -70,10 +70,12 @@ def two_ranks():
 
 @pytest.fixture(scope="module")
 def one_process():
-    """The same script in this process, without a process group."""
-    with one_thread():
-        runs = {name: workers.exact_gp_run(case) for name, case in CASES.items()}
-        runs["mlp_cholesky"] = workers.exact_gp_run(CASES["mlp"], cg=False)
+    """The same script in one fresh process (a group of one rank: nothing shared out).
+
+    Fresh, because GPyTorch's settings and generators are global: what earlier tests of this
+    session left behind must not change the reference.
+    """
+    (runs,) = run_local(workers.one_process_runs, 1, args=(CASES,), timeout=120, group_timeout=20)
     return runs
 
 
@@ -129,7 +131,8 @@ def test_cholesky_mode_loss_and_gradients_are_the_dense_models(one_process, two_
     model, likelihood, x, y, _ = workers.build(case, sharded_kernel=False, matrix_free=False)
     mll = gpytorch.mlls.ExactMarginalLogLikelihood(likelihood, model)
     model.train()
-    loss = -mll(model(x), y)
+    with gpytorch.settings.max_cholesky_size(10**6), gpytorch.settings.fast_computations(False, False, False):
+        loss = -mll(model(x), y)  # exact, whatever settings earlier tests left
     loss.backward()
     two = two_ranks[0]["runs"]["mlp_cholesky"]
     assert relative(two["loss"], loss.detach()) < 1e-10
