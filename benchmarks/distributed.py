@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Benchmark: a CNN-GAP kernel matrix precomputed by 1 and 2 local processes, and the accounting of 8-64 ranks.
 
-Issue 20, item 5 (the precompute part; the distributed exact-GP operator does not exist yet).
+Issue 20, item 5: the precompute, and an epoch of the distributed exact GP (``ShardedKernel``).
 
 1. **Strong scaling on this machine.** ``precompute_kernel`` of the NNGP and NTK
    of ``CNNKernel(input_shape=(3, S, S), depth=3, readout="global_avg_pool")``
@@ -36,11 +36,27 @@ Issue 20, item 5 (the precompute part; the distributed exact-GP operator does no
    tiles), and the bytes of the checksum agreement (an all-gather of each rank's
    fingerprint, a length and the JSON).
 
+3. **Exact GP epoch, 1 -> 2 processes.** One ``ExactMarginalLogLikelihood`` forward and
+   backward in GPyTorch's CG mode (``max_cholesky_size(0)``, its default CG tolerance,
+   10 probe vectors, pivoted-Cholesky preconditioner of rank 15 from N = 2,000) of
+   ``ScaleKernel(ShardedKernel(MLPKernel(depth=3, kind="ntk")))`` on ``--gp-n`` points of
+   ``--gp-d`` features, float64, at 1 process x 1 thread, 1 process x 2 threads and 2
+   processes x 1 thread: seconds of the epoch, peak resident memory per rank, the
+   products summed over the ranks and the bytes each rank handed to the collectives
+   (``gpytorch_tp.distributed.traffic``, the operator's own accounting), and the
+   relative differences of the loss and gradients between 1 and 2 processes.  The
+   simulated table adds, for 8-64 ranks, each rank's tiles and held share of ``K`` and the
+   bytes it exchanges per CG iteration (``product_exchange_bytes`` of ``N x 11``, and
+   ``2 (P - 1) / P`` of that for a ring all-reduce), from ``shard_tile_size``, ``TileGrid``
+   and ``assign_balanced`` as the operator uses them.  The issue's N = 20,000 does not fit
+   the ten minutes of this 2-core machine (``--gp-n 5000 10000`` by default).
+
 Usage (from the repository root)::
 
     python benchmarks/distributed.py                 # N = 400, 8x8x3; ranks 8 16 32 64 simulated
     python benchmarks/distributed.py --n 1000 --size 8
     python benchmarks/distributed.py --smoke         # tiny sizes (seconds)
+    python benchmarks/distributed.py --no-precompute --gp-n 5000   # only the exact GP epoch
 """
 
 from __future__ import annotations
@@ -55,6 +71,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import gpytorch
 import numpy as np
 import torch
 
@@ -62,9 +79,21 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # run as a script from a checkout without installing
     sys.path.insert(0, str(REPO))
 
-from gpytorch_tp import CNNKernel
-from gpytorch_tp.distributed import TileGrid, assign_balanced, default_tile_size, fingerprint, open_kernel_matrix
-from gpytorch_tp.distributed import precompute_kernel, run_local
+from gpytorch_tp import CNNKernel, MLPKernel
+from gpytorch_tp.distributed import (
+    ShardedKernel,
+    TileGrid,
+    assign_balanced,
+    default_tile_size,
+    fingerprint,
+    open_kernel_matrix,
+    precompute_kernel,
+    product_exchange_bytes,
+    run_local,
+    traffic,
+)
+from gpytorch_tp.distributed.sharded import shard_tile_size
+from gpytorch_tp.evaluation import matrix_free_block_sizes
 from gpytorch_tp.layers import Conv, Linear
 
 DEPTH = 3
@@ -142,6 +171,60 @@ def rank_direct(n: int, size: int, seed: int, path: str) -> dict:
     seconds = time.perf_counter() - started
     torch.save({"nngp": nngp, "ntk": ntk}, path)
     return {"threads": torch.get_num_threads(), "seconds": seconds, "peak_rss": _peak_rss_bytes()}
+
+
+class _ExactGP(gpytorch.models.ExactGP):
+    def __init__(self, x, y, likelihood):
+        super().__init__(x, y, likelihood)
+        self.mean_module = gpytorch.means.ZeroMean()
+        self.covar_module = gpytorch.kernels.ScaleKernel(ShardedKernel(gp_kernel(), timeout=GROUP_TIMEOUT))
+
+    def forward(self, x):
+        return gpytorch.distributions.MultivariateNormal(self.mean_module(x), self.covar_module(x))
+
+
+def gp_kernel() -> MLPKernel:
+    """The exact-GP benchmark's kernel: the NTK of a depth-3 ReLU MLP, matrix free."""
+    return MLPKernel(depth=3, kind="ntk", matrix_free=True).double()
+
+
+def gp_data(n: int, d: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Uniform inputs in [-1, 1]^d and a smooth target with noise (the same on every rank)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand(n, d, generator=g, dtype=torch.float64) * 2 - 1
+    y = torch.sin(3 * x[:, 0]) * x[:, 1 % d] + 0.1 * torch.randn(n, generator=g, dtype=torch.float64)
+    return x, y
+
+
+def rank_gp_epoch(n: int, d: int, seed: int) -> dict:
+    """One MLL forward and backward in CG mode; its time, the collectives' traffic and this rank's peak memory."""
+    x, y = gp_data(n, d, seed)
+    likelihood = gpytorch.likelihoods.GaussianLikelihood().double()
+    model = _ExactGP(x, y, likelihood).double()
+    mll = gpytorch.mlls.ExactMarginalLogLikelihood(likelihood, model)
+    model.train()
+    traffic.reset()
+    with gpytorch.settings.max_cholesky_size(0):
+        torch.manual_seed(seed)  # the probe vectors: the same on every rank
+        started = time.perf_counter()
+        loss = -mll(model(x), y)
+        forward = time.perf_counter() - started
+        loss.backward()
+        seconds = time.perf_counter() - started
+    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+    return {
+        "rank": rank,
+        "threads": torch.get_num_threads(),
+        "seconds": seconds,
+        "forward": forward,
+        "loss": float(loss),
+        "grads": {name: p.grad.detach().clone() for name, p in model.named_parameters()},
+        "products": traffic.products,
+        "gradients": traffic.gradients,
+        "collectives": traffic.collectives,
+        "bytes": traffic.bytes,
+        "peak_rss": _peak_rss_bytes(),
+    }
 
 
 def _worker_module():
@@ -269,6 +352,72 @@ def simulate(n: int, size: int, world_sizes: list[int], tile_size: int | None = 
 
 
 # ----------------------------------------------------------------------------
+# 3. Exact GP epoch
+
+
+def gp_epochs(sizes: list[int], d: int, seed: int, two_threads: bool = True) -> list[dict]:
+    """``rank_gp_epoch`` at 1 process x 1 thread, (1 x 2 threads), 2 processes x 1 thread, for each N."""
+    module = _worker_module()
+    configs = [("1 process x 1 thread", 1, 1), ("1 process x 2 threads", 1, 2), ("2 processes x 1 thread", 2, 1)]
+    if not two_threads:
+        configs.pop(1)
+    results = []
+    for n in sizes:
+        runs = []
+        for label, processes, threads in configs:
+            started = time.perf_counter()
+            ranks = run_local(
+                module.rank_gp_epoch, processes, args=(n, d, seed),
+                timeout=RUN_TIMEOUT, group_timeout=GROUP_TIMEOUT, threads=threads,
+            )
+            runs.append({"label": label, "processes": processes, "threads": threads,
+                         "launch": time.perf_counter() - started,
+                         "seconds": max(r["seconds"] for r in ranks), "ranks": ranks})
+        base = runs[0]["seconds"]
+        for run in runs:
+            run["speedup"] = base / run["seconds"]
+        one, two = runs[0]["ranks"][0], runs[-1]["ranks"]
+        agreement = {
+            "loss_1p_2p": abs(two[0]["loss"] - one["loss"]) / abs(one["loss"]),
+            "grads_1p_2p": max(_relative_difference(two[0]["grads"][k], one["grads"][k]) for k in one["grads"]),
+            "ranks_equal": two[0]["loss"] == two[1]["loss"]
+            and all(torch.equal(two[0]["grads"][k], two[1]["grads"][k]) for k in one["grads"]),
+        }
+        for run in runs:
+            for r in run["ranks"]:
+                r.pop("grads")
+        results.append({"n": n, "d": d, "runs": runs, "agreement": agreement})
+    return results
+
+
+def simulate_gp(n: int, d: int, world_sizes: list[int], probes: int = 10) -> dict:
+    """The accounting of ``ShardedKernelOperator`` for an exact GP on ``n`` points, per world size; no processes."""
+    x = torch.empty(0, d, dtype=torch.float64)
+    plain, _ = matrix_free_block_sizes(gp_kernel().block_covariance(x), x)
+    columns = 1 + probes
+    payload = product_exchange_bytes(n, columns, ITEM)
+    rows = []
+    for p in world_sizes:
+        grid = TileGrid(n, n, shard_tile_size(n, n, plain, p), symmetric=True)
+        costs = [grid.cost(t) for t in grid]
+        shares = assign_balanced(costs, p)
+        loads = [sum(costs[k] for k in share) for share in shares]
+        held = [sum(grid[k].pairs for k in share) * ITEM for share in shares]
+        rows.append({
+            "world_size": p,
+            "tile_size": grid.tile_size,
+            "tiles": len(grid),
+            "tiles_min": min(map(len, shares)),
+            "tiles_max": max(map(len, shares)),
+            "imbalance": max(loads) / (sum(loads) / p) - 1,
+            "held_max": max(held),
+            "payload": payload,
+            "ring_per_rank": 2 * (p - 1) / p * payload,
+        })
+    return {"n": n, "d": d, "columns": columns, "block_size": plain, "matrix_bytes": n * n * ITEM, "rows": rows}
+
+
+# ----------------------------------------------------------------------------
 # Output
 
 
@@ -339,6 +488,56 @@ def simulation_table(sim: dict) -> str:
     return "\n".join(lines)
 
 
+def gp_table(results: list[dict]) -> str:
+    lines = [
+        f"ScaleKernel(ShardedKernel(MLPKernel(depth=3, kind='ntk'))), d = {results[0]['d']}, float64; one "
+        "ExactMarginalLogLikelihood forward + backward, GPyTorch CG mode, default settings",
+        "",
+        "| N | run | epoch (s) | forward (s) | launch (s) | speed-up | products summed / bytes per rank "
+        "| peak RSS per rank (MiB) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for result in results:
+        for run in result["runs"]:
+            ranks = run["ranks"]
+            traffic_text = "-" if run["processes"] == 1 else ", ".join(
+                f"{r['products']} / {_size(r['bytes'])}" for r in ranks
+            )
+            lines.append(
+                f"| {result['n']} | {run['label']} | {run['seconds']:.2f} | "
+                + ", ".join(f"{r['forward']:.2f}" for r in ranks)
+                + f" | {run['launch']:.2f} | {run['speedup']:.2f}x | {traffic_text} | "
+                + ", ".join(_mib(r["peak_rss"]) for r in ranks) + " |"
+            )
+    lines.append("")
+    for result in results:
+        a = result["agreement"]
+        lines.append(
+            f"N = {result['n']}: 2 processes against 1 (1 thread each): loss {a['loss_1p_2p']:.1e}, gradients "
+            f"{a['grads_1p_2p']:.1e} relative; both ranks bit for bit equal: {a['ranks_equal']}."
+        )
+    return "\n".join(lines)
+
+
+def gp_simulation_table(sim: dict) -> str:
+    lines = [
+        f"Exact GP on N = {sim['n']} points (d = {sim['d']}, float64): K is {_size(sim['matrix_bytes'])}; a CG "
+        f"iteration is one product with N x {sim['columns']} (y and 10 probe vectors); blocks of "
+        f"{sim['block_size']} on this machine's memory budget",
+        "",
+        "| ranks | tile size | tiles (per rank min / max) | load imbalance | K held per rank (max) "
+        "| bytes per CG iteration per rank: payload / ring all-reduce sends |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in sim["rows"]:
+        lines.append(
+            f"| {r['world_size']} | {r['tile_size']} | {r['tiles']} ({r['tiles_min']} / {r['tiles_max']}) "
+            f"| {100 * r['imbalance']:.2f}% | {_size(r['held_max'])} | {_size(r['payload'])} / "
+            f"{_size(r['ring_per_rank'])} |"
+        )
+    return "\n".join(lines)
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--n", type=int, default=400, help="images of the strong-scaling run (default 400)")
@@ -348,13 +547,21 @@ def parse_args(argv=None):
     parser.add_argument("--sim-n", type=int, default=2000, help="images of the simulated scale-out (default 2000)")
     parser.add_argument("--sim-size", type=int, default=16, help="image side of the simulation (default 16)")
     parser.add_argument("--ranks", type=int, nargs="+", default=[8, 16, 32, 64], help="simulated world sizes")
-    parser.add_argument("--no-run", action="store_true", help="only the simulation (no processes)")
+    parser.add_argument("--no-run", action="store_true", help="only the simulations (no processes)")
+    parser.add_argument("--no-precompute", action="store_true", help="skip the precompute's strong scaling")
+    parser.add_argument("--no-gp", action="store_true", help="skip the exact GP epochs")
+    parser.add_argument("--gp-n", type=int, nargs="+", default=[5000, 10000],
+                        help="points of the exact GP epochs (default 5000 10000)")
+    parser.add_argument("--gp-d", type=int, default=8, help="features of the exact GP's inputs (default 8)")
+    parser.add_argument("--sim-gp-n", type=int, default=20000,
+                        help="points of the simulated exact GP (default the issue's 20,000)")
     parser.add_argument("--smoke", action="store_true",
                         help="tiny sizes (N = 24 of 4x4x3, simulation N = 200), no 2-thread runs")
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = parser.parse_args(argv)
     if args.smoke:
         args.n, args.size, args.tile_size, args.sim_n, args.sim_size = 24, 4, 6, 200, 8
+        args.gp_n, args.sim_gp_n = [150], 2000
     return args
 
 
@@ -366,16 +573,22 @@ def main(argv=None) -> dict:
     }
     print(f"# Distributed kernel precompute ({platform.platform()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
           f"load average {os.getloadavg()[0]:.2f})\n")
-    if not args.no_run:
+    if not args.no_run and not args.no_precompute:
         with tempfile.TemporaryDirectory(prefix="distbench-") as workdir:
             results["strong"] = strong_scaling(
                 args.n, args.size, args.seed, args.tile_size, workdir, two_threads=not args.smoke
             )
         print("## Strong scaling, 1 -> 2 processes\n")
         print(strong_table(results["strong"]) + "\n")
+    if not args.no_run and not args.no_gp:
+        results["gp"] = gp_epochs(args.gp_n, args.gp_d, args.seed, two_threads=not args.smoke)
+        print("## Exact GP epoch, 1 -> 2 processes\n")
+        print(gp_table(results["gp"]) + "\n")
     results["simulation"] = simulate(args.sim_n, args.sim_size, args.ranks)
+    results["gp_simulation"] = simulate_gp(args.sim_gp_n, args.gp_d, args.ranks)
     print("## Simulated scale-out (accounting only, no processes)\n")
     print(simulation_table(results["simulation"]) + "\n")
+    print(gp_simulation_table(results["gp_simulation"]) + "\n")
     results["machine"]["load_after"] = os.getloadavg()
     print(f"load average after: {os.getloadavg()[0]:.2f}")
     if args.json is not None:

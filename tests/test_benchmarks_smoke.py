@@ -231,7 +231,7 @@ def test_distributed_benchmark_smoke_one_and_two_processes_agree(capsys):
     spec = importlib.util.spec_from_file_location("distributed_benchmark", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    from gpytorch_tp.distributed import TileGrid, assign_balanced
+    from gpytorch_tp.distributed import TileGrid, assign_balanced, product_exchange_bytes
 
     results = module.main(["--smoke"])
     strong = results["strong"]
@@ -269,3 +269,17 @@ def test_distributed_benchmark_smoke_one_and_two_processes_agree(capsys):
     assert p8["written_min"] * 8 <= sim["matrix_bytes"] <= p8["written_max"] * 8
     out = capsys.readouterr().out
     assert "| 2 processes x 1 thread |" in out and "| 64 |" in out
+    # The exact GP epoch (N = 150): 1 and 2 processes, the same loss; each product summed once.
+    (gp,) = results["gp"]
+    assert [(r["processes"], r["threads"]) for r in gp["runs"]] == [(1, 1), (2, 1)]
+    assert gp["agreement"]["ranks_equal"] and gp["agreement"]["loss_1p_2p"] < 1e-8
+    one, two = gp["runs"][0]["ranks"], gp["runs"][1]["ranks"]
+    assert one[0]["products"] == 0  # no group: the ordinary matrix-free path
+    assert all(r["products"] >= 10 and r["gradients"] >= 1 for r in two)
+    products_bytes = two[0]["products"] * product_exchange_bytes(gp["n"], 11)
+    assert two[0]["bytes"] >= products_bytes * 0.5 and two[0]["bytes"] == two[1]["bytes"]
+    gp_sim = results["gp_simulation"]
+    for row in gp_sim["rows"]:
+        assert row["payload"] == product_exchange_bytes(gp_sim["n"], 11)
+        assert row["held_max"] * row["world_size"] >= gp_sim["matrix_bytes"] / 2
+    assert "## Exact GP epoch" in out

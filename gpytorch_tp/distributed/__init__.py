@@ -10,6 +10,8 @@ kernel matrix out to the ranks and writes them into one store on disk, which
 * :mod:`.store`: the on-disk format (``.npy`` per kind, manifest, per-rank logs of finished tiles) and its reader;
 * :mod:`.agreement`: checksums the ranks must agree on, collectives with timeouts;
 * :mod:`.driver`: :func:`precompute_kernel`;
+* :mod:`.sharded`: :class:`ShardedKernel`, exact GPs whose products with ``K`` are shared out to the ranks;
+* :mod:`.posterior`: :func:`posterior_from_store`, a GP posterior from precomputed kernel matrices;
 * :mod:`.launch`: joining ``torchrun``'s group, local process groups;
 * :mod:`.precompute`: the command line, ``python -m gpytorch_tp.distributed.precompute``.
 
@@ -19,6 +21,8 @@ See ``docs/distributed.md``.
 from .agreement import GroupFailureError, GroupTimeoutError, RankMismatchError, fingerprint
 from .driver import PrecomputeReport, TileDone, default_tile_size, precompute_kernel
 from .launch import GroupFormationError, LocalRunError, init_from_env, run_local
+from .posterior import StoredPosterior, posterior_from_store
+from .sharded import ShardedKernel, ShardedKernelOperator, product_exchange_bytes, traffic
 from .store import IncompleteKernelMatrixError, KernelMatrix, StoreMismatchError, open_kernel_matrix
 from .tiles import Tile, TileGrid, assign_balanced, partition_rows
 
@@ -31,7 +35,10 @@ __all__ = [
     "LocalRunError",
     "PrecomputeReport",
     "RankMismatchError",
+    "ShardedKernel",
+    "ShardedKernelOperator",
     "StoreMismatchError",
+    "StoredPosterior",
     "Tile",
     "TileDone",
     "TileGrid",
@@ -41,6 +48,9 @@ __all__ = [
     "init_from_env",
     "open_kernel_matrix",
     "partition_rows",
+    "posterior_from_store",
     "precompute_kernel",
+    "product_exchange_bytes",
     "run_local",
+    "traffic",
 ]

@@ -10,7 +10,7 @@ PyTorch version).  :func:`agree` gathers every rank's fingerprint and raises
 which ranks hold which.
 
 Every collective here waits at most ``timeout`` (:func:`all_gather_bytes`,
-:func:`broadcast_bytes`): a rank that never arrives gives
+:func:`broadcast_bytes`, :func:`all_reduce`): a rank that never arrives gives
 :class:`GroupTimeoutError`, and a rank that died gives :class:`GroupFailureError`,
 both naming the step, instead of a hang.
 """
@@ -31,6 +31,7 @@ __all__ = [
     "RankMismatchError",
     "agree",
     "all_gather_bytes",
+    "all_reduce",
     "broadcast_bytes",
     "fingerprint",
     "tensor_checksum",
@@ -180,6 +181,20 @@ def broadcast_bytes(
     data = data.to(device)
     _wait(dist.broadcast(data, src, group=group, async_op=True), timeout, step)
     return bytes(data.cpu()[: int(length.item())].numpy().tobytes())
+
+
+def all_reduce(
+    tensor: Tensor,
+    group: dist.ProcessGroup | None,
+    timeout: datetime.timedelta,
+    step: str,
+    op: dist.ReduceOp.RedOpType = dist.ReduceOp.SUM,
+) -> Tensor:
+    """``tensor`` reduced over the ranks (in place, contiguous), within ``timeout``; every rank gets the same values."""
+    if not tensor.is_contiguous():
+        raise ValueError(f"all_reduce needs a contiguous tensor ('{step}')")
+    _wait(dist.all_reduce(tensor, op=op, group=group, async_op=True), timeout, step)
+    return tensor
 
 
 def agree(mine: dict[str, str | None], group: dist.ProcessGroup | None, timeout: datetime.timedelta) -> None:

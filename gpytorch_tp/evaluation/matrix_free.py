@@ -150,8 +150,12 @@ class TiledKernelOperator(LinearOperator):
         True
     """
 
-    def __init__(self, x1: Tensor, x2: Tensor, *params: Tensor, covariance: BlockCovariance, same: bool = False):
-        super().__init__(x1, x2, *params, covariance=covariance, same=same)
+    def __init__(
+        self, x1: Tensor, x2: Tensor, *params: Tensor, covariance: BlockCovariance, same: bool = False, **options
+    ):
+        # ``options``: a subclass's own keyword arguments (a process group, ...), kept by
+        # ``LinearOperator`` so that the operators it rebuilds from their representation have them.
+        super().__init__(x1, x2, *params, covariance=covariance, same=same, **options)
         self.x1, self.x2, self.params = x1, x2, params
         self.covariance = covariance
         self.same = bool(same)
@@ -194,30 +198,59 @@ class TiledKernelOperator(LinearOperator):
                 held = self._held = self._evaluate(self.x1, self.x2).expand(self.shape)
         return held if held is not False else None
 
+    # -- the seams of a subclass that shares the blocks out (gpytorch_tp.distributed.ShardedKernelOperator) --
+
+    def _product_pairs(self) -> list[tuple[slice, slice]]:
+        """The pairs of blocks a product evaluates (here all of them, on and above the diagonal when ``same``)."""
+        return self._pairs_of_blocks(self._block_sizes()[0])
+
+    def _gradient_pairs(self) -> list[tuple[slice, slice]]:
+        """The pairs of blocks a bilinear form's gradient evaluates (smaller blocks: autograd keeps their graph)."""
+        return self._pairs_of_blocks(self._block_sizes()[1])
+
+    def _product_blocks(self):
+        """``(rows, cols, block)`` for each pair of :meth:`_product_pairs`, evaluated one at a time."""
+        for rows, cols in self._product_pairs():
+            yield rows, cols, self._evaluate(self.x1[..., rows, :], self.x2[..., cols, :])
+
+    def _combine(self, partial: Tensor, step: str) -> Tensor:
+        """The whole result from this operator's part of it (here the part is the whole)."""
+        return partial
+
+    def _combine_gradients(self, totals: list[Tensor | None], leaves: list[Tensor], wanted: list[int]) -> list:
+        """The whole gradients from this operator's part of them (here the part is the whole)."""
+        return totals
+
+    def _like(self, x1: Tensor, x2: Tensor, same: bool) -> TiledKernelOperator:
+        """An operator of this kind, covariance and parameters on other inputs."""
+        return TiledKernelOperator(x1, x2, *self.params, covariance=self.covariance, same=same)
+
+    # -- products and gradients ------------------------------------------------------------------
+
     def _product(self, rhs: Tensor) -> Tensor:
         """``K @ rhs`` without autograd: from the held matrix, or block by block."""
         held = self._held_matrix()
         if held is not None:
             return held @ rhs
-        size, _ = self._block_sizes()
         n1 = self.x1.shape[-2]
         batch = torch.broadcast_shapes(self.batch_shape, rhs.shape[:-2])
         out = None
         with torch.no_grad():
-            for rows, cols in self._pairs_of_blocks(size):
-                block = self._evaluate(self.x1[..., rows, :], self.x2[..., cols, :])
+            for rows, cols, block in self._product_blocks():
                 part = block @ rhs[..., cols, :]
                 if out is None:
                     out = part.new_zeros(*batch, n1, rhs.shape[-1])
                 out[..., rows, :] += part
                 if self.same and rows != cols:
                     out[..., cols, :] += block.transpose(-1, -2) @ rhs[..., rows, :]
-        return out
+        if out is None:  # no blocks here (a rank's empty share)
+            dtype = torch.promote_types(self.x1.dtype, rhs.dtype)
+            out = rhs.new_zeros(*batch, n1, rhs.shape[-1], dtype=dtype)
+        return self._combine(out, "K @ V")
 
     def _bilinear_grads(self, left: Tensor, right: Tensor, params=None) -> tuple[Tensor | None, ...]:
         """Gradients of ``sum(left * (K @ right))`` for ``(x1, x2, *params)``, one block at a time."""
         params = self.params if params is None else params
-        _, size = self._block_sizes()
         x1 = self.x1.detach().requires_grad_(self.x1.requires_grad)
         x2 = x1 if self.same else self.x2.detach().requires_grad_(self.x2.requires_grad)
         leaves = [x1] + ([] if self.same else [x2]) + [p.detach().requires_grad_(p.requires_grad) for p in params]
@@ -248,7 +281,7 @@ class TiledKernelOperator(LinearOperator):
             # holds a core (see ``gpytorch_tp.evaluation.workers.map_tiles``).  Fused
             # (compiled) blocks hold the interpreter lock while they run: one
             # after the other, each spread over the cores by its compiled loops.
-            pairs = self._pairs_of_blocks(size)
+            pairs = self._gradient_pairs()
             progress = self.covariance.options.progress
             device = self.x1.device
             fused = self.covariance.options.fused and fusion.fuses_gradients(device)
@@ -259,10 +292,12 @@ class TiledKernelOperator(LinearOperator):
                 # The parameters are substituted once around all the threads' work:
                 # substituting per block would race with the other threads' restores.
                 with intra_op_threads(1 if on_workers else None):
-                    block_gradient(pairs[0])
-                    map_tiles(block_gradient, pairs[1:], workers, grad=True, progress=progress)
+                    if pairs:
+                        block_gradient(pairs[0])
+                        map_tiles(block_gradient, pairs[1:], workers, grad=True, progress=progress)
 
             self._with_parameters(substituted, all_blocks)
+        totals = self._combine_gradients(totals, leaves, wanted)
         x_grads = [totals[0], None] if self.same else totals[:2]
         param_grads = totals[1:] if self.same else totals[2:]
         return (*x_grads, *(_reduce_to(g, p) for g, p in zip(param_grads, params)))
@@ -282,7 +317,7 @@ class TiledKernelOperator(LinearOperator):
     def _transpose_nonbatch(self) -> LinearOperator:
         if self.same:
             return self
-        return TiledKernelOperator(self.x2, self.x1, *self.params, covariance=self.covariance, same=self.same)
+        return self._like(self.x2, self.x1, self.same)
 
     def _diagonal(self) -> Tensor:
         if self.x1.shape[-2] != self.x2.shape[-2]:
@@ -298,7 +333,7 @@ class TiledKernelOperator(LinearOperator):
         same = self.same and _same_index(row_index, col_index)
         x1 = self.x1[..., row_index, :]
         x2 = x1 if same else self.x2[..., col_index, :]
-        return TiledKernelOperator(x1, x2, *self.params, covariance=self.covariance, same=same)
+        return self._like(x1, x2, same)
 
     def _get_indices(self, row_index: Tensor, col_index: Tensor, *batch_indices) -> Tensor:
         if batch_indices and any(not isinstance(index, slice) for index in batch_indices):
@@ -314,12 +349,12 @@ class TiledKernelOperator(LinearOperator):
         batch_shape = torch.Size(batch_shape)
         x1 = self.x1.expand(*batch_shape, *self.x1.shape[-2:])
         x2 = x1 if self.same else self.x2.expand(*batch_shape, *self.x2.shape[-2:])
-        return TiledKernelOperator(x1, x2, *self.params, covariance=self.covariance, same=self.same)
+        return self._like(x1, x2, self.same)
 
     def _unsqueeze_batch(self, dim: int) -> LinearOperator:
         x1 = self.x1.unsqueeze(dim)
         x2 = x1 if self.same else self.x2.unsqueeze(dim)
-        return TiledKernelOperator(x1, x2, *self.params, covariance=self.covariance, same=self.same)
+        return self._like(x1, x2, self.same)
 
     def _permute_batch(self, *dims: int) -> LinearOperator:
         return DenseLinearOperator(self.to_dense())._permute_batch(*dims)
