@@ -1347,3 +1347,24 @@ def test_a_compiled_1d_cnn_equals_the_convolution_layers(kind):
     x = _x(4, IMAGE_C * 6)
     kernels = [TensorProgramKernel(a, kind=kind, input_shape=(IMAGE_C, 6)).double() for a in (compiled, reference)]
     assert relative_error(_dense(kernels[0], x), _dense(kernels[1], x)) < 1e-12
+
+
+
+class _HandWrittenBias(nn.Module):
+    """A dense layer written as x @ W.T + b with its own (random) bias vector."""
+
+    def __init__(self, width=8):
+        super().__init__()
+        self.w, self.b = nn.Parameter(torch.randn(width, 3) / math.sqrt(3)), nn.Parameter(torch.randn(width) * 0.3)
+        self.o = nn.Linear(width, 1)
+
+    def forward(self, x):
+        return self.o(torch.tanh(x @ self.w.T + self.b))
+
+
+@pytest.mark.parametrize("kind", ["nngp", "ntk"])
+def test_a_bias_vector_written_by_hand_is_a_bias(kind):
+    reference = Sequential(Linear(WV, BV), Tanh(), Linear(WV, BV))
+    x = _x(5)
+    expected = _dense(TensorProgramKernel(reference, kind=kind).double(), x)
+    assert relative_error(_dense(_kernel(_HandWrittenBias(), kind), x), expected) < 1e-12

@@ -224,8 +224,20 @@ def _unit_parameter_operation(tracer, name: str, arguments: list, traced: list, 
     parameters = [a for a, t in zip(arguments, traced) if t is None and id(a) in tracer.parameters]
     if len(values) != 1 or len(parameters) != 1 or parameters[0].dim() != 1 or len(shape) != 2:
         return None
-    gain, shift = (parameters[0], None) if name in MUL else (None, parameters[0])
-    return affine(tracer, values[0], gain, shift, f"{name} with the parameter vector")
+    parameter, value = parameters[0], values[0]
+    if name in ADD and parameter.shape == (value.width,) and not bool((parameter == parameter[0]).all()):
+        # A bias written by hand (random at initialisation): a bias vector, a G-var like F.linear's.
+        bias = tracer.weight(parameter, f"{name} with the parameter vector", bias=True)
+        if any(isinstance(b.expr, InputFeatures) for b in value.blocks):
+            raise UnsupportedModuleError(f"{name} of the network input and a bias", "apply a dense layer first")
+        blocks, at = [], 0
+        for block in value.blocks:
+            shifted = GVar(((Bias(bias, (at, at + block.width)), 1.0),))
+            blocks.append(Block(block.width, linear_sum(((1.0, block.expr), (1.0, shifted)))))
+            at += block.width
+        return Value(tuple(blocks))
+    gain, shift = (parameter, None) if name in MUL else (None, parameter)
+    return affine(tracer, value, gain, shift, f"{name} with the parameter vector")
 
 
 def affine(tracer, value: Value, gain: Tensor | None, shift: Tensor | None, what: str) -> Value:
