@@ -1349,7 +1349,6 @@ def test_a_compiled_1d_cnn_equals_the_convolution_layers(kind):
     assert relative_error(_dense(kernels[0], x), _dense(kernels[1], x)) < 1e-12
 
 
-
 class _HandWrittenBias(nn.Module):
     """A dense layer written as x @ W.T + b with its own (random) bias vector."""
 
