@@ -40,6 +40,7 @@ from kernel_checks import relative_error
 from gpytorch_tp import CNNKernel, MyrtleKernel, evaluate
 from gpytorch_tp.empirical import build_network, empirical_nngp, empirical_ntk
 from gpytorch_tp.evaluation import InputLayout, input_state
+from gpytorch_tp.evaluation.workers import intra_op_threads
 from gpytorch_tp.layers import (
     AvgPool1d,
     AvgPool2d,
@@ -512,8 +513,6 @@ def _limit_inputs(shape) -> torch.Tensor:
     return torch.cat([x, x[:1]])
 
 
-
-
 def _empirical_ntk(network: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     """Gram matrix of the parameter gradients of a one-output network, one item at a time."""
     params = list(network.parameters())
@@ -536,20 +535,10 @@ def _empirical(arch, shape, x, kind: str, width: int, seeds: list[int]) -> torch
     return sum(_empirical_ntk(build_network(arch, shape, width, seed=s, dtype=DTYPE), x) for s in seeds) / len(seeds)
 
 
-@contextlib.contextmanager
-def _one_thread():
-    # Many small convolutions: one intra-op thread is fastest, and robust to a busy machine.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
-
-
 def limit_errors(name: str, kind: str) -> tuple[float, float, list[float]]:
     """Errors at the wide and the middle width, and of each batch at the narrow width."""
-    with _one_thread():
+    # Many small convolutions: one intra-op thread is fastest, and robust to a busy machine.
+    with intra_op_threads(1):
         return _limit_errors(name, kind)
 
 
@@ -885,7 +874,7 @@ def test_scale_cnn_kernel_in_exact_gp_trains(readout):
     optimizer = torch.optim.Adam(model.parameters(), lr=0.1)
     model.train()
     losses = []
-    with _one_thread():
+    with intra_op_threads(1):
         for _ in range(8):
             optimizer.zero_grad()
             loss = -mll(model(x), y)
@@ -926,7 +915,7 @@ def test_hyperparameter_gradients_are_finite_also_at_duplicate_inputs(readout, k
     x, _ = _regression_data(5)
     x = torch.cat([x, x[:2]])  # duplicates: correlation one at every aligned position
     kernel = CNNKernel((1, 4, 4), depth=2, kind=kind, readout=readout).double()
-    with _one_thread():
+    with intra_op_threads(1):
         _check_gradients(kernel, x)
 
 

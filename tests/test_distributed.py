@@ -14,7 +14,6 @@ Every run of processes is bounded (``run_local``'s ``timeout``) and its processe
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import subprocess
@@ -22,6 +21,7 @@ import sys
 import time
 from pathlib import Path
 
+import distributed_workers as workers
 import numpy as np
 import pytest
 import torch
@@ -42,22 +42,10 @@ from gpytorch_tp.distributed import (
 )
 from gpytorch_tp.distributed.launch import free_port, init_group
 from gpytorch_tp.distributed.precompute import main as precompute_main
-
-import distributed_workers as workers
+from gpytorch_tp.evaluation.workers import intra_op_threads
 
 ROOT = Path(__file__).resolve().parents[1]
 DTYPE = torch.float64
-
-
-@contextlib.contextmanager
-def one_thread():
-    """The thread count of the ranks (run_local's default, torchrun's OMP_NUM_THREADS=1)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
 
 
 def _mlp_case():
@@ -101,7 +89,7 @@ def two_ranks(tmp_path_factory):
 def test_two_processes_write_the_one_process_matrix_bit_for_bit(tmp_path, two_ranks):
     root, results = two_ranks
     cases = _cases()
-    with one_thread():
+    with intra_op_threads(1):
         single = {name: precompute_kernel(**case, path=tmp_path / name, progress=False) for name, case in cases.items()}
     for k, (name, case) in enumerate(cases.items()):
         one, two = open_kernel_matrix(tmp_path / name), open_kernel_matrix(root / f"{name}-2")
@@ -153,7 +141,7 @@ def test_a_killed_job_resumes_with_only_the_unfinished_tiles(tmp_path):
     assert recomputed[0] | recomputed[1] == missing and not recomputed[0] & recomputed[1]
     assert all(report[0].done_before == len(partial.grid) - len(missing) for report in reports)
 
-    with one_thread():
+    with intra_op_threads(1):
         precompute_kernel(**dict(case, path=tmp_path / "reference"), progress=False)
     resumed, reference = open_kernel_matrix(case["path"]), open_kernel_matrix(tmp_path / "reference")
     for kind in ("nngp", "ntk"):
@@ -269,7 +257,7 @@ def test_command_line_under_torchrun_and_alone(tmp_path):
     result = subprocess.run(command, capture_output=True, text=True, timeout=120, env=environment, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "rank 0/2: computed" in result.stderr and "rank 1/2: computed" in result.stderr
-    with one_thread():
+    with intra_op_threads(1):
         assert precompute_main([*arguments, "--out", str(tmp_path / "one")]) == 0
     one, two = open_kernel_matrix(tmp_path / "one"), open_kernel_matrix(tmp_path / "two")
     for kind in ("nngp", "ntk"):

@@ -17,8 +17,7 @@ Every run of processes is bounded (run_local's timeout, collectives' timeouts).
 
 from __future__ import annotations
 
-import contextlib
-
+import distributed_gp_workers as workers
 import gpytorch
 import pytest
 import torch
@@ -31,8 +30,7 @@ from gpytorch_tp.distributed import (
     run_local,
 )
 from gpytorch_tp.evaluation import TiledKernelOperator
-
-import distributed_gp_workers as workers
+from gpytorch_tp.evaluation.workers import intra_op_threads
 
 # Conjugate gradients amplify round-off: the ranks' sums add the tiles in another order than one
 # process does, and on an ill-conditioned K + noise I that difference (1e-16) grows with the
@@ -46,16 +44,6 @@ CASES = {
     "cnn": dict(family="cnn", n=60, m=8, d=16, seed=1, min_tile=16, noise=1.0, outputscale=0.69),
 }
 TINY = dict(family="mlp", n=10, m=4, d=3, seed=2, noise=0.5, outputscale=0.05)  # one tile: rank 1 has none
-
-
-@contextlib.contextmanager
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
 
 
 def relative(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -203,7 +191,7 @@ def test_posterior_from_store_is_the_dense_posterior(tmp_path):
     case = dict(TINY, n=40, m=7)
     x, y, x_test = workers.data(case)
     kernel = workers.base_kernel("mlp", matrix_free=False)
-    with one_thread():
+    with intra_op_threads(1):
         precompute_kernel(kernel, x, path=tmp_path / "train", tile_size=16, progress=False)
         precompute_kernel(kernel, x_test, x, path=tmp_path / "cross", tile_size=16, progress=False)
         precompute_kernel(kernel, x_test, path=tmp_path / "test", tile_size=16, progress=False)

@@ -46,15 +46,6 @@ __all__ = [
 ]
 
 
-__all__ = [
-    "ELEMENTWISE_FUNCTIONS",
-    "NotFeatureVectorsError",
-    "OutsideTheTheoremError",
-    "UnknownOperationError",
-    "trace_program",
-]
-
-
 # Calls that change nothing a kernel sees (layout, dtype, copies).
 _SAME_VALUE = frozenset({"contiguous", "clone", "float", "double", "half", "to", "type", "detach", "__get__"})
 
