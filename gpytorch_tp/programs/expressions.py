@@ -123,3 +123,16 @@ def normalised(value: Value, eps: float, center: bool) -> Value:
     second = width_mean(blockwise(value, lambda e: Apply(torch.square, (e,))))
     scale = Apply(torch.rsqrt, (Apply(operator.add, (second, float(eps))),))
     return blockwise(value, lambda e: combine(torch.mul, "mul", [e, scale], ()))
+
+
+def linear_combination(coefficients, values) -> Value:
+    """``sum_i c_i v_i`` of vectors of one width, coordinatewise (blocks cut wherever any vector's are).
+
+    The coefficients are numbers or numbers per item: a time mean, a pooling window, a row of attention.
+    """
+    cuts = sorted(set().union(*(v.boundaries() for v in values)))
+    blocks = []
+    for a, b in zip(cuts, cuts[1:]):
+        terms = tuple((c, v.piece(a, b)) for c, v in zip(coefficients, values, strict=True))
+        blocks.append(Block(b - a, linear_sum(terms)))
+    return Value(tuple(blocks))

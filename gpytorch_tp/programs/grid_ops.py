@@ -16,7 +16,7 @@ import numpy as np
 from torch import Tensor
 
 from ..errors import UnsupportedModuleError
-from .expressions import linear_sum
+from .expressions import linear_combination
 from .feature_ops import elementwise_value, linear_value
 from .program import Block, GVar, Value
 from .refusals import NotFeatureVectorsError
@@ -76,13 +76,7 @@ def conv(tracer, func, name, args, kwargs, result) -> None:
 
 
 def _average(values: list[Value]) -> Value:
-    """The coordinatewise mean of vectors of one width (their blocks cut where any of them is)."""
-    cuts = sorted(set().union(*(v.boundaries() for v in values)))
-    blocks = []
-    for a, b in zip(cuts, cuts[1:]):
-        terms = tuple((1.0 / len(values), v.piece(a, b)) for v in values)
-        blocks.append(Block(b - a, linear_sum(terms)))
-    return Value(tuple(blocks))
+    return linear_combination([1.0 / len(values)] * len(values), values)
 
 
 def _pool(source: Grid, kernel: tuple[int, ...], stride: tuple[int, ...], shape: tuple[int, ...]) -> Grid:

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from ..errors import UnsupportedModuleError
-from .expressions import combine, linear_sum, normalised, product, width_mean
+from .expressions import combine, linear_combination, linear_sum, normalised, product, width_mean
 from .feature_ops import (
     add_linear,
     affine,
@@ -170,15 +170,7 @@ def _mix(weights: np.ndarray, values: tuple[Value, ...]) -> Steps:
         )
     if any(isinstance(b.expr, InputFeatures) for v in values for b in v.blocks):
         raise UnsupportedModuleError("a token mixing of the network input", "apply a dense layer first")
-    cuts = sorted(set().union(*(v.boundaries() for v in values)))
-    steps = []
-    for t in range(weights.shape[0]):
-        blocks = []
-        for a, b in zip(cuts, cuts[1:]):
-            terms = tuple((weights[t, s], v.piece(a, b)) for s, v in enumerate(values))
-            blocks.append(Block(b - a, linear_sum(terms)))
-        steps.append(Value(tuple(blocks)))
-    return Steps(tuple(steps))
+    return Steps(tuple(linear_combination(weights[t], values) for t in range(weights.shape[0])))
 
 
 def _softmax_rows(logits: np.ndarray) -> np.ndarray:
@@ -436,12 +428,7 @@ def reduce(tracer, func, name, args, kwargs, result) -> None:
 def _reduce_steps(tracer, source: Steps, name: str, result: Tensor) -> None:
     """``h.mean(1)`` / ``h.sum(1)`` of a sequence: a sum of the steps' vectors (moments by bilinearity)."""
     weight = 1.0 / len(source.steps) if name == "mean" else 1.0
-    cuts = sorted(set().union(*(v.boundaries() for v in source.steps)))
-    blocks = []
-    for a, b in zip(cuts, cuts[1:]):
-        terms = tuple((weight, step.piece(a, b)) for step in source.steps)
-        blocks.append(Block(b - a, linear_sum(terms)))
-    tracer.track(result, Value(tuple(blocks)))
+    tracer.track(result, linear_combination([weight] * len(source.steps), source.steps))
 
 
 def reshape(tracer, func, name, args, kwargs, result) -> None:
